@@ -1,0 +1,435 @@
+"""The broker's decisions, with no sockets: a state machine fed events and the current monotonic time.
+
+Every public method takes an event (a message from a peer, a peer found unreachable, the clock) and returns the
+messages to send as ``(routing_id, frames)`` pairs. The socket loop in ``broker.loop`` only moves bytes, so
+everything here is unit-tested and fuzzed directly.
+
+Bookkeeping lives in three tables kept consistent by a few small methods (``_assign``, ``_finish``,
+``_remove_worker``): ``workers`` (routing id -> WorkerState), ``requests`` (route key -> RequestState) and
+``services`` (name -> ServiceState: its workers and its FIFO queue). A request is always in exactly one of two
+places: a service queue (``worker is None``) or one worker's ``active`` set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from qmesh.common import protocol as p
+
+log = logging.getLogger(__name__)
+
+Outgoing = tuple[bytes, list[bytes]]
+
+MAX_SLOTS_PER_WORKER = 1024
+
+
+@dataclass(slots=True)
+class BrokerConfig:
+    heartbeat_interval: float = 2.5  # seconds between heartbeats to each worker
+    liveness: int = 3  # heartbeats a worker may miss before it is dead
+    max_queue: int = 1000  # waiting requests per service
+    queue_timeout: float = 60.0  # seconds a request may wait for a worker
+
+    @property
+    def worker_ttl(self) -> float:
+        return self.heartbeat_interval * self.liveness
+
+
+@dataclass(slots=True)
+class WorkerState:
+    identity: bytes
+    service: str
+    slots: int
+    extended: bool
+    name: str
+    info: dict[str, Any]
+    expires_at: float
+    active: set[bytes] = field(default_factory=set)
+    health: float = 1.0
+    draining: bool = False
+    load: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def free_slots(self) -> int:
+        return 0 if self.draining else self.slots - len(self.active)
+
+
+@dataclass(slots=True)
+class RequestState:
+    key: bytes
+    client: bytes
+    request_id: bytes | None  # None for a plain MDP request
+    service: str
+    body: list[bytes]
+    deadline: float  # when waiting in the queue ends in a 504
+    worker: bytes | None = None
+    streamed: bool = False  # a PARTIAL reached the client: it can no longer be silently requeued
+    cancelled: bool = False  # the client has its FINAL; we only wait for the worker to free the slot
+
+
+@dataclass(slots=True)
+class ServiceState:
+    workers: dict[bytes, None] = field(default_factory=dict)  # ordered set of routing ids
+    queue: deque[bytes] = field(default_factory=deque)  # route keys, oldest first
+
+
+class BrokerCore:
+    def __init__(self, config: BrokerConfig | None = None, now: float = 0.0) -> None:
+        self.config = config or BrokerConfig()
+        self.workers: dict[bytes, WorkerState] = {}
+        self.requests: dict[bytes, RequestState] = {}
+        self.services: dict[str, ServiceState] = {}
+        self.client_requests: dict[bytes, dict[bytes | None, set[bytes]]] = {}
+        self.known_services: set[str] = set()
+        self._keys = count(1)
+        self._next_heartbeat = now + self.config.heartbeat_interval
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def on_message(self, identity: bytes, frames: list[bytes], now: float) -> list[Outgoing]:
+        """A message arrived from ``identity``. Malformed ones are dropped and logged."""
+        try:
+            message = p.parse_inbound(frames)
+        except p.ProtocolError as exc:
+            log.warning("dropped malformed message from %s: %s", identity.hex(), exc)
+            return []
+        out: list[Outgoing] = []
+        if isinstance(message, p.ClientRequest):
+            self._on_client_request(identity, message, now, out)
+        elif isinstance(message, p.ClientCancel):
+            self._on_client_cancel(identity, message.request_id, out)
+        elif isinstance(message, p.WorkerReady):
+            self._on_ready(identity, message, now, out)
+        else:
+            self._on_worker_message(identity, message, now, out)
+        return out
+
+    def on_unreachable(self, identity: bytes, now: float) -> list[Outgoing]:
+        """A send to ``identity`` failed: the peer is gone. A worker is removed; a client's requests are cancelled."""
+        out: list[Outgoing] = []
+        if identity in self.workers:
+            self._remove_worker(identity, now, "unreachable", out)
+        else:
+            keys = [key for keys in self.client_requests.get(identity, {}).values() for key in keys]
+            for key in keys:
+                self._cancel(self.requests[key], notify_client=False, out=out)
+        return out
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Heartbeats, dead workers, queued requests past their deadline."""
+        out: list[Outgoing] = []
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_interval
+            beat = p.heartbeat()
+            out.extend((identity, beat) for identity in self.workers)
+        for identity in [w.identity for w in self.workers.values() if w.expires_at <= now]:
+            self._remove_worker(identity, now, "missed heartbeats", out)
+        for name, service in list(self.services.items()):
+            for key in [k for k in service.queue if self.requests[k].deadline <= now]:
+                service.queue.remove(key)
+                waited = "no worker serves it" if not service.workers else "every worker stayed busy"
+                message = f"no worker of model '{name}' took the request within {self.config.queue_timeout:g} s"
+                message += f" ({waited})"
+                self._finish(self.requests[key], out, p.error_body(p.QUEUE_TIMEOUT, message))
+            self._prune(name)
+        return out
+
+    def next_wakeup(self) -> float:
+        """The monotonic time by which ``tick`` must run next."""
+        wakeup = self._next_heartbeat
+        for service in self.services.values():
+            for key in service.queue:
+                wakeup = min(wakeup, self.requests[key].deadline)
+        return wakeup
+
+    # ------------------------------------------------------------------------------------------ clients
+
+    def _on_client_request(self, client: bytes, message: p.ClientRequest, now: float, out: list[Outgoing]) -> None:
+        service_name, request_id = message.service, message.request_id
+        if service_name.startswith(p.MMI_PREFIX):
+            out.append((client, p.client_reply(True, service_name, request_id, self._mmi(service_name, message.body))))
+            return
+        if request_id is not None and self.client_requests.get(client, {}).get(request_id):
+            # A client resending a request that got no answer yet: the broker already has it.
+            (key,) = self.client_requests[client][request_id]
+            out.append((client, p.client_status(service_name, request_id, self._status(self.requests[key]))))
+            return
+        service = self.services.get(service_name)
+        if (service is None or not service.workers) and service_name not in self.known_services and self.workers:
+            models = ", ".join(sorted(s for s, st in self.services.items() if st.workers)) or "none"
+            text = f"no worker serves model '{service_name}' (models served: {models})"
+            out.append((client, p.client_reply(True, service_name, request_id, [p.error_body(p.UNKNOWN_MODEL, text)])))
+            return
+        if service is None:
+            service = self.services[service_name] = ServiceState()
+        if len(service.queue) >= self.config.max_queue:
+            text = f"the queue for model '{service_name}' is full ({self.config.max_queue} waiting)"
+            out.append((client, p.client_reply(True, service_name, request_id, [p.error_body(p.QUEUE_FULL, text)])))
+            return
+        key = next(self._keys).to_bytes(8, "big")
+        request = RequestState(key, client, request_id, service_name, message.body, now + self.config.queue_timeout)
+        self.requests[key] = request
+        self.client_requests.setdefault(client, {}).setdefault(request_id, set()).add(key)
+        service.queue.append(key)
+        self._dispatch(service_name, out)
+        if request.worker is None and request_id is not None:
+            out.append((client, p.client_status(service_name, request_id, self._status(request))))
+
+    def _on_client_cancel(self, client: bytes, request_id: bytes, out: list[Outgoing]) -> None:
+        keys = self.client_requests.get(client, {}).get(request_id)
+        if not keys:
+            return  # already finished: the FINAL is on its way or delivered
+        for key in list(keys):
+            self._cancel(self.requests[key], notify_client=True, out=out)
+
+    def _status(self, request: RequestState) -> dict[str, Any]:
+        if request.worker is None:
+            queue = self.services[request.service].queue
+            return {"state": "queued", "position": queue.index(request.key) + 1}
+        return {"state": "dispatched", "worker": self.workers[request.worker].name}
+
+    def _cancel(self, request: RequestState, notify_client: bool, out: list[Outgoing]) -> None:
+        """End a request for its client now; a worker running it is told to stop and keeps the slot until FINAL."""
+        body = [p.error_body(p.CANCELLED, "cancelled by the client")] if notify_client else None
+        if request.worker is None:
+            self.services[request.service].queue.remove(request.key)
+            self._finish(request, out, *(body or []), notify=notify_client)
+            self._prune(request.service)
+            return
+        if request.cancelled:
+            return
+        request.cancelled = True
+        self._unindex_client(request)
+        if notify_client and body:
+            out.append((request.client, p.client_reply(True, request.service, request.request_id, body)))
+        worker = self.workers[request.worker]
+        if worker.extended:
+            out.append((worker.identity, p.worker_cancel(request.key)))
+
+    # ------------------------------------------------------------------------------------------ workers
+
+    def _on_ready(self, identity: bytes, message: p.WorkerReady, now: float, out: list[Outgoing]) -> None:
+        if identity in self.workers:
+            log.warning("worker %s sent READY twice: disconnecting it", identity.hex())
+            self._remove_worker(identity, now, "protocol violation (second READY)", out)
+            out.append((identity, p.disconnect()))
+            return
+        if message.service.startswith(p.MMI_PREFIX):
+            log.warning("worker %s tried to register reserved service %r", identity.hex(), message.service)
+            out.append((identity, p.disconnect()))
+            return
+        info = message.info
+        slots = info.get("slots", 1)
+        if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOTS_PER_WORKER:
+            log.warning("worker %s announced invalid slots %r: disconnecting", identity.hex(), slots)
+            out.append((identity, p.disconnect()))
+            return
+        name = info.get("name")
+        worker = WorkerState(
+            identity=identity,
+            service=message.service,
+            slots=slots,
+            extended=message.extended,
+            name=name if isinstance(name, str) and name else identity.hex(),
+            info=info,
+            expires_at=now + self.config.worker_ttl,
+        )
+        self.workers[identity] = worker
+        self.services.setdefault(message.service, ServiceState()).workers[identity] = None
+        self.known_services.add(message.service)
+        log.info("worker %s ready for %s with %d slot(s)", worker.name, message.service, slots)
+        self._dispatch(message.service, out)
+
+    def _on_worker_message(self, identity: bytes, message: p.InboundMessage, now: float, out: list[Outgoing]) -> None:
+        worker = self.workers.get(identity)
+        if worker is None:
+            if not isinstance(message, p.WorkerDisconnect):
+                # Typically a worker that outlived a broker restart: DISCONNECT makes it reconnect and re-register.
+                out.append((identity, p.disconnect()))
+            return
+        if isinstance(message, p.WorkerDisconnect):
+            self._remove_worker(identity, now, "disconnected", out)
+            return
+        worker.expires_at = now + self.config.worker_ttl
+        if isinstance(message, p.WorkerHeartbeat):
+            self._apply_load(worker, message.load, out)
+            return
+        assert isinstance(message, (p.WorkerPartial, p.WorkerFinal))
+        request = self.requests.get(message.route_key)
+        if request is None or request.worker != identity:
+            log.warning("dropped reply from %s for a request it does not hold", worker.name)
+            return
+        if isinstance(message, p.WorkerPartial):
+            if not request.cancelled:
+                request.streamed = True
+                out.append((request.client, p.client_reply(False, request.service, request.request_id, message.body)))
+            return
+        self._finish(request, out, *message.body, notify=not request.cancelled)
+        self._dispatch(worker.service, out)
+
+    def _apply_load(self, worker: WorkerState, load: dict[str, Any], out: list[Outgoing]) -> None:
+        if not load:
+            return
+        worker.load = load
+        health = load.get("health")
+        if isinstance(health, (int, float)) and not isinstance(health, bool):
+            worker.health = min(1.0, max(0.0, float(health)))
+        was_draining = worker.draining
+        worker.draining = load.get("draining") is True
+        if was_draining and not worker.draining:
+            self._dispatch(worker.service, out)
+
+    def _remove_worker(self, identity: bytes, now: float, reason: str, out: list[Outgoing]) -> None:
+        """Delete a worker everywhere; requests it held go back to the queue head, or end in 502 if mid-stream."""
+        worker = self.workers.pop(identity, None)
+        if worker is None:
+            return
+        service = self.services[worker.service]
+        del service.workers[identity]
+        log.warning("worker %s (%s) removed: %s", worker.name, worker.service, reason)
+        requeue: list[RequestState] = []
+        for key in worker.active:
+            request = self.requests[key]
+            request.worker = None
+            if request.cancelled:
+                self._finish(request, out, notify=False)
+            elif request.streamed:
+                message = f"worker {worker.name} failed mid-stream ({reason})"
+                self._finish(request, out, p.error_body(p.WORKER_FAILED, message))
+            else:
+                requeue.append(request)
+        for request in sorted(requeue, key=lambda r: r.key, reverse=True):
+            request.deadline = now + self.config.queue_timeout
+            service.queue.appendleft(request.key)
+        self._dispatch(worker.service, out)
+        self._prune(worker.service)
+
+    # ------------------------------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, service_name: str, out: list[Outgoing]) -> None:
+        """Give queued requests to workers with free slots: least loaded first, healthiest on a tie."""
+        service = self.services.get(service_name)
+        if service is None:
+            return
+        while service.queue:
+            best: WorkerState | None = None
+            best_rank: tuple[float, float] = (2.0, 0.0)
+            for identity in service.workers:
+                worker = self.workers[identity]
+                if worker.free_slots <= 0:
+                    continue
+                rank = (len(worker.active) / worker.slots, -worker.health)
+                if rank < best_rank:
+                    best, best_rank = worker, rank
+            if best is None:
+                return
+            request = self.requests[service.queue.popleft()]
+            request.worker = best.identity
+            best.active.add(request.key)
+            out.append((best.identity, p.worker_request(request.key, request.body)))
+            if request.request_id is not None:
+                out.append((request.client, p.client_status(service_name, request.request_id, self._status(request))))
+
+    def _finish(self, request: RequestState, out: list[Outgoing], *body: bytes, notify: bool = True) -> None:
+        """Remove a request from every table; send the client its FINAL unless told not to."""
+        self.requests.pop(request.key, None)
+        if request.worker is not None:
+            worker = self.workers.get(request.worker)
+            if worker is not None:
+                worker.active.discard(request.key)
+        if not request.cancelled:
+            self._unindex_client(request)
+        if notify:
+            out.append((request.client, p.client_reply(True, request.service, request.request_id, list(body))))
+
+    def _unindex_client(self, request: RequestState) -> None:
+        by_id = self.client_requests.get(request.client)
+        if by_id is None:
+            return
+        keys = by_id.get(request.request_id)
+        if keys is not None:
+            keys.discard(request.key)
+            if not keys:
+                del by_id[request.request_id]
+        if not by_id:
+            del self.client_requests[request.client]
+
+    def _prune(self, service_name: str) -> None:
+        """Forget a service with no workers and nothing waiting, so unknown names cannot pile up."""
+        service = self.services.get(service_name)
+        if service is not None and not service.workers and not service.queue:
+            del self.services[service_name]
+
+    # ------------------------------------------------------------------------------------------ MMI
+
+    def _mmi(self, service_name: str, body: list[bytes]) -> list[bytes]:
+        if service_name == "mmi.service":
+            asked = body[0].decode("utf-8", "replace") if body else ""
+            service = self.services.get(asked)
+            return [b"200" if service is not None and service.workers else b"404"]
+        if service_name == "mmi.services":
+            return [p.pack(self.service_table())]
+        if service_name == "mmi.workers":
+            return [p.pack(self.worker_table())]
+        return [b"501"]
+
+    def service_table(self) -> dict[str, dict[str, int]]:
+        table = {}
+        for name, service in sorted(self.services.items()):
+            if not service.workers and not service.queue:
+                continue
+            workers = [self.workers[i] for i in service.workers]
+            table[name] = {
+                "workers": len(workers),
+                "slots": sum(w.slots for w in workers),
+                "busy": sum(len(w.active) for w in workers),
+                "queued": len(service.queue),
+            }
+        return table
+
+    def worker_table(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": w.name,
+                "service": w.service,
+                "slots": w.slots,
+                "busy": len(w.active),
+                "health": w.health,
+                "draining": w.draining,
+                "extended": w.extended,
+                "info": w.info,
+                "load": w.load,
+            }
+            for w in self.workers.values()
+        ]
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the tables disagree. Used by tests after every step."""
+        queued: set[bytes] = set()
+        for name, service in self.services.items():
+            assert len(set(service.queue)) == len(service.queue), "a request is queued twice"
+            for key in service.queue:
+                request = self.requests[key]
+                assert request.worker is None and request.service == name and not request.cancelled
+                queued.add(key)
+            for identity in service.workers:
+                assert self.workers[identity].service == name
+        active: set[bytes] = set()
+        for identity, worker in self.workers.items():
+            assert identity in self.services[worker.service].workers
+            assert 0 <= len(worker.active) <= worker.slots, "credit out of range"
+            for key in worker.active:
+                assert self.requests[key].worker == identity
+                assert key not in active, "a request is held by two workers"
+                active.add(key)
+        assert queued.isdisjoint(active)
+        assert queued | active == set(self.requests), "a request is neither queued nor held"
+        indexed = {k for by_id in self.client_requests.values() for keys in by_id.values() for k in keys}
+        live = {k for k, r in self.requests.items() if not r.cancelled}
+        assert indexed == live, "client index out of sync"

@@ -1,0 +1,87 @@
+"""The broker's socket loop: one ROUTER socket around ``BrokerCore``. It only moves bytes and reads the clock."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections import deque
+
+import zmq
+
+from qmesh.broker.core import BrokerConfig, BrokerCore, Outgoing
+from qmesh.common import protocol as p
+
+log = logging.getLogger(__name__)
+
+MAX_POLL_MS = 250  # how often a stop request is noticed when nothing else happens
+DRAIN_BATCH = 2000  # messages handled per wake-up before timers get a turn
+
+
+class Broker:
+    """Binds a ROUTER socket and runs the core until ``stop()``. ``run()`` may be called in any one thread."""
+
+    def __init__(self, bind: str, config: BrokerConfig | None = None, context: zmq.Context | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.core = BrokerCore(self.config, time.monotonic())
+        self._context = context or zmq.Context.instance()
+        self._stop = threading.Event()
+        self.socket = self._context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
+        self.socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        try:
+            self.socket.bind(bind)
+        except zmq.ZMQError as exc:
+            self.socket.close()
+            raise OSError(f"cannot bind the broker to {bind}: {exc}") from exc
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        log.info("broker listening on %s", self.endpoint)
+        try:
+            while not self._stop.is_set():
+                timeout = (self.core.next_wakeup() - time.monotonic()) * 1000
+                if poller.poll(min(MAX_POLL_MS, max(0, timeout))):
+                    self._drain()
+                now = time.monotonic()
+                if now >= self.core.next_wakeup():
+                    self._send(self.core.tick(now), now)
+        finally:
+            self.socket.close(linger=0)
+            log.info("broker stopped")
+
+    def _drain(self) -> None:
+        socket, core = self.socket, self.core
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            out = core.on_message(frames[0], frames[1:], now)
+            if out:
+                self._send(out, now)
+
+    def _send(self, out: list[Outgoing], now: float) -> None:
+        pending = deque(out)
+        while pending:
+            identity, frames = pending.popleft()
+            try:
+                self.socket.send_multipart([identity, *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                    raise
+                # Unreachable peer, or one so far behind that its queue is full: treat it as gone rather than
+                # dropping a message silently. Its requests are cancelled (client) or requeued (worker).
+                reason = "unreachable" if exc.errno == errno.EHOSTUNREACH else "not reading (send queue full)"
+                log.warning("peer %s %s", identity.hex(), reason)
+                pending.extend(self.core.on_unreachable(identity, now))

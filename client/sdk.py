@@ -1,0 +1,384 @@
+"""The QMesh client SDK: many concurrent requests over one DEALER connection to the broker.
+
+``QMeshClient`` is single-threaded and driven by its callers: iterating a stream, waiting for a result or
+calling ``poll()`` receives whatever the broker sent and files it under its request. Use one client per thread.
+
+A request that has received nothing yet when the connection to the broker drops is sent again once the
+connection is back, so a broker restart loses no prompt that had not started streaming.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from qmesh.common import protocol as p
+from qmesh.common.bodies import GenerationRequest
+from qmesh.common.errors import BrokerUnreachable, MeshError, QMeshError
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+
+
+@dataclass(slots=True)
+class Chunk:
+    text: str
+    tokens: list[int]
+
+
+@dataclass(slots=True)
+class Result:
+    """A finished request: the whole text and the worker's summary, or the error that ended it."""
+
+    text: str
+    model: str
+    worker: str | None = None
+    tokens: int = 0
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    ttft_ms: float | None = None
+    error: MeshError | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Request:
+    """One request in flight. Iterate it for its chunks; ``result()`` waits for the end."""
+
+    def __init__(self, client: QMeshClient, request_id: bytes, model: str, body: bytes, timeout: float) -> None:
+        self.client = client
+        self.id = request_id
+        self.model = model
+        self.body = body
+        self.sent_at = time.monotonic()
+        self.deadline = self.sent_at + timeout
+        self.chunks: list[Chunk] = []
+        self.status: dict[str, Any] = {}
+        self.first_chunk_at: float | None = None
+        self.acknowledged = False  # the broker has it (any reply arrived)
+        self.was_queued = False  # it waited for a free worker slot
+        self.final: Result | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    @property
+    def text(self) -> str:
+        return "".join(chunk.text for chunk in self.chunks)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        """Yield chunks as they arrive; raise MeshError if the request ends in an error."""
+        delivered = 0
+        while True:
+            while delivered < len(self.chunks):
+                delivered += 1
+                yield self.chunks[delivered - 1]
+            if self.final is not None:
+                if self.final.error is not None:
+                    raise self.final.error
+                return
+            self.client.poll(0.5)
+
+    def result(self) -> Result:
+        """Wait for the end; errors are in ``Result.error``, not raised."""
+        while self.final is None:
+            self.client.poll(0.5)
+        return self.final
+
+    def cancel(self) -> None:
+        self.client.cancel(self)
+
+    # -- filled in by the client
+
+    def _on_partial(self, body: list[bytes]) -> None:
+        self.acknowledged = True
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.monotonic()
+        try:
+            fields = p.unpack_map(body[0]) if body else {}
+            self.chunks.append(Chunk(str(fields.get("text", "")), list(fields.get("tokens") or [])))
+        except p.ProtocolError:  # a plain MDP worker: the body is the text
+            self.chunks.append(Chunk(b"".join(body).decode("utf-8", "replace"), []))
+
+    def _on_final(self, body: list[bytes]) -> None:
+        try:
+            fields = p.unpack_map(body[0]) if body else {}
+        except p.ProtocolError:
+            if body:
+                self.chunks.append(Chunk(b"".join(body).decode("utf-8", "replace"), []))
+            fields = {}
+        error = fields.get("error")
+        if isinstance(error, dict):
+            self._end(MeshError(int(error.get("code", p.WORKER_FAILED)), str(error.get("message", "unknown error"))))
+            return
+        self._end(None, fields)
+
+    def _end(self, error: MeshError | None, summary: dict[str, Any] | None = None) -> None:
+        summary = summary or {}
+        ttft = None if self.first_chunk_at is None else (self.first_chunk_at - self.sent_at) * 1000
+        tokens = summary.get("tokens")
+        self.final = Result(
+            text=self.text,
+            model=str(summary.get("model", self.model)),
+            worker=summary.get("worker") or self.status.get("worker"),
+            tokens=tokens if isinstance(tokens, int) else sum(len(c.tokens) for c in self.chunks),
+            prompt_tokens=summary.get("prompt_tokens"),
+            finish_reason=summary.get("finish_reason"),
+            ttft_ms=ttft,
+            error=error,
+            timings=summary.get("timings") or {},
+        )
+        self.client._requests.pop(self.id, None)
+
+
+class QMeshClient:
+    """A connection to the broker. ``timeout`` bounds each request from send to FINAL."""
+
+    def __init__(
+        self,
+        broker: str = DEFAULT_BROKER,
+        *,
+        timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.broker = broker
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._context = context or zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4)
+        self._requests: dict[bytes, Request] = {}
+        self._mmi: dict[bytes, list[bytes] | None] = {}
+        self._connected = False
+        self._ever_connected = False
+        self._opened_at = time.monotonic()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
+        try:
+            self._socket.connect(broker)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise QMeshError(f"bad broker address {broker!r}: {exc}") from exc
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+
+    def close(self) -> None:
+        for request in list(self._requests.values()):
+            self.cancel(request)
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> QMeshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        model: str,
+        messages: list[dict[str, str]] | None = None,
+        system: str | None = None,
+        max_tokens: int = 256,
+        temperature: float | None = None,
+        seed: int | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: list[str] | None = None,
+        raw: bool = False,
+        timeout: float | None = None,
+    ) -> Request:
+        """Send a request and return at once; iterate the Request or call ``result()``."""
+        body = GenerationRequest(
+            prompt=prompt,
+            messages=messages,
+            system=system,
+            raw=raw,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            top_p=top_p,
+            top_k=top_k,
+            stop=stop or [],
+        ).to_body()
+        request_id = self._prefix + next(self._ids).to_bytes(8, "big")
+        request = Request(self, request_id, model, body, self.timeout if timeout is None else timeout)
+        self._requests[request_id] = request
+        self._socket.send_multipart(p.client_request(model, [body], request_id))
+        return request
+
+    def stream(self, prompt: str | None = None, **options: Any) -> Iterator[Chunk]:
+        """Yield the answer's chunks; leaving the loop early cancels the generation."""
+        request = self.submit(prompt, **options)
+        try:
+            yield from request
+        finally:
+            if not request.done:
+                self.cancel(request)
+
+    def generate(self, prompt: str | None = None, **options: Any) -> Result:
+        """The whole answer; raises MeshError if it ended in an error."""
+        result = self.submit(prompt, **options).result()
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def chat(self, model: str, system: str | None = None) -> Chat:
+        return Chat(self, model, system)
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request: the broker ends it and tells the worker, which frees its llama-server slot."""
+        if request.done:
+            return
+        self._socket.send_multipart(p.client_cancel(request.id), zmq.NOBLOCK)
+        request._end(MeshError(p.CANCELLED, "cancelled"))
+
+    # ------------------------------------------------------------------------------------------ MMI
+
+    def models(self) -> dict[str, dict[str, int]]:
+        """Models served right now: ``{name: {"workers", "slots", "busy", "queued"}}``."""
+        return p.unpack_map(self._mmi_call("mmi.services")[0])
+
+    def workers(self) -> list[dict[str, Any]]:
+        return p.unpack(self._mmi_call("mmi.workers")[0])
+
+    def has_model(self, model: str) -> bool:
+        return self._mmi_call("mmi.service", model.encode())[0] == b"200"
+
+    def _mmi_call(self, service: str, *body: bytes) -> list[bytes]:
+        request_id = self._prefix + next(self._ids).to_bytes(8, "big")
+        self._mmi[request_id] = None
+        self._socket.send_multipart(p.client_request(service, list(body), request_id))
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            while (reply := self._mmi[request_id]) is None:
+                if time.monotonic() >= deadline:
+                    raise self._unreachable()
+                self.poll(0.2)
+            return reply
+        finally:
+            self._mmi.pop(request_id, None)
+
+    # ------------------------------------------------------------------------------------------ pump
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Receive what has arrived (waiting up to ``timeout`` s for the first message) and check deadlines."""
+        events = dict(self._poller.poll(timeout * 1000))
+        if self._monitor in events:
+            self._drain_monitor()
+        if self._socket in events:
+            while True:
+                try:
+                    frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_reply(frames)
+        self._expire(time.monotonic())
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        try:
+            reply = p.parse_for_client(frames)
+        except p.ProtocolError:
+            return
+        if reply.request_id in self._mmi:
+            self._mmi[reply.request_id] = reply.body
+            return
+        request = self._requests.get(reply.request_id or b"")
+        if request is None:
+            return  # a request we cancelled or gave up on
+        if reply.command == p.C_STATUS:
+            request.acknowledged = True
+            with contextlib.suppress(p.ProtocolError):
+                request.status = p.unpack_map(reply.body[0]) if reply.body else {}
+                request.was_queued |= request.status.get("state") == "queued"
+        elif reply.command == p.C_PARTIAL:
+            request._on_partial(reply.body)
+        else:
+            request._on_final(reply.body)
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._ever_connected:
+                    self._resend_unstarted()
+                self._connected = self._ever_connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._connected = False
+                self._fail_started("the connection to the broker was lost mid-stream")
+
+    def _resend_unstarted(self) -> None:
+        for request in list(self._requests.values()):
+            if not request.chunks:
+                request.status = {}
+                self._socket.send_multipart(p.client_request(request.model, [request.body], request.id))
+
+    def _fail_started(self, message: str) -> None:
+        for request in list(self._requests.values()):
+            if request.chunks:
+                request._end(MeshError(p.WORKER_FAILED, message))
+
+    def _expire(self, now: float) -> None:
+        for request in list(self._requests.values()):
+            if not request.acknowledged and now - request.sent_at >= self.connect_timeout and not self._connected:
+                self._socket.send_multipart(p.client_cancel(request.id), zmq.NOBLOCK)
+                error = self._unreachable()
+                request._end(MeshError(p.QUEUE_TIMEOUT, str(error)))
+            elif now >= request.deadline:
+                self._socket.send_multipart(p.client_cancel(request.id), zmq.NOBLOCK)
+                request._end(
+                    MeshError(p.QUEUE_TIMEOUT, f"no complete answer within {request.deadline - request.sent_at:g} s")
+                )
+
+    def _unreachable(self) -> BrokerUnreachable:
+        if self._ever_connected:
+            return BrokerUnreachable(f"the broker at {self.broker} did not answer within {self.connect_timeout:g} s")
+        return BrokerUnreachable(
+            f"cannot reach the broker at {self.broker} within {self.connect_timeout:g} s (is qmesh-broker running?)"
+        )
+
+
+class Chat:
+    """A conversation: each ``send`` carries the whole history, and the answer joins it once complete."""
+
+    def __init__(self, client: QMeshClient, model: str, system: str | None = None) -> None:
+        self.client = client
+        self.model = model
+        self.system = system
+        self.history: list[dict[str, str]] = []
+
+    def send(self, message: str, **options: Any) -> Iterator[Chunk]:
+        messages = [*self.history, {"role": "user", "content": message}]
+        parts: list[str] = []
+        for chunk in self.client.stream(model=self.model, messages=messages, system=self.system, **options):
+            parts.append(chunk.text)
+            yield chunk
+        self.history = [*messages, {"role": "assistant", "content": "".join(parts)}]
+
+    def ask(self, message: str, **options: Any) -> str:
+        return "".join(chunk.text for chunk in self.send(message, **options))

@@ -1,0 +1,158 @@
+"""The msgpack bodies QMesh clients and workers exchange through the broker (the broker never reads them).
+
+A request body is one msgpack map (``GenerationRequest``). A worker answers with PARTIAL bodies
+``{"text": str, "tokens": [int]}`` and one FINAL body: the summary (``final_body``) or an error
+(``protocol.error_body``). ``docs/PROTOCOL.md`` lists every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmesh.common import protocol as p
+
+ROLES = ("system", "user", "assistant")
+MAX_PROMPT_CHARS = 1_000_000
+DEFAULT_MAX_TOKENS = 256
+
+
+class BadRequest(ValueError):
+    """A request body a worker cannot serve; it is answered with a 400 error FINAL."""
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """A prompt (run through the model's chat template unless ``raw``) or a chat history, and sampling options."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    system: str | None = None
+    raw: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float | None = None
+    seed: int | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def to_body(self) -> bytes:
+        body: dict[str, Any] = {"max_tokens": self.max_tokens}
+        for name in ("prompt", "messages", "system", "temperature", "seed", "top_p", "top_k"):
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        if self.raw:
+            body["raw"] = True
+        if self.stop:
+            body["stop"] = self.stop
+        return p.pack(body)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The conversation to render with the chat template."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        if self.messages is not None:
+            return messages + self.messages
+        return messages + [{"role": "user", "content": self.prompt or ""}]
+
+    @classmethod
+    def from_body(cls, body: list[bytes]) -> GenerationRequest:
+        """Parse a request body. A body that is not a msgpack map is a plain MDP client's UTF-8 prompt."""
+        if not body:
+            raise BadRequest("empty request body")
+        try:
+            fields = p.unpack(body[0])
+        except p.ProtocolError:
+            fields = None
+        if not isinstance(fields, dict):
+            try:
+                return cls(prompt=_text(b"".join(body).decode("utf-8"), "prompt"))
+            except UnicodeDecodeError as exc:
+                raise BadRequest("a plain request body must be a UTF-8 prompt or a msgpack map") from exc
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+        request = cls(
+            prompt=_optional(fields, "prompt", str),
+            messages=_messages(fields.get("messages")),
+            system=_optional(fields, "system", str),
+            raw=_optional(fields, "raw", bool) or False,
+            max_tokens=_int(fields.get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", 1, 1_000_000),
+            temperature=_number(fields.get("temperature"), "temperature", 0.0, 10.0),
+            seed=_optional(fields, "seed", int),
+            top_p=_number(fields.get("top_p"), "top_p", 0.0, 1.0),
+            top_k=None if fields.get("top_k") is None else _int(fields["top_k"], "top_k", 0, 1_000_000),
+            stop=_stops(fields.get("stop")),
+        )
+        if (request.prompt is None) == (request.messages is None):
+            raise BadRequest("give exactly one of 'prompt' or 'messages'")
+        if request.prompt is not None:
+            _text(request.prompt, "prompt")
+        if request.raw and request.messages is not None:
+            raise BadRequest("'raw' applies to 'prompt' only")
+        return request
+
+
+def final_body(**summary: Any) -> bytes:
+    """Body of a successful FINAL: finish_reason, tokens, prompt_tokens, worker, model, timings."""
+    return p.pack(summary)
+
+
+def _text(value: str, name: str) -> str:
+    if not value.strip():
+        raise BadRequest(f"'{name}' is empty")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise BadRequest(f"'{name}' is longer than {MAX_PROMPT_CHARS} characters")
+    return value
+
+
+def _optional(fields: dict[str, Any], name: str, kind: type) -> Any:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadRequest(f"'{name}' must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be an integer from {low} to {high}")
+    return value
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be a number from {low:g} to {high:g}")
+    return float(value)
+
+
+def _messages(value: Any) -> list[dict[str, str]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise BadRequest("'messages' must be a non-empty list")
+    total = 0
+    for message in value:
+        if (
+            not isinstance(message, dict)
+            or set(message) != {"role", "content"}
+            or message["role"] not in ROLES
+            or not isinstance(message["content"], str)
+        ):
+            raise BadRequest("each message must be {'role': system|user|assistant, 'content': str}")
+        total += len(message["content"])
+    if total > MAX_PROMPT_CHARS:
+        raise BadRequest(f"'messages' are longer than {MAX_PROMPT_CHARS} characters")
+    return value
+
+
+def _stops(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > 16 or not all(isinstance(s, str) and s for s in value):
+        raise BadRequest("'stop' must be a list of at most 16 non-empty strings")
+    return value

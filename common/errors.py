@@ -1,0 +1,52 @@
+"""Domain exceptions shared by every QMesh component.
+
+Each carries a message written for the person running the command: what went wrong, which file or address,
+and what to do about it. Transport failures are raised ``from`` the underlying error.
+"""
+
+from __future__ import annotations
+
+
+class QMeshError(Exception):
+    """Base class of every error QMesh raises on purpose."""
+
+
+class ConfigError(QMeshError):
+    """A bad option, path or setting given by the user."""
+
+
+class LlamaServerNotFound(QMeshError):
+    """No usable llama-server binary was found."""
+
+
+class ModelNotFound(QMeshError):
+    """A model name or path does not lead to a GGUF file."""
+
+
+class NotAGGUF(QMeshError):
+    """A model file exists but is not a GGUF file."""
+
+
+class SidecarError(QMeshError):
+    """llama-server failed: it would not start, crashed, or answered with an error."""
+
+
+class SidecarStartError(SidecarError):
+    """llama-server did not become healthy (bad model, crash at load, timeout)."""
+
+
+class SidecarCrashed(SidecarError):
+    """llama-server died and was not (or could no longer be) restarted."""
+
+
+class MeshError(QMeshError):
+    """A request through the mesh ended in an error reply; ``code`` is one of the protocol's error codes."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class BrokerUnreachable(QMeshError):
+    """The broker did not answer within the timeout."""

@@ -1,0 +1,140 @@
+"""Test helpers that run real meshes on loopback: a broker thread, worker threads or processes, the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from qmesh.broker.core import BrokerConfig
+from qmesh.broker.loop import Broker
+from qmesh.client.sdk import QMeshClient
+from qmesh.worker.binary import find_llama_server
+from qmesh.worker.models import resolve_model
+from qmesh.worker.node import WorkerNode, WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m"
+FAST = BrokerConfig(heartbeat_interval=0.2, liveness=3, max_queue=100, queue_timeout=30.0)
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class BrokerThread:
+    """A real broker on a real socket, run in a thread of the test process."""
+
+    def __init__(self, endpoint: str | None = None, config: BrokerConfig = FAST) -> None:
+        self.endpoint = endpoint or free_endpoint()
+        self.config = config
+        self.broker: Broker | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> BrokerThread:
+        self.broker = Broker(self.endpoint, self.config)
+        self.thread = threading.Thread(target=self.broker.run, name="test-broker", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.broker is not None and self.thread is not None:
+            self.broker.stop()
+            self.thread.join(timeout=5)
+            assert not self.thread.is_alive(), "broker thread did not stop"
+        self.broker = self.thread = None
+
+    def __enter__(self) -> BrokerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def worker_settings(endpoint: str, slots: int = 2, heartbeat: float = 0.2, **overrides: object) -> WorkerSettings:
+    model = resolve_model(MODEL)
+    settings = WorkerSettings(
+        broker=endpoint,
+        model=model,
+        service=model.name,
+        binary=find_llama_server(),
+        slots=slots,
+        ctx_size=2048,
+        cpu_threads=1,
+        heartbeat_interval=heartbeat,
+        liveness=3,
+        grace=5.0,
+        worker_id="0" * 64,
+    )
+    for name, value in overrides.items():
+        setattr(settings, name, value)
+    return settings
+
+
+@contextlib.contextmanager
+def worker_threads(endpoint: str, count: int = 1, **options: object) -> Iterator[list[WorkerNode]]:
+    """In-process worker threads (each with a real llama-server), registered before the block runs."""
+    nodes = [WorkerNode(worker_settings(endpoint, **options), index) for index in range(count)]
+    for node in nodes:
+        node.start()
+    try:
+        with QMeshClient(endpoint, connect_timeout=5) as client:
+            wait_for(lambda: client.models().get(MODEL, {}).get("workers", 0) >= count, 60, f"{count} worker(s)")
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        for node in nodes:
+            node.join(timeout=30)
+
+
+class WorkerProcess:
+    """``qmesh-worker`` as a real process (for tests that kill it)."""
+
+    def __init__(self, endpoint: str, *args: str, log_dir: Path) -> None:
+        self.log_path = log_dir / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
+        command = [sys.executable, "-m", "qmesh.worker.cli", "--model", MODEL, "--broker", endpoint, *args]
+        env = {**os.environ, "QMESH_HOME": str(log_dir / "home")}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def run_cli(*args: str, stdin: str = "", timeout: float = 120, env: dict[str, str] | None = None):
+    """Run a QMesh command (``qmesh-client`` ...) as a real process; returns the CompletedProcess."""
+    module = {"qmesh-client": "qmesh.client.cli", "qmesh-worker": "qmesh.worker.cli", "qmesh-broker": "qmesh.broker.cli"}
+    command = [sys.executable, "-m", module[args[0]], *args[1:]]
+    return subprocess.run(
+        command, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})}
+    )

@@ -1,0 +1,241 @@
+"""End to end through real sockets: broker, workers with real llama-servers and the real model, SDK clients."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+import zmq
+
+from meshkit import MODEL, BrokerThread, free_endpoint, wait_for, worker_threads
+from qmesh.broker.core import BrokerConfig
+from qmesh.client.sdk import QMeshClient
+from qmesh.common import protocol as p
+from qmesh.common.errors import MeshError
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """One broker and one worker thread with 2 slots, shared by the tests of this module."""
+    with BrokerThread() as broker, worker_threads(broker.endpoint, count=1, slots=2) as nodes:
+        yield broker, nodes[0]
+
+
+@pytest.fixture
+def client(mesh):
+    broker, _ = mesh
+    with QMeshClient(broker.endpoint, timeout=120, connect_timeout=5) as client:
+        yield client
+
+
+def test_one_prompt_streams_an_answer(client):
+    request = client.submit("Name a colour.", model=MODEL, max_tokens=12, temperature=0)
+    chunks = list(request)
+    result = request.result()
+    assert result.ok, result.error
+    assert len(chunks) >= 2, "the answer should arrive as a stream of chunks"
+    assert result.text == "".join(c.text for c in chunks) and result.text.strip()
+    assert result.tokens == sum(len(c.tokens) for c in chunks) > 0
+    assert result.finish_reason in ("stop", "length")
+    assert result.model == MODEL and result.worker
+    assert result.ttft_ms is not None and result.ttft_ms > 0
+
+
+def test_same_seeded_prompt_gives_the_same_answer(client):
+    first = client.generate("Count from one to five.", model=MODEL, max_tokens=16, temperature=0)
+    second = client.generate("Count from one to five.", model=MODEL, max_tokens=16, temperature=0)
+    assert first.text == second.text
+
+
+def test_chat_keeps_history(client):
+    chat = client.chat(MODEL, system="You are terse.")
+    chat.ask("My name is Zorblax. Reply with OK.", max_tokens=8, temperature=0)
+    assert [m["role"] for m in chat.history] == ["user", "assistant"]
+    chat.ask("What is my name?", max_tokens=16, temperature=0)
+    assert len(chat.history) == 4 and chat.history[2]["content"] == "What is my name?"
+    assert "Zorblax" in chat.history[0]["content"]
+
+
+def test_more_prompts_than_slots_all_complete(client):
+    requests_ = [client.submit(f"Say the number {i}.", model=MODEL, max_tokens=8, temperature=0) for i in range(5)]
+    results = [r.result() for r in requests_]
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert sum(r.was_queued for r in requests_) >= 3, "with 2 slots, 3 of 5 prompts must have waited"
+    assert all(r.text.strip() for r in results)
+
+
+def test_unknown_model_fails_fast_with_404(client):
+    start = time.monotonic()
+    result = client.submit("hi", model="no-such-model", max_tokens=4).result()
+    assert result.error is not None and result.error.code == p.UNKNOWN_MODEL
+    assert MODEL in result.error.message, "the error should list the models that are served"
+    assert time.monotonic() - start < 5
+
+
+def test_bad_request_gets_400(client):
+    result = client.submit(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, raw=True).result()
+    assert result.error is not None and result.error.code == p.BAD_REQUEST
+
+
+def test_mmi_lists_models_and_workers(client):
+    models = client.models()
+    assert models[MODEL]["workers"] == 1 and models[MODEL]["slots"] == 2
+    workers = client.workers()
+    assert workers[0]["service"] == MODEL and workers[0]["info"]["worker_id"] == "0" * 64
+    assert client.has_model(MODEL) and not client.has_model("no-such-model")
+
+
+def _slots_busy(base_url: str) -> int:
+    return sum(1 for slot in requests.get(f"{base_url}/slots", timeout=5).json() if slot.get("is_processing"))
+
+
+def test_cancel_frees_the_llama_server_slot(mesh, client):
+    _, node = mesh
+    request = client.submit("Write a long story about a dragon.", model=MODEL, max_tokens=2000, temperature=0.7)
+    wait_for(lambda: client.poll(0.05) or request.chunks, 60, "the first chunk")
+    assert _slots_busy(node.manager.base_url) >= 1
+    request.cancel()
+    assert request.result().error.code == p.CANCELLED
+    wait_for(lambda: _slots_busy(node.manager.base_url) == 0, 10, "llama-server to free the slot")
+
+
+def test_leaving_a_stream_early_cancels_it(mesh, client):
+    _, node = mesh
+    stream = client.stream("Tell me everything about the ocean.", model=MODEL, max_tokens=2000)
+    next(stream)
+    stream.close()
+    wait_for(lambda: _slots_busy(node.manager.base_url) == 0, 10, "llama-server to free the slot")
+
+
+def test_no_worker_ends_after_the_queue_timeout():
+    config = BrokerConfig(heartbeat_interval=0.2, liveness=3, queue_timeout=1.0)
+    with BrokerThread(config=config) as broker, QMeshClient(broker.endpoint, connect_timeout=5) as client:
+        start = time.monotonic()
+        request = client.submit("hi", model=MODEL, max_tokens=4)
+        result = request.result()
+        assert result.error is not None and result.error.code == p.QUEUE_TIMEOUT
+        assert time.monotonic() - start >= 0.9, "it must have waited for a worker"
+        assert request.status.get("state") == "queued"
+
+
+def test_queue_full_gets_503():
+    config = BrokerConfig(heartbeat_interval=0.2, liveness=3, queue_timeout=5.0, max_queue=1)
+    with BrokerThread(config=config) as broker, QMeshClient(broker.endpoint, connect_timeout=5) as client:
+        first = client.submit("hi", model=MODEL, max_tokens=4)
+        second = client.submit("hi", model=MODEL, max_tokens=4)
+        assert second.result().error.code == p.QUEUE_FULL
+        first.cancel()
+
+
+def test_two_workers_both_used():
+    with BrokerThread() as broker, worker_threads(broker.endpoint, count=2, slots=1):
+        with QMeshClient(broker.endpoint, timeout=120) as client:
+            batch = [client.submit(f"Say {i}.", model=MODEL, max_tokens=8, temperature=0) for i in range(4)]
+            results = [r.result() for r in batch]
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert len({r.worker for r in results}) == 2
+
+
+def test_broker_restart_workers_reregister():
+    endpoint = free_endpoint()
+    broker = BrokerThread(endpoint).start()
+    try:
+        with worker_threads(endpoint, count=1, slots=1):
+            broker.stop()
+            broker = BrokerThread(endpoint).start()
+            with QMeshClient(endpoint, timeout=60, connect_timeout=5) as client:
+                wait_for(lambda: client.has_model(MODEL), 15, "the worker to register again")
+                assert client.generate("Say hi.", model=MODEL, max_tokens=6).text.strip()
+    finally:
+        broker.stop()
+
+
+def test_client_without_broker_fails_clearly_within_the_timeout():
+    with QMeshClient(free_endpoint(), connect_timeout=1.0) as client:
+        start = time.monotonic()
+        result = client.submit("hi", model=MODEL).result()
+        assert result.error is not None and "qmesh-broker running" in result.error.message
+        assert time.monotonic() - start < 5
+        with pytest.raises(Exception, match="cannot reach the broker"):
+            client.models()
+
+
+def test_request_sent_before_the_broker_starts_is_answered():
+    endpoint = free_endpoint()
+    with QMeshClient(endpoint, timeout=60, connect_timeout=30) as client:
+        request = client.submit("Say hi.", model=MODEL, max_tokens=6)
+        client.poll(0.3)
+        with BrokerThread(endpoint) as broker, worker_threads(broker.endpoint, count=1, slots=1):
+            result = request.result()
+    assert result.ok, result.error
+
+
+def test_plain_mdp_client_and_worker_through_the_broker():
+    """Peers written from RFC 18/MDP alone, with no QMesh extension, work through the broker."""
+    context = zmq.Context.instance()
+    with BrokerThread() as broker:
+        worker = context.socket(zmq.DEALER)
+        worker.linger = 0
+        worker.connect(broker.endpoint)
+        worker.send_multipart([b"MDPW02", b"\x01", b"echo"])
+        client = context.socket(zmq.DEALER)
+        client.linger = 0
+        client.connect(broker.endpoint)
+        client.send_multipart([b"MDPC02", b"\x01", b"echo", b"hello", b"world"])
+        while True:  # the worker skips heartbeats until the request comes
+            frames = worker.recv_multipart()
+            if frames[1] == b"\x02":
+                break
+        assert frames[0] == b"MDPW02" and frames[3] == b"" and frames[4:] == [b"hello", b"world"]
+        address = frames[2]
+        worker.send_multipart([b"MDPW02", b"\x03", address, b"", b"part-1"])
+        worker.send_multipart([b"MDPW02", b"\x04", address, b"", b"done"])
+        assert client.recv_multipart() == [b"MDPC02", b"\x02", b"echo", b"part-1"]
+        assert client.recv_multipart() == [b"MDPC02", b"\x03", b"echo", b"done"]
+        client.send_multipart([b"MDPC02", b"\x01", b"mmi.service", b"echo"])
+        assert client.recv_multipart() == [b"MDPC02", b"\x03", b"mmi.service", b"200"]
+        client.send_multipart([b"MDPC02", b"\x01", b"mmi.nope"])
+        assert client.recv_multipart() == [b"MDPC02", b"\x03", b"mmi.nope", b"501"]
+        worker.close()
+        client.close()
+
+
+def test_plain_mdp_client_gets_an_answer_from_a_qmesh_worker(mesh):
+    broker, _ = mesh
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    client.linger = 0
+    client.connect(broker.endpoint)
+    client.send_multipart([b"MDPC02", b"\x01", MODEL.encode(), b"Say hello."])
+    replies = []
+    while not replies or replies[-1][1] != b"\x03":
+        assert client.poll(60_000), "no reply"
+        replies.append(client.recv_multipart())
+    client.close()
+    assert all(r[:3] == [b"MDPC02", r[1], MODEL.encode()] for r in replies)
+    text = "".join(p.unpack(r[3])["text"] for r in replies[:-1])
+    assert text.strip() and "error" not in p.unpack(replies[-1][3])
+
+
+def test_garbage_frames_leave_the_broker_serving(mesh, client):
+    import random
+
+    broker, _ = mesh
+    rng = random.Random(7)
+    attacker = zmq.Context.instance().socket(zmq.DEALER)
+    attacker.linger = 0
+    attacker.connect(broker.endpoint)
+    headers = [b"MDPC02", b"MDPW02", b"", b"MDP", b"\xff" * 8]
+    for _ in range(3000):
+        frames = [rng.choice(headers), bytes([rng.randrange(256)])]
+        frames += [rng.randbytes(rng.randrange(0, 40)) for _ in range(rng.randrange(0, 6))]
+        attacker.send_multipart(frames)
+    attacker.close()
+    assert client.generate("Say yes.", model=MODEL, max_tokens=4).text.strip()
+    assert client.models()[MODEL]["workers"] == 1
+
+
+def test_generate_raises_mesh_errors(client):
+    with pytest.raises(MeshError) as info:
+        client.generate("hi", model="no-such-model")
+    assert info.value.code == p.UNKNOWN_MODEL

@@ -1,0 +1,1 @@
+"""qmesh.worker"""

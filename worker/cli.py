@@ -1,0 +1,102 @@
+"""``qmesh-worker --model X``: N worker threads, each with its own llama-server, serving one model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import typer
+
+from qmesh.common.errors import QMeshError
+from qmesh.common.logs import setup_logging
+from qmesh.worker.binary import find_llama_server
+from qmesh.worker.identity import worker_id
+from qmesh.worker.models import resolve_model
+from qmesh.worker.node import WorkerNode, WorkerSettings
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+
+app = typer.Typer(add_completion=False, help="A QMesh worker: serves one model through the broker.")
+
+
+@app.command()
+def run(
+    model: str = typer.Option(
+        ..., "--model", "-m", envvar="QMESH_WORKER_MODEL", help="GGUF path, or a short name from models/."
+    ),
+    name: str = typer.Option(
+        None, "--name", envvar="QMESH_WORKER_NAME", help="Service name to register (default: the model's short name)."
+    ),
+    broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    threads: int = typer.Option(
+        1, "--threads", envvar="QMESH_WORKER_THREADS", min=1, help="Worker threads, each with its own llama-server."
+    ),
+    slots: int = typer.Option(
+        2, "--slots", envvar="QMESH_WORKER_SLOTS", min=1, max=64, help="llama-server parallel slots per thread."
+    ),
+    ctx_size: int = typer.Option(2048, "--ctx-size", envvar="QMESH_CTX_SIZE", min=128, help="Context tokens per slot."),
+    gpu_layers: int = typer.Option(0, "--gpu-layers", envvar="QMESH_GPU_LAYERS", min=0, help="Layers to offload."),
+    cpu_threads: int = typer.Option(
+        None,
+        "--cpu-threads",
+        envvar="QMESH_CPU_THREADS",
+        min=1,
+        help="CPU threads per llama-server (default: cores / --threads).",
+    ),
+    llama_server: str = typer.Option(
+        None, "--llama-server", envvar="QMESH_LLAMA_SERVER", help="Path of the llama-server binary."
+    ),
+    heartbeat_ms: int = typer.Option(2500, "--heartbeat-ms", envvar="QMESH_HEARTBEAT_MS", min=10),
+    liveness: int = typer.Option(3, "--liveness", envvar="QMESH_LIVENESS", min=1),
+    grace: float = typer.Option(
+        30.0, "--grace", envvar="QMESH_WORKER_GRACE", min=0.0, help="Seconds to finish requests on shutdown."
+    ),
+    log_level: str = typer.Option("info", "--log-level", envvar="QMESH_LOG_LEVEL"),
+) -> None:
+    setup_logging(log_level)
+    try:
+        model_file = resolve_model(model)
+        binary = find_llama_server(llama_server)
+    except QMeshError as exc:
+        typer.echo(f"qmesh-worker: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    settings = WorkerSettings(
+        broker=broker,
+        model=model_file,
+        service=name or model_file.name,
+        binary=binary,
+        slots=slots,
+        ctx_size=ctx_size,
+        gpu_layers=gpu_layers,
+        cpu_threads=cpu_threads or max(1, (os.cpu_count() or 1) // threads),
+        heartbeat_interval=heartbeat_ms / 1000,
+        liveness=liveness,
+        grace=grace,
+        worker_id=worker_id(),
+    )
+    nodes = [WorkerNode(settings, index) for index in range(threads)]
+
+    def request_stop(*_: object) -> None:
+        for node in nodes:
+            node.stop()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    for node in nodes:
+        node.start()
+    while any(node.is_alive() for node in nodes):
+        time.sleep(0.2)
+    failures = [node.failure for node in nodes if node.failure]
+    for failure in failures:
+        typer.echo(f"qmesh-worker: {failure}", err=True)
+    raise typer.Exit(1 if failures else 0)
+
+
+def main() -> None:
+    app(prog_name="qmesh-worker")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

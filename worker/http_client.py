@@ -1,0 +1,301 @@
+"""HTTP client for one llama-server, speaking its native API (``/completion``, ``/apply-template``, ...).
+
+Chat is rendered with the model's own template by ``/apply-template`` and then completed like any prompt, so
+chat and plain completion share one code path and one result shape. ``return_tokens`` makes every streamed
+chunk carry its token ids, which the mesh forwards alongside the text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+import sseclient
+
+from qmesh.common.errors import SidecarError
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+# llama-server's stop_type -> the reason reported to callers; other values pass through unchanged.
+_STOP_REASONS = {"eos": "stop", "word": "stop", "limit": "length"}
+CANCELLED = "cancelled"
+_HEALTH_TIMEOUT = 5.0  # /health answers at once even while loading; a slower answer means "not healthy"
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed completion: its text and the token ids that produced it."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Completion:
+    """A finished completion. ``stop_reason`` is "stop" (end of text or stop word), "length" or "cancelled"."""
+
+    text: str
+    token_ids: list[int]
+    tokens_predicted: int
+    tokens_evaluated: int
+    stop_reason: str
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+class CompletionStream:
+    """Iterates the :class:`Chunk` s of a streamed completion; ``.result`` holds the :class:`Completion` after.
+
+    Closing the stream early (from any thread) shuts the connection, which is how llama-server learns to stop
+    generating and free the slot; ``.result`` then holds what was received, with stop_reason "cancelled", and
+    an iteration in progress ends quietly. ``on_done`` is called once with the result (not if the stream fails).
+    """
+
+    def __init__(
+        self,
+        response: requests.Response,
+        url: str,
+        on_done: Callable[[Completion], None] | None = None,
+    ) -> None:
+        self._response = response
+        self._url = url
+        self._on_done = on_done
+        self._events = sseclient.SSEClient(response.iter_content(chunk_size=None)).events()
+        self._texts: list[str] = []
+        self._token_ids: list[int] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.result: Completion | None = None
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._texts)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while self.result is None:
+            chunk = self._next_chunk()
+            if chunk is not None:
+                yield chunk
+
+    def _next_chunk(self) -> Chunk | None:
+        """Read one event; None for events that carry nothing, the final one, and a read cut by close()."""
+        try:
+            event = next(self._events)
+        except Exception as exc:  # a read cut by close() in another thread fails in assorted ways
+            if self._closed:
+                return None
+            self._response.close()
+            if isinstance(exc, StopIteration):
+                raise SidecarError(f"llama-server stream from {self._url} ended before its final event") from None
+            if isinstance(exc, requests.RequestException):
+                raise SidecarError(f"llama-server stream from {self._url} broke: {exc}") from exc
+            raise
+        if event.data.strip() == "[DONE]":
+            return None
+        payload = _parse_event(event.data, self._url)
+        if "error" in payload:
+            self._response.close()
+            raise _error_from_body(payload, self._url, status=None)
+        text = payload.get("content") or ""
+        tokens = list(payload.get("tokens") or [])
+        with self._lock:  # a result taken by close() in another thread has everything that was yielded
+            if self.result is not None:
+                return None
+            self._texts.append(text)
+            self._token_ids.extend(tokens)
+        if payload.get("stop"):
+            self._finish(payload, stop_reason=_stop_reason(payload.get("stop_type", "none")))
+            self._response.close()
+        if not text and not tokens:
+            return None
+        return Chunk(text=text, token_ids=tokens)
+
+    def _finish(self, final: dict[str, Any], stop_reason: str) -> None:
+        with self._lock:
+            if self.result is not None:
+                return
+            self.result = Completion(
+                text=self.text,
+                token_ids=list(self._token_ids),
+                tokens_predicted=int(final.get("tokens_predicted", len(self._token_ids))),
+                tokens_evaluated=int(final.get("tokens_evaluated", 0)),
+                stop_reason=stop_reason,
+                timings=dict(final.get("timings") or {}),
+            )
+        if self._on_done is not None:
+            self._on_done(self.result)
+
+    def close(self) -> None:
+        """Stop reading; llama-server sees the connection close and stops generating. Idempotent."""
+        self._finish({}, stop_reason=CANCELLED)
+        self._closed = True
+        # Shutting the socket down wakes a reader blocked in another thread; closing alone would not.
+        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._response.close()
+
+    def __enter__(self) -> CompletionStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class LlamaHttpClient:
+    """Talks to one llama-server at ``base_url``; every call has a connect and a read timeout."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float = 2.0, read_timeout: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = (connect_timeout, read_timeout)
+        self._session = requests.Session()
+
+    def health_check(self) -> bool:
+        """True when llama-server answers /health with 200 (model loaded); never raises."""
+        connect_timeout, read_timeout = self._timeout
+        try:
+            response = self._session.get(
+                f"{self.base_url}/health", timeout=(connect_timeout, min(read_timeout, _HEALTH_TIMEOUT))
+            )
+        except requests.RequestException:
+            return False
+        return response.status_code == 200
+
+    def props(self) -> dict[str, Any]:
+        """Server properties: ``total_slots``, ``model_path``, ``default_generation_settings``, ..."""
+        return self._call("GET", "/props")
+
+    def slots(self) -> list[dict[str, Any]]:
+        """One entry per slot, each with ``id`` and ``is_processing``."""
+        return self._call("GET", "/slots")
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return self._call("POST", "/tokenize", {"content": text, "add_special": add_special})["tokens"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._call("POST", "/detokenize", {"tokens": ids})["content"]
+
+    def apply_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt the model's chat template renders for ``messages``, ready for the assistant's turn."""
+        return self._call("POST", "/apply-template", {"messages": messages})["prompt"]
+
+    def generate(self, prompt: Prompt, **opts: Any) -> Completion:
+        """Complete ``prompt`` (text or token ids). Options: max_tokens, temperature, seed, stop, top_k, top_p."""
+        body = _completion_body(prompt, stream=False, **opts)
+        payload = self._call("POST", "/completion", body)
+        return Completion(
+            text=payload.get("content", ""),
+            token_ids=list(payload.get("tokens") or []),
+            tokens_predicted=int(payload.get("tokens_predicted", 0)),
+            tokens_evaluated=int(payload.get("tokens_evaluated", 0)),
+            stop_reason=_stop_reason(payload.get("stop_type", "none")),
+            timings=dict(payload.get("timings") or {}),
+        )
+
+    def generate_stream(
+        self, prompt: Prompt, *, on_done: Callable[[Completion], None] | None = None, **opts: Any
+    ) -> CompletionStream:
+        """Like :meth:`generate`, streamed; close the stream to cancel the generation."""
+        body = _completion_body(prompt, stream=True, **opts)
+        url = f"{self.base_url}/completion"
+        response = self._send("POST", url, body, stream=True)
+        return CompletionStream(response, url, on_done=on_done)
+
+    def chat(self, messages: list[dict[str, str]], **opts: Any) -> Completion:
+        return self.generate(self.apply_template(messages), **opts)
+
+    def chat_stream(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        on_done: Callable[[Completion], None] | None = None,
+        **opts: Any,
+    ) -> CompletionStream:
+        return self.generate_stream(self.apply_template(messages), on_done=on_done, **opts)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        url = f"{self.base_url}{path}"
+        response = self._send(method, url, body, stream=False)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise SidecarError(f"llama-server sent non-JSON from {url}: {response.text[:200]!r}") from exc
+
+    def _send(self, method: str, url: str, body: dict[str, Any] | None, *, stream: bool) -> requests.Response:
+        try:
+            response = self._session.request(method, url, json=body, timeout=self._timeout, stream=stream)
+        except requests.RequestException as exc:
+            raise SidecarError(f"llama-server at {url} could not be reached: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                payload = response.json()
+            except ValueError:
+                payload = {"error": {"message": response.text[:500]}}
+            finally:
+                response.close()
+            raise _error_from_body(payload, url, status=response.status_code)
+        return response
+
+
+def _completion_body(
+    prompt: Prompt,
+    *,
+    stream: bool,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> dict[str, Any]:
+    """The /completion request; unknown options are a TypeError, unset ones keep llama-server's defaults."""
+    body: dict[str, Any] = {"prompt": prompt, "stream": stream, "cache_prompt": True, "return_tokens": True}
+    options = {
+        "n_predict": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "stop": stop,
+        "top_k": top_k,
+        "top_p": top_p,
+    }
+    body.update({key: value for key, value in options.items() if value is not None})
+    return body
+
+
+def _parse_event(data: str, url: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise SidecarError(f"llama-server stream from {url} sent a bad event: {data[:200]!r}") from exc
+    if not isinstance(payload, dict):
+        raise SidecarError(f"llama-server stream from {url} sent an unexpected event: {data[:200]!r}")
+    return payload
+
+
+def _error_from_body(payload: Any, url: str, status: int | None) -> SidecarError:
+    """llama-server reports failures as ``{"error": {"code", "message", "type"}}``."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        message = error.get("message") or json.dumps(error)
+        status = status or error.get("code")
+    else:
+        message = str(error or payload)
+    where = f"{url} answered {status}" if status else f"{url} reported an error"
+    return SidecarError(f"llama-server {where}: {message}")
+
+
+def _stop_reason(stop_type: str) -> str:
+    return _STOP_REASONS.get(stop_type, stop_type)

@@ -1,0 +1,392 @@
+"""One worker thread: a llama-server sidecar with K slots and one DEALER connection to the broker.
+
+The thread that owns the DEALER socket runs the poll loop (``_serve``); K slot threads each stream one
+generation at a time from llama-server over HTTP and hand their chunks to the loop over an inproc PUSH/PULL
+pair, so every socket stays in the thread that made it. Slot threads block on a full inproc pipe, which slows
+generation rather than letting memory grow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from itertools import count
+
+import zmq
+
+from qmesh.common import protocol as p
+from qmesh.common.bodies import BadRequest, GenerationRequest, final_body
+from qmesh.common.errors import QMeshError, SidecarError
+from qmesh.worker.binary import LlamaServerBinary
+from qmesh.worker.http_client import LlamaHttpClient
+from qmesh.worker.models import ModelFile
+from qmesh.worker.monitor import SystemMonitor
+from qmesh.worker.process import LlamaProcessManager
+
+log = logging.getLogger(__name__)
+
+_PARTIAL, _FINAL, _SIDECAR_DOWN = b"P", b"F", b"X"
+_inproc_ids = count()
+
+
+@dataclass(slots=True)
+class WorkerSettings:
+    broker: str
+    model: ModelFile
+    service: str
+    binary: LlamaServerBinary
+    slots: int = 1
+    ctx_size: int = 2048  # tokens of context per slot
+    gpu_layers: int = 0
+    cpu_threads: int | None = None
+    heartbeat_interval: float = 2.5
+    liveness: int = 3
+    grace: float = 30.0  # seconds in-flight requests may take to finish at shutdown
+    load_timeout: float = 120.0
+    worker_id: str = ""
+    max_reconnect_delay: float = 30.0
+
+
+@dataclass(slots=True)
+class Job:
+    route_key: bytes
+    request: GenerationRequest
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    stream: object | None = None  # the CompletionStream, once open
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        stream = self.stream
+        if stream is not None:
+            stream.close()  # type: ignore[attr-defined]
+
+
+class WorkerNode(threading.Thread):
+    """Serves one model through the broker until ``stop()``; ``failure`` says why it ended, if it failed."""
+
+    def __init__(self, settings: WorkerSettings, index: int = 0, context: zmq.Context | None = None) -> None:
+        super().__init__(name=f"qmesh-worker-{index}", daemon=True)
+        self.settings = settings
+        self.worker_name = f"{socket.gethostname()}/{os.getpid()}/{index}"
+        self.context = context or zmq.Context.instance()
+        self.failure: str | None = None
+        self.registered = threading.Event()
+        self._stop_requested = threading.Event()
+        self._jobs: dict[bytes, Job] = {}
+        self._job_queue: queue.Queue[Job | None] = queue.Queue()
+        self._inproc = f"inproc://qmesh-worker-{next(_inproc_ids)}"
+        self.manager: LlamaProcessManager | None = None
+        self.client: LlamaHttpClient | None = None
+        self._dealer: zmq.Socket | None = None
+        self._monitor = SystemMonitor()
+        self._seen_restarts = 0
+
+    def stop(self) -> None:
+        """Stop taking work, let in-flight requests finish within the grace period, then disconnect."""
+        self._stop_requested.set()
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        s = self.settings
+        self.manager = LlamaProcessManager(
+            s.model.path,
+            s.binary,
+            ctx_size=s.ctx_size * s.slots,
+            gpu_layers=s.gpu_layers,
+            parallel=s.slots,
+            threads=s.cpu_threads,
+            load_timeout=s.load_timeout,
+        )
+        slot_threads = [
+            threading.Thread(target=self._slot_loop, name=f"{self.name}-slot-{i}", daemon=True) for i in range(s.slots)
+        ]
+        pull = self.context.socket(zmq.PULL)
+        pull.bind(self._inproc)
+        try:
+            self.manager.start()
+            self.client = LlamaHttpClient(self.manager.base_url)
+            self._seen_restarts = self.manager.restarts
+            for thread in slot_threads:
+                thread.start()
+            self._serve(pull)
+        except QMeshError as exc:
+            self.failure = str(exc)
+            log.error("%s: %s", self.worker_name, exc)
+        except Exception as exc:  # a bug: report it rather than let the thread vanish silently
+            self.failure = f"internal error: {exc!r}"
+            log.exception("%s crashed", self.worker_name)
+        finally:
+            for job in list(self._jobs.values()):
+                job.cancel()
+            for _ in slot_threads:
+                self._job_queue.put(None)
+            for thread in slot_threads:
+                if thread.is_alive():
+                    thread.join(timeout=5)
+            self._close_dealer(send_disconnect=True)
+            pull.close(linger=0)
+            self.manager.stop()
+            self.registered.clear()
+
+    # ------------------------------------------------------------------------------------------ poll loop
+
+    def _serve(self, pull: zmq.Socket) -> None:
+        s = self.settings
+        ttl = s.heartbeat_interval * s.liveness
+        reconnect_delay = s.heartbeat_interval
+        drain_deadline: float | None = None
+        self._connect()
+        broker_expires = time.monotonic() + ttl
+        next_heartbeat = time.monotonic() + s.heartbeat_interval
+        while True:
+            poller = zmq.Poller()
+            poller.register(pull, zmq.POLLIN)
+            if self._dealer is not None:
+                poller.register(self._dealer, zmq.POLLIN)
+            wait = max(0.0, min(next_heartbeat - time.monotonic(), 0.25))
+            ready = dict(poller.poll(wait * 1000))
+            if self._dealer is not None and self._dealer in ready and self._drain_broker():
+                broker_expires = time.monotonic() + ttl
+                reconnect_delay = s.heartbeat_interval
+            if pull in ready:
+                self._drain_slots(pull)
+            now = time.monotonic()
+            sidecar_ready = self._sidecar_ready()
+            if self._stop_requested.is_set() and self._dealer is None:
+                return
+            if not sidecar_ready:
+                continue
+            if self._dealer is None:  # sidecar is back after a restart: register again
+                self._connect()
+                broker_expires, next_heartbeat = now + ttl, now
+            if self._stop_requested.is_set() and drain_deadline is None:
+                log.info(
+                    "%s: stopping; waiting up to %g s for %d request(s)", self.worker_name, s.grace, len(self._jobs)
+                )
+                drain_deadline = now + s.grace
+                next_heartbeat = now  # tell the broker at once that we take no more work
+            if drain_deadline is not None and (not self._jobs or now >= drain_deadline):
+                self._end_jobs(p.WORKER_FAILED, "the worker shut down before the answer was complete")
+                return
+            if now >= next_heartbeat:
+                self._send_heartbeat(draining=drain_deadline is not None)
+                next_heartbeat = now + s.heartbeat_interval
+            if now >= broker_expires:
+                delay = reconnect_delay * random.uniform(0.5, 1.5)
+                log.warning("%s: broker silent for %g s; reconnecting in %.1f s", self.worker_name, ttl, delay)
+                self._close_dealer(send_disconnect=False)
+                if self._stop_requested.wait(delay):
+                    return
+                reconnect_delay = min(reconnect_delay * 2, s.max_reconnect_delay)
+                self._connect()
+                broker_expires = time.monotonic() + ttl
+
+    def _connect(self) -> None:
+        """A new DEALER (a new routing id) and READY: how a worker registers, and re-registers."""
+        self._orphan_jobs()
+        dealer = self.context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
+        dealer.connect(self.settings.broker)
+        info = {
+            "slots": self.settings.slots,
+            "name": self.worker_name,
+            "worker_id": self.settings.worker_id,
+            "model_file": self.settings.model.path.name,
+            "version": 1,
+        }
+        dealer.send_multipart(p.ready(self.settings.service, info))
+        self._dealer = dealer
+        self.registered.set()
+        log.info(
+            "%s: registered for %s with %d slot(s) at %s",
+            self.worker_name,
+            self.settings.service,
+            self.settings.slots,
+            self.settings.broker,
+        )
+
+    def _close_dealer(self, send_disconnect: bool) -> None:
+        if self._dealer is None:
+            return
+        if send_disconnect:
+            with contextlib.suppress(zmq.ZMQError):
+                self._dealer.send_multipart(p.disconnect(), zmq.NOBLOCK)
+            self._dealer.close(linger=200)
+        else:
+            self._dealer.close(linger=0)
+        self._dealer = None
+        self.registered.clear()
+        self._orphan_jobs()
+
+    def _orphan_jobs(self) -> None:
+        """Requests of a closed connection can no longer be answered: stop them and forget them."""
+        for job in self._jobs.values():
+            job.cancel()
+        self._jobs.clear()
+
+    def _drain_broker(self) -> bool:
+        """Handle everything the broker sent; returns True if anything arrived (the broker is alive)."""
+        assert self._dealer is not None
+        got_any = False
+        while self._dealer is not None:
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            got_any = True
+            try:
+                message = p.parse_for_worker(frames)
+            except p.ProtocolError as exc:
+                log.warning("%s: dropped malformed message from the broker: %s", self.worker_name, exc)
+                continue
+            if message.command == p.W_REQUEST:
+                self._accept(message.route_key, message.body)
+            elif message.command == p.W_CANCEL:
+                job = self._jobs.get(message.route_key)
+                if job is not None:
+                    job.cancel()
+            elif message.command == p.W_DISCONNECT:
+                log.warning("%s: the broker asked us to reconnect", self.worker_name)
+                self._close_dealer(send_disconnect=False)
+                self._connect()
+        return got_any
+
+    def _accept(self, route_key: bytes, body: list[bytes]) -> None:
+        try:
+            request = GenerationRequest.from_body(body)
+        except BadRequest as exc:
+            self._send_to_broker(p.worker_reply(True, route_key, [p.error_body(p.BAD_REQUEST, str(exc))]))
+            return
+        job = Job(route_key, request)
+        self._jobs[route_key] = job
+        self._job_queue.put(job)
+
+    def _drain_slots(self, pull: zmq.Socket) -> None:
+        while True:
+            try:
+                route_key, kind, body = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if kind == _SIDECAR_DOWN:
+                self._on_sidecar_down()
+                continue
+            if route_key not in self._jobs:
+                continue  # a request of an earlier connection, or one already ended
+            final = kind == _FINAL
+            if final:
+                del self._jobs[route_key]
+            self._send_to_broker(p.worker_reply(final, route_key, [body]))
+
+    def _send_to_broker(self, frames: list[bytes]) -> None:
+        if self._dealer is not None:
+            self._dealer.send_multipart(frames)
+
+    def _send_heartbeat(self, draining: bool) -> None:
+        sample = self._monitor.sample(self.manager is not None and self.manager.state == "ready")
+        load = {
+            "health": sample.health,
+            "busy": len(self._jobs),
+            "cpu": sample.cpu_percent,
+            "memory": sample.memory_percent,
+            "draining": draining,
+        }
+        self._send_to_broker(p.heartbeat(load))
+
+    def _end_jobs(self, code: int, message: str) -> None:
+        for route_key, job in list(self._jobs.items()):
+            job.cancel()
+            self._send_to_broker(p.worker_reply(True, route_key, [p.error_body(code, message)]))
+        self._jobs.clear()
+
+    # ------------------------------------------------------------------------------------------ sidecar
+
+    def _sidecar_ready(self) -> bool:
+        """False while llama-server restarts (we are unregistered then); raises once it has failed for good."""
+        assert self.manager is not None
+        state = self.manager.state
+        if state == "failed":
+            raise SidecarError(f"llama-server failed for good: {self.manager.failure}")
+        if self.manager.restarts != self._seen_restarts:
+            self._seen_restarts = self.manager.restarts
+            self._on_sidecar_down()
+            self.client = LlamaHttpClient(self.manager.base_url)  # a restart may have moved it to another port
+        return state == "ready"
+
+    def _on_sidecar_down(self) -> None:
+        """Leave the broker so it requeues what has not streamed yet; register again once llama-server is back."""
+        if self._dealer is not None:
+            log.warning("%s: llama-server is down; leaving the broker until it is back", self.worker_name)
+            self._close_dealer(send_disconnect=True)
+
+    # ------------------------------------------------------------------------------------------ slots
+
+    def _slot_loop(self) -> None:
+        push = self.context.socket(zmq.PUSH)
+        push.connect(self._inproc)
+        try:
+            while (job := self._job_queue.get()) is not None:
+                self._generate(job, push)
+        finally:
+            push.close(linger=1000)
+
+    def _generate(self, job: Job, push: zmq.Socket) -> None:
+        assert self.client is not None and self.manager is not None
+        key, request = job.route_key, job.request
+
+        def send(kind: bytes, body: bytes) -> None:
+            push.send_multipart([key, kind, body])
+
+        options = {
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "seed": request.seed,
+            "top_p": request.top_p,
+            "top_k": request.top_k,
+            "stop": request.stop or None,
+        }
+        options = {name: value for name, value in options.items() if value is not None}
+        try:
+            if request.raw:
+                stream = self.client.generate_stream(request.prompt or "", **options)
+            else:
+                stream = self.client.chat_stream(request.chat_messages(), **options)
+            job.stream = stream
+            with stream:
+                if job.cancelled.is_set():
+                    stream.close()
+                for chunk in stream:
+                    if job.cancelled.is_set():
+                        break
+                    send(_PARTIAL, p.pack({"text": chunk.text, "tokens": chunk.token_ids}))
+            if job.cancelled.is_set():
+                send(_FINAL, p.error_body(p.CANCELLED, "cancelled"))
+                return
+            result = stream.result
+            summary = final_body(
+                finish_reason=result.stop_reason,
+                tokens=result.tokens_predicted,
+                prompt_tokens=result.tokens_evaluated,
+                worker=self.worker_name,
+                model=self.settings.service,
+                timings=result.timings,
+            )
+            send(_FINAL, summary)
+        except SidecarError as exc:
+            if job.cancelled.is_set():
+                send(_FINAL, p.error_body(p.CANCELLED, "cancelled"))
+            elif not self.manager.is_healthy():
+                send(_SIDECAR_DOWN, b"")  # the loop leaves the broker, which requeues or fails the request
+            else:
+                send(_FINAL, p.error_body(p.WORKER_FAILED, f"llama-server error: {exc}"))
+        except Exception as exc:
+            log.exception("%s: generation failed", self.worker_name)
+            send(_FINAL, p.error_body(p.WORKER_FAILED, f"worker error: {exc!r}"))
