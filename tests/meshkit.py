@@ -133,8 +133,18 @@ class WorkerProcess:
 
 def run_cli(*args: str, stdin: str = "", timeout: float = 120, env: dict[str, str] | None = None):
     """Run a QMesh command (``qmesh-client`` ...) as a real process; returns the CompletedProcess."""
-    module = {"qmesh-client": "qmesh.client.cli", "qmesh-worker": "qmesh.worker.cli", "qmesh-broker": "qmesh.broker.cli"}
+    module = {
+        "qmesh-client": "qmesh.client.cli",
+        "qmesh-worker": "qmesh.worker.cli",
+        "qmesh-broker": "qmesh.broker.cli",
+    }
     command = [sys.executable, "-m", module[args[0]], *args[1:]]
     return subprocess.run(
-        command, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})}
+        command,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )

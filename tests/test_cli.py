@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pytest
-
 from meshkit import MODEL, ROOT, BrokerThread, free_endpoint, run_cli, worker_threads
 
 PROMPTS = ["What is two plus two?", "Name a fruit.", "Say hello in French."]

@@ -7,8 +7,8 @@ import time
 import pytest
 import requests
 import zmq
-
 from meshkit import MODEL, BrokerThread, free_endpoint, wait_for, worker_threads
+
 from qmesh.broker.core import BrokerConfig
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
@@ -129,10 +129,13 @@ def test_queue_full_gets_503():
 
 
 def test_two_workers_both_used():
-    with BrokerThread() as broker, worker_threads(broker.endpoint, count=2, slots=1):
-        with QMeshClient(broker.endpoint, timeout=120) as client:
-            batch = [client.submit(f"Say {i}.", model=MODEL, max_tokens=8, temperature=0) for i in range(4)]
-            results = [r.result() for r in batch]
+    with (
+        BrokerThread() as broker,
+        worker_threads(broker.endpoint, count=2, slots=1),
+        QMeshClient(broker.endpoint, timeout=120) as client,
+    ):
+        batch = [client.submit(f"Say {i}.", model=MODEL, max_tokens=8, temperature=0) for i in range(4)]
+        results = [r.result() for r in batch]
     assert all(r.ok for r in results), [r.error for r in results]
     assert len({r.worker for r in results}) == 2
 

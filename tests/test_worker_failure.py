@@ -6,14 +6,21 @@ from __future__ import annotations
 import time
 
 import psutil
-
 from meshkit import MODEL, BrokerThread, WorkerProcess, wait_for
+
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
 
 HEARTBEAT_MS = 200  # with liveness 3: a dead worker is noticed within 0.6 s of silence
 
 LONG_PROMPT = "Summarise this text. " + " ".join(f"Sentence {i} says the sky is blue today." for i in range(150))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _worker(endpoint: str, tmp_path, *args: str) -> WorkerProcess:
@@ -47,7 +54,9 @@ def test_sigkilled_worker_requeues_unstarted_and_fails_midstream(tmp_path):
             result = prefilling.result()
             assert result.ok, result.error
             assert result.text.strip()
-            wait_for(lambda: not any(psutil.pid_exists(pid) for pid in sidecars), 10, "the dead worker's sidecar to exit")
+            wait_for(
+                lambda: not any(psutil.pid_exists(pid) for pid in sidecars), 10, "the dead worker's sidecar to exit"
+            )
         finally:
             first.kill()
             if second is not None:
