@@ -85,6 +85,8 @@ class BrokerCore:
         self.services: dict[str, ServiceState] = {}
         self.client_requests: dict[bytes, dict[bytes | None, set[bytes]]] = {}
         self.known_services: set[str] = set()
+        self.dropped_messages = 0
+        self._last_drop_warning = float("-inf")
         self._keys = count(1)
         self._next_heartbeat = now + self.config.heartbeat_interval
 
@@ -95,7 +97,12 @@ class BrokerCore:
         try:
             message = p.parse_inbound(frames)
         except p.ProtocolError as exc:
-            log.warning("dropped malformed message from %s: %s", identity.hex(), exc)
+            self.dropped_messages += 1
+            if now - self._last_drop_warning >= 1.0:  # at most one line a second under a flood of garbage
+                self._last_drop_warning = now
+                log.warning(
+                    "dropped malformed message from %s: %s (%d so far)", identity.hex(), exc, self.dropped_messages
+                )
             return []
         out: list[Outgoing] = []
         if isinstance(message, p.ClientRequest):

@@ -51,10 +51,17 @@ class BrokerThread:
         self.thread: threading.Thread | None = None
 
     def start(self) -> BrokerThread:
-        self.broker = Broker(self.endpoint, self.config)
+        # A broker stopped a moment ago in this process may still hold the port: libzmq unbinds asynchronously.
+        self.broker = wait_for(self._bind, 5, f"{self.endpoint} to be free", interval=0.1)
         self.thread = threading.Thread(target=self.broker.run, name="test-broker", daemon=True)
         self.thread.start()
         return self
+
+    def _bind(self) -> Broker | None:
+        try:
+            return Broker(self.endpoint, self.config)
+        except OSError:
+            return None
 
     def stop(self) -> None:
         if self.broker is not None and self.thread is not None:

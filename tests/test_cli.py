@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import json
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
-from meshkit import MODEL, ROOT, BrokerThread, free_endpoint, run_cli, worker_threads
+import requests
+
+from meshkit import MODEL, ROOT, BrokerThread, free_endpoint, run_cli, wait_for, worker_threads
+from qmesh.client.cli import Progress
 
 PROMPTS = ["What is two plus two?", "Name a fruit.", "Say hello in French."]
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    with BrokerThread() as broker, worker_threads(broker.endpoint, count=1, slots=2):
-        yield broker.endpoint
+def mesh():
+    with BrokerThread() as broker, worker_threads(broker.endpoint, count=1, slots=2) as nodes:
+        yield broker.endpoint, nodes[0]
+
+
+@pytest.fixture
+def endpoint(mesh):
+    return mesh[0]
 
 
 def client(endpoint: str, *args: str, stdin: str):
@@ -61,6 +72,30 @@ def test_unknown_model_exits_1_and_names_the_failure(endpoint):
     assert done.returncode == 1
     assert done.stdout == ""
     assert "prompt 1 failed: 404" in done.stderr and MODEL in done.stderr
+
+
+def test_ctrl_c_cancels_in_flight_and_exits_130(mesh):
+    endpoint, node = mesh
+    command = [sys.executable, "-m", "qmesh.client.cli", "--broker", endpoint, "--max-tokens", "3000"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    process.stdin.write(b"Write a very long story about a lighthouse.\n")
+    process.stdin.close()
+    assert process.stdout.read(1), "the answer should start streaming"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=15) == 130
+    assert b"interrupted" in process.stderr.read()
+    slots = lambda: requests.get(f"{node.manager.base_url}/slots", timeout=5).json()  # noqa: E731
+    wait_for(lambda: not any(slot.get("is_processing") for slot in slots()), 10, "the slot to be freed")
+
+
+def test_queue_position_is_shown_on_a_terminal_only():
+    class Waiting:
+        status = {"state": "queued", "position": 3}
+
+    terminal, pipe = io.StringIO(), io.StringIO()
+    Progress(terminal, isatty=lambda: True).show(Waiting())
+    Progress(pipe, isatty=lambda: False).show(Waiting())
+    assert "queued, position 3" in terminal.getvalue() and pipe.getvalue() == ""
 
 
 def test_empty_stdin_is_a_usage_error(endpoint):

@@ -7,8 +7,8 @@ import time
 import pytest
 import requests
 import zmq
-from meshkit import MODEL, BrokerThread, free_endpoint, wait_for, worker_threads
 
+from meshkit import MODEL, BrokerThread, free_endpoint, wait_for, worker_threads
 from qmesh.broker.core import BrokerConfig
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
@@ -154,6 +154,24 @@ def test_broker_restart_workers_reregister():
         broker.stop()
 
 
+def test_queued_request_survives_a_broker_restart():
+    """The SDK sends again what had not started streaming when the connection to the broker dropped."""
+    endpoint = free_endpoint()
+    broker = BrokerThread(endpoint).start()
+    try:
+        with QMeshClient(endpoint, timeout=120, connect_timeout=10) as client:
+            request = client.submit("Say hi.", model=MODEL, max_tokens=6)
+            wait_for(lambda: client.poll(0.05) or request.status.get("state") == "queued", 5, "the request to queue")
+            broker.stop()
+            broker = BrokerThread(endpoint).start()
+            with worker_threads(endpoint, count=1, slots=1):
+                result = request.result()
+        assert result.ok, result.error
+        assert result.text.strip()
+    finally:
+        broker.stop()
+
+
 def test_client_without_broker_fails_clearly_within_the_timeout():
     with QMeshClient(free_endpoint(), connect_timeout=1.0) as client:
         start = time.monotonic()
@@ -235,6 +253,7 @@ def test_garbage_frames_leave_the_broker_serving(mesh, client):
         attacker.send_multipart(frames)
     attacker.close()
     assert client.generate("Say yes.", model=MODEL, max_tokens=4).text.strip()
+    assert broker.broker.core.dropped_messages > 1000, "the garbage should have reached the broker"
     assert client.models()[MODEL]["workers"] == 1
 
 

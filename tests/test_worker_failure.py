@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 import psutil
-from meshkit import MODEL, BrokerThread, WorkerProcess, wait_for
 
+from meshkit import MODEL, BrokerThread, WorkerProcess, wait_for
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
 

@@ -1,0 +1,55 @@
+"""Request bodies: what a worker accepts, and the clear 400 reasons for what it does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from qmesh.common import protocol as p
+from qmesh.common.bodies import BadRequest, GenerationRequest
+
+
+def test_round_trip_keeps_every_field():
+    request = GenerationRequest(
+        prompt="hi", system="be brief", max_tokens=7, temperature=0.5, seed=3, top_p=0.9, top_k=40, stop=["\n"]
+    )
+    assert GenerationRequest.from_body([request.to_body()]) == request
+
+
+def test_chat_messages_put_the_system_prompt_first():
+    request = GenerationRequest(messages=[{"role": "user", "content": "hi"}], system="sys")
+    assert request.chat_messages() == [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}]
+    assert GenerationRequest(prompt="q").chat_messages() == [{"role": "user", "content": "q"}]
+
+
+def test_a_plain_mdp_body_is_a_utf8_prompt():
+    assert GenerationRequest.from_body([b"Hello ", b"there"]).prompt == "Hello there"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({}, "exactly one of"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one of"),
+        ({"prompt": "   "}, "empty"),
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "a", "temperature": "hot"}, "temperature"),
+        ({"prompt": "a", "top_p": 2}, "top_p"),
+        ({"prompt": "a", "stop": "x"}, "stop"),
+        ({"prompt": "a", "colour": "red"}, "unknown field"),
+        ({"messages": []}, "non-empty list"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "each message"),
+        ({"messages": [{"role": "user", "content": "x"}], "raw": True}, "'raw' applies"),
+        ({"prompt": "a", "seed": 1.5}, "seed"),
+    ],
+)
+def test_bad_bodies_are_refused_with_a_reason(body, reason):
+    with pytest.raises(BadRequest, match=reason):
+        GenerationRequest.from_body([p.pack(body)])
+
+
+def test_empty_and_undecodable_bodies_are_refused():
+    with pytest.raises(BadRequest):
+        GenerationRequest.from_body([])
+    with pytest.raises(BadRequest, match="UTF-8"):
+        GenerationRequest.from_body([b"\xff\xfe\xfd"])
