@@ -19,6 +19,7 @@ from itertools import count
 from typing import Any
 
 from qmesh.common import protocol as p
+from qmesh.common.bodies import resume_body
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class BrokerConfig:
     liveness: int = 3  # heartbeats a worker may miss before it is dead
     max_queue: int = 1000  # waiting requests per service
     queue_timeout: float = 60.0  # seconds a request may wait for a worker
+    max_failovers: int = 2  # times a stream may move to another worker before it ends in 502
+    max_request_bytes: int = 1024 * 1024  # request body size limit (413)
+    max_client_requests: int = 256  # requests in flight per client connection (429)
 
     @property
     def worker_ttl(self) -> float:
@@ -67,8 +71,10 @@ class RequestState:
     body: list[bytes]
     deadline: float  # when waiting in the queue ends in a 504
     worker: bytes | None = None
-    streamed: bool = False  # a PARTIAL reached the client: it can no longer be silently requeued
+    streamed: bool = False  # a PARTIAL reached the client: moving it elsewhere means resuming it
     cancelled: bool = False  # the client has its FINAL; we only wait for the worker to free the slot
+    delivered: list[bytes] = field(default_factory=list)  # PARTIAL bodies sent since the last (re)dispatch
+    failovers: int = 0
 
 
 @dataclass(slots=True)
@@ -109,6 +115,8 @@ class BrokerCore:
             self._on_client_request(identity, message, now, out)
         elif isinstance(message, p.ClientCancel):
             self._on_client_cancel(identity, message.request_id, out)
+        elif isinstance(message, p.ClientCredit):
+            self._on_client_credit(identity, message, out)
         elif isinstance(message, p.WorkerReady):
             self._on_ready(identity, message, now, out)
         else:
@@ -165,6 +173,18 @@ class BrokerCore:
             (key,) = self.client_requests[client][request_id]
             out.append((client, p.client_status(service_name, request_id, self._status(self.requests[key]))))
             return
+        size = sum(len(frame) for frame in message.body)
+        if size > self.config.max_request_bytes:
+            text = f"the request body is {size} bytes; the limit is {self.config.max_request_bytes}"
+            out.append((client, p.client_reply(True, service_name, request_id, [p.error_body(p.TOO_LARGE, text)])))
+            return
+        in_flight = sum(len(keys) for keys in self.client_requests.get(client, {}).values())
+        if in_flight >= self.config.max_client_requests:
+            text = f"too many requests in flight on one connection (limit {self.config.max_client_requests})"
+            out.append(
+                (client, p.client_reply(True, service_name, request_id, [p.error_body(p.TOO_MANY_REQUESTS, text)]))
+            )
+            return
         service = self.services.get(service_name)
         if (service is None or not service.workers) and service_name not in self.known_services and self.workers:
             models = ", ".join(sorted(s for s, st in self.services.items() if st.workers)) or "none"
@@ -192,6 +212,14 @@ class BrokerCore:
             return  # already finished: the FINAL is on its way or delivered
         for key in list(keys):
             self._cancel(self.requests[key], notify_client=True, out=out)
+
+    def _on_client_credit(self, client: bytes, message: p.ClientCredit, out: list[Outgoing]) -> None:
+        """Pass the client's credit on to the worker streaming the request; nothing to do while it waits."""
+        for key in self.client_requests.get(client, {}).get(message.request_id, ()):
+            request = self.requests[key]
+            worker = self.workers.get(request.worker) if request.worker is not None else None
+            if worker is not None and worker.extended and message.credit:
+                out.append((worker.identity, p.worker_credit(key, message.credit)))
 
     def _status(self, request: RequestState) -> dict[str, Any]:
         if request.worker is None:
@@ -273,6 +301,7 @@ class BrokerCore:
         if isinstance(message, p.WorkerPartial):
             if not request.cancelled:
                 request.streamed = True
+                request.delivered.extend(message.body)
                 out.append((request.client, p.client_reply(False, request.service, request.request_id, message.body)))
             return
         self._finish(request, out, *message.body, notify=not request.cancelled)
@@ -305,8 +334,16 @@ class BrokerCore:
             if request.cancelled:
                 self._finish(request, out, notify=False)
             elif request.streamed:
-                message = f"worker {worker.name} failed mid-stream ({reason})"
-                self._finish(request, out, p.error_body(p.WORKER_FAILED, message))
+                resumed = resume_body(request.body, request.delivered)
+                if resumed is None or request.failovers >= self.config.max_failovers:
+                    why = "it cannot be resumed" if resumed is None else f"after {request.failovers} failover(s)"
+                    message = f"worker {worker.name} failed mid-stream ({reason}); {why}"
+                    self._finish(request, out, p.error_body(p.WORKER_FAILED, message))
+                    continue
+                log.info("resuming a stream of %s elsewhere after %d chunk(s)", worker.name, len(request.delivered))
+                request.body, request.delivered = resumed, []
+                request.failovers += 1
+                requeue.append(request)
             else:
                 requeue.append(request)
         for request in sorted(requeue, key=lambda r: r.key, reverse=True):

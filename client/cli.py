@@ -185,6 +185,7 @@ class JsonlPrinter:
             "tokens": result.tokens,
             "ttft_ms": None if result.ttft_ms is None else round(result.ttft_ms, 2),
             "finish_reason": result.finish_reason,
+            "failovers": result.failovers,
             "error": error,
         }
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")

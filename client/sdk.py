@@ -3,13 +3,18 @@
 ``QMeshClient`` is single-threaded and driven by its callers: iterating a stream, waiting for a result or
 calling ``poll()`` receives whatever the broker sent and files it under its request. Use one client per thread.
 
-A request that has received nothing yet when the connection to the broker drops is sent again once the
-connection is back, so a broker restart loses no prompt that had not started streaming.
+When the connection to the broker drops (a broker restart), every request in flight is sent again once the
+connection is back: from the start if nothing had arrived, else resumed after the tokens already received.
+
+Flow control: each request lets the worker send ``window`` chunks ahead; the client grants more as it reads
+them off the socket (in ``poll``). A program that stops polling therefore pauses generation instead of making
+the broker or the worker buffer without bound.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import os
 import time
@@ -45,6 +50,7 @@ class Result:
     finish_reason: str | None = None
     ttft_ms: float | None = None
     error: MeshError | None = None
+    failovers: int = 0
     timings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,11 +61,16 @@ class Result:
 class Request:
     """One request in flight. Iterate it for its chunks; ``result()`` waits for the end."""
 
-    def __init__(self, client: QMeshClient, request_id: bytes, model: str, body: bytes, timeout: float) -> None:
+    def __init__(
+        self, client: QMeshClient, request_id: bytes, model: str, generation: GenerationRequest, timeout: float
+    ) -> None:
         self.client = client
         self.id = request_id
         self.model = model
-        self.body = body
+        self.generation = generation
+        self.body = generation.to_body()
+        self.unacknowledged_chunks = 0  # received but not yet granted back to the worker as credit
+        self.resumes = 0  # times this client resumed it after losing the broker
         self.sent_at = time.monotonic()
         self.deadline = self.sent_at + timeout
         self.chunks: list[Chunk] = []
@@ -110,6 +121,19 @@ class Request:
             self.chunks.append(Chunk(str(fields.get("text", "")), list(fields.get("tokens") or [])))
         except p.ProtocolError:  # a plain MDP worker: the body is the text
             self.chunks.append(Chunk(b"".join(body).decode("utf-8", "replace"), []))
+        self.unacknowledged_chunks += 1
+
+    def _resume_body(self) -> bytes | None:
+        """The body that continues this request after the chunks received so far; None if it cannot."""
+        if not self.chunks:
+            return self.body
+        if not all(chunk.tokens or not chunk.text for chunk in self.chunks):
+            return None  # a worker that does not report token ids
+        self.resumes += 1
+        resumed = copy.copy(self.generation)
+        resumed.resume_tokens = self.generation.resume_tokens + [t for chunk in self.chunks for t in chunk.tokens]
+        resumed.failovers = self.generation.failovers + self.resumes
+        return resumed.to_body()
 
     def _on_final(self, body: list[bytes]) -> None:
         try:
@@ -137,6 +161,7 @@ class Request:
             finish_reason=summary.get("finish_reason"),
             ttft_ms=ttft,
             error=error,
+            failovers=int(summary.get("failovers") or 0),
             timings=summary.get("timings") or {},
         )
         self.client._requests.pop(self.id, None)
@@ -151,10 +176,12 @@ class QMeshClient:
         *,
         timeout: float = 300.0,
         connect_timeout: float = 10.0,
+        window: int = 64,
         context: zmq.Context | None = None,
     ) -> None:
         self.broker = broker
         self.timeout = timeout
+        self.window = window
         self.connect_timeout = connect_timeout
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
@@ -211,7 +238,7 @@ class QMeshClient:
         timeout: float | None = None,
     ) -> Request:
         """Send a request and return at once; iterate the Request or call ``result()``."""
-        body = GenerationRequest(
+        generation = GenerationRequest(
             prompt=prompt,
             messages=messages,
             system=system,
@@ -222,11 +249,15 @@ class QMeshClient:
             top_p=top_p,
             top_k=top_k,
             stop=stop or [],
-        ).to_body()
+            window=self.window,
+        )
         request_id = self._prefix + next(self._ids).to_bytes(8, "big")
-        request = Request(self, request_id, model, body, self.timeout if timeout is None else timeout)
+        request = Request(self, request_id, model, generation, self.timeout if timeout is None else timeout)
+        if len(request.body) > p.MAX_BODY_BYTES:
+            size = len(request.body)
+            raise QMeshError(f"the request is {size} bytes; the largest message the mesh takes is {p.MAX_BODY_BYTES}")
         self._requests[request_id] = request
-        self._socket.send_multipart(p.client_request(model, [body], request_id))
+        self._socket.send_multipart(p.client_request(model, [request.body], request_id))
         return request
 
     def stream(self, prompt: str | None = None, **options: Any) -> Iterator[Chunk]:
@@ -295,7 +326,15 @@ class QMeshClient:
                 except zmq.Again:
                     break
                 self._on_reply(frames)
+            self._grant_credit()
         self._expire(time.monotonic())
+
+    def _grant_credit(self) -> None:
+        """Give back credit for chunks read off the socket, in batches of half a window."""
+        for request in self._requests.values():
+            if request.unacknowledged_chunks >= max(1, self.window // 2):
+                self._socket.send_multipart(p.client_credit(request.id, request.unacknowledged_chunks), zmq.NOBLOCK)
+                request.unacknowledged_chunks = 0
 
     def _on_reply(self, frames: list[bytes]) -> None:
         try:
@@ -326,22 +365,20 @@ class QMeshClient:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self._ever_connected:
-                    self._resend_unstarted()
+                    self._send_again()
                 self._connected = self._ever_connected = True
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected = False
-                self._fail_started("the connection to the broker was lost mid-stream")
 
-    def _resend_unstarted(self) -> None:
+    def _send_again(self) -> None:
+        """After a reconnection the broker may have lost everything: send each request again, resuming streams."""
         for request in list(self._requests.values()):
-            if not request.chunks:
-                request.status = {}
-                self._socket.send_multipart(p.client_request(request.model, [request.body], request.id))
-
-    def _fail_started(self, message: str) -> None:
-        for request in list(self._requests.values()):
-            if request.chunks:
-                request._end(MeshError(p.WORKER_FAILED, message))
+            body = request._resume_body()
+            if body is None:
+                request._end(MeshError(p.WORKER_FAILED, "the connection to the broker was lost mid-stream"))
+                continue
+            request.status, request.unacknowledged_chunks = {}, 0
+            self._socket.send_multipart(p.client_request(request.model, [body], request.id))
 
     def _expire(self, now: float) -> None:
         for request in list(self._requests.values()):

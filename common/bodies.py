@@ -7,7 +7,6 @@ A request body is one msgpack map (``GenerationRequest``). A worker answers with
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,22 @@ from qmesh.common import protocol as p
 ROLES = ("system", "user", "assistant")
 MAX_PROMPT_CHARS = 1_000_000
 DEFAULT_MAX_TOKENS = 256
+
+
+WIRE_FIELDS = {
+    "prompt",
+    "messages",
+    "system",
+    "raw",
+    "max_tokens",
+    "temperature",
+    "seed",
+    "top_p",
+    "top_k",
+    "stop",
+    "window",
+    "resume",
+}
 
 
 class BadRequest(ValueError):
@@ -36,10 +51,13 @@ class GenerationRequest:
     top_p: float | None = None
     top_k: int | None = None
     stop: list[str] = field(default_factory=list)
+    window: int | None = None  # chunks the worker may send ahead of the client's credit (None: no flow control)
+    resume_tokens: list[int] = field(default_factory=list)  # already delivered: continue after them
+    failovers: int = 0  # how many times this request moved to another worker mid-stream
 
     def to_body(self) -> bytes:
         body: dict[str, Any] = {"max_tokens": self.max_tokens}
-        for name in ("prompt", "messages", "system", "temperature", "seed", "top_p", "top_k"):
+        for name in ("prompt", "messages", "system", "temperature", "seed", "top_p", "top_k", "window"):
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
@@ -47,6 +65,8 @@ class GenerationRequest:
             body["raw"] = True
         if self.stop:
             body["stop"] = self.stop
+        if self.resume_tokens or self.failovers:
+            body["resume"] = {"tokens": self.resume_tokens, "failovers": self.failovers}
         return p.pack(body)
 
     def chat_messages(self) -> list[dict[str, str]]:
@@ -70,7 +90,7 @@ class GenerationRequest:
                 return cls(prompt=_text(b"".join(body).decode("utf-8"), "prompt"))
             except UnicodeDecodeError as exc:
                 raise BadRequest("a plain request body must be a UTF-8 prompt or a msgpack map") from exc
-        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(fields) - WIRE_FIELDS
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         request = cls(
@@ -84,7 +104,9 @@ class GenerationRequest:
             top_p=_number(fields.get("top_p"), "top_p", 0.0, 1.0),
             top_k=None if fields.get("top_k") is None else _int(fields["top_k"], "top_k", 0, 1_000_000),
             stop=_stops(fields.get("stop")),
+            window=None if fields.get("window") is None else _int(fields["window"], "window", 1, 1_000_000),
         )
+        request.resume_tokens, request.failovers = _resume(fields.get("resume"))
         if (request.prompt is None) == (request.messages is None):
             raise BadRequest("give exactly one of 'prompt' or 'messages'")
         if request.prompt is not None:
@@ -92,6 +114,25 @@ class GenerationRequest:
         if request.raw and request.messages is not None:
             raise BadRequest("'raw' applies to 'prompt' only")
         return request
+
+
+def resume_body(body: list[bytes], delivered: list[bytes]) -> list[bytes] | None:
+    """The request body to continue a stream elsewhere after the ``delivered`` PARTIAL bodies, or None if the
+    stream cannot be resumed (a plain body, or chunks without token ids). Used by the broker on failover."""
+    try:
+        fields = p.unpack_map(body[0]) if len(body) == 1 else None
+        if fields is None or "prompt" not in fields and "messages" not in fields:
+            return None
+        tokens, failovers = _resume(fields.get("resume"))
+        for chunk in delivered:
+            chunk_tokens = p.unpack_map(chunk).get("tokens")
+            if not isinstance(chunk_tokens, list):
+                return None
+            tokens.extend(chunk_tokens)
+    except (p.ProtocolError, BadRequest):
+        return None
+    fields["resume"] = {"tokens": tokens, "failovers": failovers + 1}
+    return [p.pack(fields)]
 
 
 def final_body(**summary: Any) -> bytes:
@@ -148,6 +189,19 @@ def _messages(value: Any) -> list[dict[str, str]] | None:
     if total > MAX_PROMPT_CHARS:
         raise BadRequest(f"'messages' are longer than {MAX_PROMPT_CHARS} characters")
     return value
+
+
+def _resume(value: Any) -> tuple[list[int], int]:
+    if value is None:
+        return [], 0
+    if not isinstance(value, dict) or set(value) != {"tokens", "failovers"}:
+        raise BadRequest("'resume' must be {'tokens': [int], 'failovers': int}")
+    tokens, failovers = value["tokens"], value["failovers"]
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
+    ):
+        raise BadRequest("'resume.tokens' must be a list of token ids")
+    return list(tokens), _int(failovers, "resume.failovers", 0, 1000)
 
 
 def _stops(value: Any) -> list[str]:

@@ -35,6 +35,7 @@ C_FINAL = b"\x03"
 C_XREQUEST = b"\x11"  # client -> broker: service, request-id, body...
 C_STATUS = b"\x12"  # broker -> client: service, request-id, msgpack status (queued position, dispatched)
 C_CANCEL = b"\x14"  # client -> broker: request-id
+C_CREDIT = b"\x15"  # client -> broker: request-id, credit (4-byte big-endian chunk count)
 
 # 18/MDP worker commands
 W_READY = b"\x01"
@@ -45,12 +46,16 @@ W_HEARTBEAT = b"\x05"
 W_DISCONNECT = b"\x06"
 # QMesh worker extension (broker -> extended worker only)
 W_CANCEL = b"\x07"  # route-key
+W_CREDIT = b"\x08"  # route-key, credit (4-byte big-endian chunk count)
 
 MMI_PREFIX = "mmi."
 
 # Error codes with fixed meanings (docs/PROTOCOL.md, "Errors").
 BAD_REQUEST = 400
 UNKNOWN_MODEL = 404
+CLIENT_STALLED = 408
+TOO_LARGE = 413
+TOO_MANY_REQUESTS = 429
 CANCELLED = 499
 WORKER_FAILED = 502
 QUEUE_FULL = 503
@@ -125,6 +130,12 @@ class ClientCancel:
 
 
 @dataclass(slots=True)
+class ClientCredit:
+    request_id: bytes
+    credit: int
+
+
+@dataclass(slots=True)
 class WorkerReady:
     service: str
     info: dict[str, Any] = field(default_factory=dict)  # empty for a plain MDP worker
@@ -156,9 +167,9 @@ class WorkerDisconnect:
     pass
 
 
-InboundMessage = (
-    ClientRequest | ClientCancel | WorkerReady | WorkerPartial | WorkerFinal | WorkerHeartbeat | WorkerDisconnect
-)
+ClientMessage = ClientRequest | ClientCancel | ClientCredit
+WorkerMessage = WorkerReady | WorkerPartial | WorkerFinal | WorkerHeartbeat | WorkerDisconnect
+InboundMessage = ClientMessage | WorkerMessage
 
 
 def _service(frame: bytes) -> str:
@@ -177,6 +188,12 @@ def _request_id(frame: bytes) -> bytes:
     if not frame or len(frame) > MAX_REQUEST_ID_LEN:
         raise ProtocolError(f"request id must be 1-{MAX_REQUEST_ID_LEN} bytes")
     return frame
+
+
+def _credit(frame: bytes) -> int:
+    if len(frame) != 4:
+        raise ProtocolError("credit must be a 4-byte big-endian count")
+    return int.from_bytes(frame, "big")
 
 
 def _reply_envelope(frames: list[bytes], command: str) -> tuple[bytes, list[bytes]]:
@@ -208,6 +225,10 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
             if len(frames) != 3:
                 raise ProtocolError("CANCEL takes exactly one request id frame")
             return ClientCancel(_request_id(frames[2]))
+        if command == C_CREDIT:
+            if len(frames) != 4:
+                raise ProtocolError("CREDIT takes a request id and a credit frame")
+            return ClientCredit(_request_id(frames[2]), _credit(frames[3]))
         raise ProtocolError(f"unknown client command {command!r}")
     if header == WORKER:
         if command == W_READY:
@@ -253,6 +274,10 @@ def worker_cancel(route_key: bytes) -> list[bytes]:
     return [WORKER, W_CANCEL, route_key]
 
 
+def worker_credit(route_key: bytes, credit: int) -> list[bytes]:
+    return [WORKER, W_CREDIT, route_key, credit.to_bytes(4, "big")]
+
+
 def heartbeat(load: dict[str, Any] | None = None) -> list[bytes]:
     return [WORKER, W_HEARTBEAT] if not load else [WORKER, W_HEARTBEAT, pack(load)]
 
@@ -285,14 +310,19 @@ def client_cancel(request_id: bytes) -> list[bytes]:
     return [CLIENT, C_CANCEL, request_id]
 
 
+def client_credit(request_id: bytes, credit: int) -> list[bytes]:
+    return [CLIENT, C_CREDIT, request_id, credit.to_bytes(4, "big")]
+
+
 # -------------------------------------------------------------------------- parsing: what peers receive
 
 
 @dataclass(slots=True)
 class BrokerToWorker:
-    command: bytes  # W_REQUEST, W_CANCEL, W_HEARTBEAT or W_DISCONNECT
+    command: bytes  # W_REQUEST, W_CANCEL, W_CREDIT, W_HEARTBEAT or W_DISCONNECT
     route_key: bytes = b""
     body: list[bytes] = field(default_factory=list)
+    credit: int = 0
 
 
 def parse_for_worker(frames: list[bytes]) -> BrokerToWorker:
@@ -307,6 +337,10 @@ def parse_for_worker(frames: list[bytes]) -> BrokerToWorker:
         if len(frames) != 3:
             raise ProtocolError("CANCEL takes one route key frame")
         return BrokerToWorker(command, frames[2])
+    if command == W_CREDIT:
+        if len(frames) != 4:
+            raise ProtocolError("CREDIT takes a route key and a credit frame")
+        return BrokerToWorker(command, frames[2], credit=_credit(frames[3]))
     if command in (W_HEARTBEAT, W_DISCONNECT):
         return BrokerToWorker(command)
     raise ProtocolError(f"unexpected command {command!r} for a worker")

@@ -53,6 +53,13 @@ def run(
     grace: float = typer.Option(
         30.0, "--grace", envvar="QMESH_WORKER_GRACE", min=0.0, help="Seconds to finish requests on shutdown."
     ),
+    stall_timeout: float = typer.Option(
+        60.0,
+        "--stall-timeout",
+        envvar="QMESH_STALL_TIMEOUT",
+        min=0.1,
+        help="Seconds a stream may wait for a client that reads nothing before it is cancelled.",
+    ),
     log_level: str = typer.Option("info", "--log-level", envvar="QMESH_LOG_LEVEL"),
 ) -> None:
     setup_logging(log_level)
@@ -74,6 +81,7 @@ def run(
         heartbeat_interval=heartbeat_ms / 1000,
         liveness=liveness,
         grace=grace,
+        stall_timeout=stall_timeout,
         worker_id=worker_id(),
     )
     nodes = [WorkerNode(settings, index) for index in range(threads)]

@@ -16,7 +16,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 
 import zmq
@@ -25,7 +25,7 @@ from qmesh.common import protocol as p
 from qmesh.common.bodies import BadRequest, GenerationRequest, final_body
 from qmesh.common.errors import QMeshError, SidecarError
 from qmesh.worker.binary import LlamaServerBinary
-from qmesh.worker.http_client import LlamaHttpClient
+from qmesh.worker.http_client import CompletionStream, LlamaHttpClient
 from qmesh.worker.models import ModelFile
 from qmesh.worker.monitor import SystemMonitor
 from qmesh.worker.process import LlamaProcessManager
@@ -50,22 +50,47 @@ class WorkerSettings:
     liveness: int = 3
     grace: float = 30.0  # seconds in-flight requests may take to finish at shutdown
     load_timeout: float = 120.0
+    stall_timeout: float = 60.0  # seconds a stream may wait for the client's credit before it is cancelled (408)
     worker_id: str = ""
     max_reconnect_delay: float = 30.0
 
 
-@dataclass(slots=True)
 class Job:
-    route_key: bytes
-    request: GenerationRequest
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    stream: object | None = None  # the CompletionStream, once open
+    """One request on a slot thread. ``credit`` is how many more chunks the client will take (None: no limit)."""
+
+    def __init__(self, route_key: bytes, request: GenerationRequest) -> None:
+        self.route_key = route_key
+        self.request = request
+        self.cancelled = threading.Event()
+        self.stream: CompletionStream | None = None
+        self.credit = request.window
+        self._credit_changed = threading.Condition()
 
     def cancel(self) -> None:
         self.cancelled.set()
+        with self._credit_changed:
+            self._credit_changed.notify_all()
         stream = self.stream
         if stream is not None:
-            stream.close()  # type: ignore[attr-defined]
+            stream.close()
+
+    def grant(self, credit: int) -> None:
+        with self._credit_changed:
+            if self.credit is not None:
+                self.credit += credit
+                self._credit_changed.notify_all()
+
+    def take_credit(self, timeout: float) -> bool:
+        """Wait for room to send one chunk; False if cancelled or if the client gave none within ``timeout``."""
+        if self.credit is None:
+            return not self.cancelled.is_set()
+        with self._credit_changed:
+            if not self._credit_changed.wait_for(lambda: self.credit or self.cancelled.is_set(), timeout):
+                return False
+            if self.cancelled.is_set():
+                return False
+            self.credit -= 1
+            return True
 
 
 class WorkerNode(threading.Thread):
@@ -254,6 +279,10 @@ class WorkerNode(threading.Thread):
                 job = self._jobs.get(message.route_key)
                 if job is not None:
                     job.cancel()
+            elif message.command == p.W_CREDIT:
+                job = self._jobs.get(message.route_key)
+                if job is not None:
+                    job.grant(message.credit)
             elif message.command == p.W_DISCONNECT:
                 log.warning("%s: the broker asked us to reconnect", self.worker_name)
                 self._close_dealer(send_disconnect=False)
@@ -339,14 +368,26 @@ class WorkerNode(threading.Thread):
             push.close(linger=1000)
 
     def _generate(self, job: Job, push: zmq.Socket) -> None:
+        """Stream one request from llama-server. Prompts are tokenized here and completed from token ids, so a
+        stream resumed after a failover continues exactly after the tokens the client already has."""
         assert self.client is not None and self.manager is not None
-        key, request = job.route_key, job.request
+        client, key, request = self.client, job.route_key, job.request
 
         def send(kind: bytes, body: bytes) -> None:
             push.send_multipart([key, kind, body])
 
+        def summary(finish_reason: str | None, predicted: int, prompt_tokens: int, timings: dict) -> bytes:
+            return final_body(
+                finish_reason=finish_reason,
+                tokens=len(request.resume_tokens) + predicted,
+                prompt_tokens=prompt_tokens,
+                failovers=request.failovers,
+                worker=self.worker_name,
+                model=self.settings.service,
+                timings=timings,
+            )
+
         options = {
-            "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "seed": request.seed,
             "top_p": request.top_p,
@@ -355,36 +396,37 @@ class WorkerNode(threading.Thread):
         }
         options = {name: value for name, value in options.items() if value is not None}
         try:
-            if request.raw:
-                stream = self.client.generate_stream(request.prompt or "", **options)
-            else:
-                stream = self.client.chat_stream(request.chat_messages(), **options)
+            text = (request.prompt or "") if request.raw else client.apply_template(request.chat_messages())
+            prompt_tokens = client.tokenize(text, add_special=True)
+            remaining = request.max_tokens - len(request.resume_tokens)
+            if remaining <= 0:  # the tokens delivered before a failover used up max_tokens
+                send(_FINAL, summary("length", 0, len(prompt_tokens), {}))
+                return
+            stream = client.generate_stream(prompt_tokens + request.resume_tokens, max_tokens=remaining, **options)
             job.stream = stream
+            stalled = False
             with stream:
                 if job.cancelled.is_set():
                     stream.close()
                 for chunk in stream:
-                    if job.cancelled.is_set():
+                    if not job.take_credit(self.settings.stall_timeout):
+                        stalled = not job.cancelled.is_set()
                         break
                     send(_PARTIAL, p.pack({"text": chunk.text, "tokens": chunk.token_ids}))
             if job.cancelled.is_set():
                 send(_FINAL, p.error_body(p.CANCELLED, "cancelled"))
-                return
-            result = stream.result
-            summary = final_body(
-                finish_reason=result.stop_reason,
-                tokens=result.tokens_predicted,
-                prompt_tokens=result.tokens_evaluated,
-                worker=self.worker_name,
-                model=self.settings.service,
-                timings=result.timings,
-            )
-            send(_FINAL, summary)
+            elif stalled:
+                message = f"the client took no chunk for {self.settings.stall_timeout:g} s; generation stopped"
+                send(_FINAL, p.error_body(p.CLIENT_STALLED, message))
+            else:
+                result = stream.result
+                assert result is not None
+                send(_FINAL, summary(result.stop_reason, result.tokens_predicted, len(prompt_tokens), result.timings))
         except SidecarError as exc:
             if job.cancelled.is_set():
                 send(_FINAL, p.error_body(p.CANCELLED, "cancelled"))
             elif not self.manager.is_healthy():
-                send(_SIDECAR_DOWN, b"")  # the loop leaves the broker, which requeues or fails the request
+                send(_SIDECAR_DOWN, b"")  # the loop leaves the broker, which resumes the request elsewhere
             else:
                 send(_FINAL, p.error_body(p.WORKER_FAILED, f"llama-server error: {exc}"))
         except Exception as exc:
