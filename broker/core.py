@@ -62,6 +62,18 @@ class WorkerState:
         return 0 if self.draining else self.slots - len(self.active)
 
 
+@dataclass(slots=True, frozen=True)
+class FinishedRequest:
+    """What the metrics need to know about a request once its client has the FINAL."""
+
+    model: str
+    outcome: str  # "ok", or the error code ("504", "499", ...)
+    queue_wait: float | None  # seconds from arrival to the first dispatch
+    ttft: float | None  # seconds from arrival to the first chunk
+    duration: float  # seconds from arrival to the end
+    chunks: int
+
+
 @dataclass(slots=True)
 class RequestState:
     key: bytes
@@ -70,7 +82,11 @@ class RequestState:
     service: str
     body: list[bytes]
     deadline: float  # when waiting in the queue ends in a 504
+    received_at: float
     worker: bytes | None = None
+    dispatched_at: float | None = None
+    first_chunk_at: float | None = None
+    chunks: int = 0
     streamed: bool = False  # a PARTIAL reached the client: moving it elsewhere means resuming it
     cancelled: bool = False  # the client has its FINAL; we only wait for the worker to free the slot
     delivered: list[bytes] = field(default_factory=list)  # PARTIAL bodies sent since the last (re)dispatch
@@ -95,11 +111,14 @@ class BrokerCore:
         self._last_drop_warning = float("-inf")
         self._keys = count(1)
         self._next_heartbeat = now + self.config.heartbeat_interval
+        self._now = now  # the time of the event being handled
+        self.finished: deque[FinishedRequest] = deque(maxlen=100_000)  # drained by the metrics, if any
 
     # ------------------------------------------------------------------------------------------ events
 
     def on_message(self, identity: bytes, frames: list[bytes], now: float) -> list[Outgoing]:
         """A message arrived from ``identity``. Malformed ones are dropped and logged."""
+        self._now = now
         try:
             message = p.parse_inbound(frames)
         except p.ProtocolError as exc:
@@ -125,6 +144,7 @@ class BrokerCore:
 
     def on_unreachable(self, identity: bytes, now: float) -> list[Outgoing]:
         """A send to ``identity`` failed: the peer is gone. A worker is removed; a client's requests are cancelled."""
+        self._now = now
         out: list[Outgoing] = []
         if identity in self.workers:
             self._remove_worker(identity, now, "unreachable", out)
@@ -136,6 +156,7 @@ class BrokerCore:
 
     def tick(self, now: float) -> list[Outgoing]:
         """Heartbeats, dead workers, queued requests past their deadline."""
+        self._now = now
         out: list[Outgoing] = []
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval
@@ -176,7 +197,7 @@ class BrokerCore:
         size = sum(len(frame) for frame in message.body)
         if size > self.config.max_request_bytes:
             text = f"the request body is {size} bytes; the limit is {self.config.max_request_bytes}"
-            out.append((client, p.client_reply(True, service_name, request_id, [p.error_body(p.TOO_LARGE, text)])))
+            self._reject(client, service_name, request_id, p.TOO_LARGE, text, out)
             return
         in_flight = sum(len(keys) for keys in self.client_requests.get(client, {}).values())
         if in_flight >= self.config.max_client_requests:
@@ -189,22 +210,38 @@ class BrokerCore:
         if (service is None or not service.workers) and service_name not in self.known_services and self.workers:
             models = ", ".join(sorted(s for s, st in self.services.items() if st.workers)) or "none"
             text = f"no worker serves model '{service_name}' (models served: {models})"
-            out.append((client, p.client_reply(True, service_name, request_id, [p.error_body(p.UNKNOWN_MODEL, text)])))
+            self._reject(client, service_name, request_id, p.UNKNOWN_MODEL, text, out)
             return
         if service is None:
             service = self.services[service_name] = ServiceState()
         if len(service.queue) >= self.config.max_queue:
             text = f"the queue for model '{service_name}' is full ({self.config.max_queue} waiting)"
-            out.append((client, p.client_reply(True, service_name, request_id, [p.error_body(p.QUEUE_FULL, text)])))
+            self._reject(client, service_name, request_id, p.QUEUE_FULL, text, out)
             return
         key = next(self._keys).to_bytes(8, "big")
-        request = RequestState(key, client, request_id, service_name, message.body, now + self.config.queue_timeout)
+        request = RequestState(
+            key,
+            client,
+            request_id,
+            service_name,
+            message.body,
+            deadline=now + self.config.queue_timeout,
+            received_at=now,
+        )
         self.requests[key] = request
         self.client_requests.setdefault(client, {}).setdefault(request_id, set()).add(key)
         service.queue.append(key)
         self._dispatch(service_name, out)
         if request.worker is None and request_id is not None:
             out.append((client, p.client_status(service_name, request_id, self._status(request))))
+
+    def _reject(
+        self, client: bytes, service: str, request_id: bytes | None, code: int, text: str, out: list[Outgoing]
+    ) -> None:
+        """End a request the broker does not accept, before it has any state."""
+        model = service if service in self.known_services else "other"  # keeps metric labels bounded
+        self.finished.append(FinishedRequest(model, str(code), None, None, 0.0, 0))
+        out.append((client, p.client_reply(True, service, request_id, [p.error_body(code, text)])))
 
     def _on_client_cancel(self, client: bytes, request_id: bytes, out: list[Outgoing]) -> None:
         keys = self.client_requests.get(client, {}).get(request_id)
@@ -239,6 +276,7 @@ class BrokerCore:
             return
         request.cancelled = True
         self._unindex_client(request)
+        self._record(request, str(p.CANCELLED))
         if notify_client and body:
             out.append((request.client, p.client_reply(True, request.service, request.request_id, body)))
         worker = self.workers[request.worker]
@@ -301,6 +339,9 @@ class BrokerCore:
         if isinstance(message, p.WorkerPartial):
             if not request.cancelled:
                 request.streamed = True
+                request.chunks += 1
+                if request.first_chunk_at is None:
+                    request.first_chunk_at = now
                 request.delivered.extend(message.body)
                 out.append((request.client, p.client_reply(False, request.service, request.request_id, message.body)))
             return
@@ -373,6 +414,8 @@ class BrokerCore:
                 return
             request = self.requests[service.queue.popleft()]
             request.worker = best.identity
+            if request.dispatched_at is None:
+                request.dispatched_at = self._now
             best.active.add(request.key)
             out.append((best.identity, p.worker_request(request.key, request.body)))
             if request.request_id is not None:
@@ -387,8 +430,17 @@ class BrokerCore:
                 worker.active.discard(request.key)
         if not request.cancelled:
             self._unindex_client(request)
+            self._record(request, _outcome(body) if notify else str(p.CANCELLED))
         if notify:
             out.append((request.client, p.client_reply(True, request.service, request.request_id, list(body))))
+
+    def _record(self, request: RequestState, outcome: str) -> None:
+        start = request.received_at
+        queue_wait = None if request.dispatched_at is None else request.dispatched_at - start
+        ttft = None if request.first_chunk_at is None else request.first_chunk_at - start
+        self.finished.append(
+            FinishedRequest(request.service, outcome, queue_wait, ttft, self._now - start, request.chunks)
+        )
 
     def _unindex_client(self, request: RequestState) -> None:
         by_id = self.client_requests.get(request.client)
@@ -477,3 +529,14 @@ class BrokerCore:
         indexed = {k for by_id in self.client_requests.values() for keys in by_id.values() for k in keys}
         live = {k for k, r in self.requests.items() if not r.cancelled}
         assert indexed == live, "client index out of sync"
+
+
+def _outcome(body: tuple[bytes, ...]) -> str:
+    """'ok', or the code of an error FINAL (a plain MDP body counts as ok)."""
+    if len(body) != 1:
+        return "ok"
+    try:
+        error = p.unpack_map(body[0]).get("error")
+    except p.ProtocolError:
+        return "ok"
+    return str(error.get("code", "error")) if isinstance(error, dict) else "ok"
