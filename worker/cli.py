@@ -53,6 +53,13 @@ def run(
     grace: float = typer.Option(
         30.0, "--grace", envvar="QMESH_WORKER_GRACE", min=0.0, help="Seconds to finish requests on shutdown."
     ),
+    pause_after: float = typer.Option(
+        1.0,
+        "--pause-after",
+        envvar="QMESH_PAUSE_AFTER",
+        min=0.0,
+        help="Seconds without the client's credit before llama-server is paused.",
+    ),
     stall_timeout: float = typer.Option(
         60.0,
         "--stall-timeout",
@@ -81,6 +88,7 @@ def run(
         heartbeat_interval=heartbeat_ms / 1000,
         liveness=liveness,
         grace=grace,
+        pause_after=pause_after,
         stall_timeout=stall_timeout,
         worker_id=worker_id(),
     )

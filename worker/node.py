@@ -22,17 +22,17 @@ from itertools import count
 import zmq
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import BadRequest, GenerationRequest, final_body
+from qmesh.common.bodies import BadRequest, GenerationRequest
 from qmesh.common.errors import QMeshError, SidecarError
 from qmesh.worker.binary import LlamaServerBinary
-from qmesh.worker.http_client import CompletionStream, LlamaHttpClient
+from qmesh.worker.generation import FINAL, SIDECAR_DOWN, Generation, Job
+from qmesh.worker.http_client import LlamaHttpClient
 from qmesh.worker.models import ModelFile
 from qmesh.worker.monitor import SystemMonitor
 from qmesh.worker.process import LlamaProcessManager
 
 log = logging.getLogger(__name__)
 
-_PARTIAL, _FINAL, _SIDECAR_DOWN = b"P", b"F", b"X"
 _inproc_ids = count()
 
 
@@ -50,47 +50,10 @@ class WorkerSettings:
     liveness: int = 3
     grace: float = 30.0  # seconds in-flight requests may take to finish at shutdown
     load_timeout: float = 120.0
+    pause_after: float = 1.0  # seconds without the client's credit before llama-server is paused
     stall_timeout: float = 60.0  # seconds a stream may wait for the client's credit before it is cancelled (408)
     worker_id: str = ""
     max_reconnect_delay: float = 30.0
-
-
-class Job:
-    """One request on a slot thread. ``credit`` is how many more chunks the client will take (None: no limit)."""
-
-    def __init__(self, route_key: bytes, request: GenerationRequest) -> None:
-        self.route_key = route_key
-        self.request = request
-        self.cancelled = threading.Event()
-        self.stream: CompletionStream | None = None
-        self.credit = request.window
-        self._credit_changed = threading.Condition()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-        with self._credit_changed:
-            self._credit_changed.notify_all()
-        stream = self.stream
-        if stream is not None:
-            stream.close()
-
-    def grant(self, credit: int) -> None:
-        with self._credit_changed:
-            if self.credit is not None:
-                self.credit += credit
-                self._credit_changed.notify_all()
-
-    def take_credit(self, timeout: float) -> bool:
-        """Wait for room to send one chunk; False if cancelled or if the client gave none within ``timeout``."""
-        if self.credit is None:
-            return not self.cancelled.is_set()
-        with self._credit_changed:
-            if not self._credit_changed.wait_for(lambda: self.credit or self.cancelled.is_set(), timeout):
-                return False
-            if self.cancelled.is_set():
-                return False
-            self.credit -= 1
-            return True
 
 
 class WorkerNode(threading.Thread):
@@ -305,12 +268,12 @@ class WorkerNode(threading.Thread):
                 route_key, kind, body = pull.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if kind == _SIDECAR_DOWN:
+            if kind == SIDECAR_DOWN:
                 self._on_sidecar_down()
                 continue
             if route_key not in self._jobs:
                 continue  # a request of an earlier connection, or one already ended
-            final = kind == _FINAL
+            final = kind == FINAL
             if final:
                 del self._jobs[route_key]
             self._send_to_broker(p.worker_reply(final, route_key, [body]))
@@ -368,67 +331,29 @@ class WorkerNode(threading.Thread):
             push.close(linger=1000)
 
     def _generate(self, job: Job, push: zmq.Socket) -> None:
-        """Stream one request from llama-server. Prompts are tokenized here and completed from token ids, so a
-        stream resumed after a failover continues exactly after the tokens the client already has."""
         assert self.client is not None and self.manager is not None
-        client, key, request = self.client, job.route_key, job.request
 
         def send(kind: bytes, body: bytes) -> None:
-            push.send_multipart([key, kind, body])
+            push.send_multipart([job.route_key, kind, body])
 
-        def summary(finish_reason: str | None, predicted: int, prompt_tokens: int, timings: dict) -> bytes:
-            return final_body(
-                finish_reason=finish_reason,
-                tokens=len(request.resume_tokens) + predicted,
-                prompt_tokens=prompt_tokens,
-                failovers=request.failovers,
-                worker=self.worker_name,
-                model=self.settings.service,
-                timings=timings,
-            )
-
-        options = {
-            "temperature": request.temperature,
-            "seed": request.seed,
-            "top_p": request.top_p,
-            "top_k": request.top_k,
-            "stop": request.stop or None,
-        }
-        options = {name: value for name, value in options.items() if value is not None}
+        generation = Generation(
+            job,
+            self.client,
+            send,
+            worker_name=self.worker_name,
+            model=self.settings.service,
+            pause_after=self.settings.pause_after,
+            stall_timeout=self.settings.stall_timeout,
+        )
         try:
-            text = (request.prompt or "") if request.raw else client.apply_template(request.chat_messages())
-            prompt_tokens = client.tokenize(text, add_special=True)
-            remaining = request.max_tokens - len(request.resume_tokens)
-            if remaining <= 0:  # the tokens delivered before a failover used up max_tokens
-                send(_FINAL, summary("length", 0, len(prompt_tokens), {}))
-                return
-            stream = client.generate_stream(prompt_tokens + request.resume_tokens, max_tokens=remaining, **options)
-            job.stream = stream
-            stalled = False
-            with stream:
-                if job.cancelled.is_set():
-                    stream.close()
-                for chunk in stream:
-                    if not job.take_credit(self.settings.stall_timeout):
-                        stalled = not job.cancelled.is_set()
-                        break
-                    send(_PARTIAL, p.pack({"text": chunk.text, "tokens": chunk.token_ids}))
-            if job.cancelled.is_set():
-                send(_FINAL, p.error_body(p.CANCELLED, "cancelled"))
-            elif stalled:
-                message = f"the client took no chunk for {self.settings.stall_timeout:g} s; generation stopped"
-                send(_FINAL, p.error_body(p.CLIENT_STALLED, message))
-            else:
-                result = stream.result
-                assert result is not None
-                send(_FINAL, summary(result.stop_reason, result.tokens_predicted, len(prompt_tokens), result.timings))
+            generation.run()
         except SidecarError as exc:
             if job.cancelled.is_set():
-                send(_FINAL, p.error_body(p.CANCELLED, "cancelled"))
+                send(FINAL, p.error_body(p.CANCELLED, "cancelled"))
             elif not self.manager.is_healthy():
-                send(_SIDECAR_DOWN, b"")  # the loop leaves the broker, which resumes the request elsewhere
+                send(SIDECAR_DOWN, b"")  # the loop leaves the broker, which resumes the request elsewhere
             else:
-                send(_FINAL, p.error_body(p.WORKER_FAILED, f"llama-server error: {exc}"))
+                send(FINAL, p.error_body(p.WORKER_FAILED, f"llama-server error: {exc}"))
         except Exception as exc:
             log.exception("%s: generation failed", self.worker_name)
-            send(_FINAL, p.error_body(p.WORKER_FAILED, f"worker error: {exc!r}"))
+            send(FINAL, p.error_body(p.WORKER_FAILED, f"worker error: {exc!r}"))

@@ -1,0 +1,160 @@
+"""One request on a slot thread: tokenize, stream from llama-server, and obey the client's credit.
+
+Prompts are rendered (chat template) and tokenized here, and llama-server completes from token ids. That makes
+two things exact: a stream resumed after a failover continues right after the tokens the client already has,
+and a stream whose client stops reading can be *paused*: after ``pause_after`` seconds without credit the
+llama-server generation is stopped (its slot computes nothing for a reader that is not there) and started
+again from the delivered tokens once credit returns. After ``stall_timeout`` seconds it ends in a 408.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from qmesh.common import protocol as p
+from qmesh.common.bodies import GenerationRequest, final_body
+from qmesh.worker.http_client import Chunk, CompletionStream, LlamaHttpClient
+
+PARTIAL, FINAL, SIDECAR_DOWN = b"P", b"F", b"X"  # what a slot thread tells its worker loop
+
+Send = Callable[[bytes, bytes], None]
+
+
+class Job:
+    """A request held by a worker thread. ``credit``: chunks the client will still take (None: no limit)."""
+
+    def __init__(self, route_key: bytes, request: GenerationRequest) -> None:
+        self.route_key = route_key
+        self.request = request
+        self.cancelled = threading.Event()
+        self.stream: CompletionStream | None = None
+        self.credit = request.window
+        self._credit_changed = threading.Condition()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        with self._credit_changed:
+            self._credit_changed.notify_all()
+        stream = self.stream
+        if stream is not None:
+            stream.close()
+
+    def grant(self, credit: int) -> None:
+        with self._credit_changed:
+            if self.credit is not None:
+                self.credit += credit
+                self._credit_changed.notify_all()
+
+    def take_credit(self, timeout: float) -> bool:
+        """Wait for room to send one chunk; False if cancelled or if no credit came within ``timeout``."""
+        if self.credit is None:
+            return not self.cancelled.is_set()
+        with self._credit_changed:
+            if not self._credit_changed.wait_for(lambda: self.credit or self.cancelled.is_set(), timeout):
+                return False
+            if self.cancelled.is_set():
+                return False
+            self.credit -= 1
+            return True
+
+
+class Generation:
+    def __init__(
+        self,
+        job: Job,
+        client: LlamaHttpClient,
+        send: Send,
+        *,
+        worker_name: str,
+        model: str,
+        pause_after: float,
+        stall_timeout: float,
+    ) -> None:
+        self.job = job
+        self.request = job.request
+        self.client = client
+        self.send = send
+        self.worker_name = worker_name
+        self.model = model
+        self.pause_after = min(pause_after, stall_timeout)
+        self.stall_timeout = stall_timeout
+        self.delivered: list[int] = list(job.request.resume_tokens)
+        self.pauses = 0
+
+    def run(self) -> None:
+        """Raises SidecarError if llama-server fails; every other ending sends a FINAL."""
+        request, job = self.request, self.job
+        text = (request.prompt or "") if request.raw else self.client.apply_template(request.chat_messages())
+        prompt_tokens = self.client.tokenize(text, add_special=True)
+        while True:
+            remaining = request.max_tokens - len(self.delivered)
+            if remaining <= 0:  # the tokens delivered before a failover or a pause used up max_tokens
+                self._final("length", len(prompt_tokens), {})
+                return
+            stream = self.client.generate_stream(
+                prompt_tokens + self.delivered, max_tokens=remaining, **self._options()
+            )
+            job.stream = stream
+            held = self._stream(stream)
+            if job.cancelled.is_set():
+                self.send(FINAL, p.error_body(p.CANCELLED, "cancelled"))
+                return
+            if held is None:
+                result = stream.result
+                assert result is not None
+                self._final(result.stop_reason, len(prompt_tokens), result.timings)
+                return
+            # Paused: llama-server has stopped; wait for the client, then continue after ``held``.
+            self.pauses += 1
+            if not job.take_credit(self.stall_timeout - self.pause_after):
+                if job.cancelled.is_set():
+                    self.send(FINAL, p.error_body(p.CANCELLED, "cancelled"))
+                else:
+                    message = f"the client took no chunk for {self.stall_timeout:g} s; generation stopped"
+                    self.send(FINAL, p.error_body(p.CLIENT_STALLED, message))
+                return
+            self._deliver(held)
+
+    def _stream(self, stream: CompletionStream) -> Chunk | None:
+        """Forward chunks while the client has credit. Returns the chunk held back when it pauses, else None."""
+        with stream:
+            if self.job.cancelled.is_set():
+                stream.close()
+            for chunk in stream:
+                if not self.job.take_credit(self.pause_after):
+                    if not self.job.cancelled.is_set():
+                        stream.close()  # frees the llama-server slot while the client does not read
+                        return chunk
+                    return None
+                self._deliver(chunk)
+        return None
+
+    def _deliver(self, chunk: Chunk) -> None:
+        self.send(PARTIAL, p.pack({"text": chunk.text, "tokens": chunk.token_ids}))
+        self.delivered.extend(chunk.token_ids)
+
+    def _final(self, finish_reason: str | None, prompt_tokens: int, timings: dict[str, Any]) -> None:
+        summary = final_body(
+            finish_reason=finish_reason,
+            tokens=len(self.delivered),
+            prompt_tokens=prompt_tokens,
+            failovers=self.request.failovers,
+            pauses=self.pauses,
+            worker=self.worker_name,
+            model=self.model,
+            timings=timings,
+        )
+        self.send(FINAL, summary)
+
+    def _options(self) -> dict[str, Any]:
+        request = self.request
+        options = {
+            "temperature": request.temperature,
+            "seed": request.seed,
+            "top_p": request.top_p,
+            "top_k": request.top_k,
+            "stop": request.stop or None,
+        }
+        return {name: value for name, value in options.items() if value is not None}
