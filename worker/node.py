@@ -50,6 +50,7 @@ class WorkerSettings:
     liveness: int = 3
     grace: float = 30.0  # seconds in-flight requests may take to finish at shutdown
     load_timeout: float = 120.0
+    max_restarts: int = 3  # llama-server restarts in a row before the thread gives up
     pause_after: float = 1.0  # seconds without the client's credit before llama-server is paused
     stall_timeout: float = 60.0  # seconds a stream may wait for the client's credit before it is cancelled (408)
     worker_id: str = ""
@@ -75,6 +76,8 @@ class WorkerNode(threading.Thread):
         self._dealer: zmq.Socket | None = None
         self._monitor = SystemMonitor()
         self._seen_restarts = 0
+        self._chunks_sent = 0  # PARTIALs forwarded (one token each from llama-server): tokens/s in heartbeats
+        self._rate_mark = (time.monotonic(), 0)
 
     def stop(self) -> None:
         """Stop taking work, let in-flight requests finish within the grace period, then disconnect."""
@@ -92,6 +95,7 @@ class WorkerNode(threading.Thread):
             parallel=s.slots,
             threads=s.cpu_threads,
             load_timeout=s.load_timeout,
+            max_restarts=s.max_restarts,
         )
         slot_threads = [
             threading.Thread(target=self._slot_loop, name=f"{self.name}-slot-{i}", daemon=True) for i in range(s.slots)
@@ -276,6 +280,8 @@ class WorkerNode(threading.Thread):
             final = kind == FINAL
             if final:
                 del self._jobs[route_key]
+            else:
+                self._chunks_sent += 1
             self._send_to_broker(p.worker_reply(final, route_key, [body]))
 
     def _send_to_broker(self, frames: list[bytes]) -> None:
@@ -284,12 +290,16 @@ class WorkerNode(threading.Thread):
 
     def _send_heartbeat(self, draining: bool) -> None:
         sample = self._monitor.sample(self.manager is not None and self.manager.state == "ready")
+        now, (since, sent) = time.monotonic(), self._rate_mark
+        self._rate_mark = (now, self._chunks_sent)
         load = {
             "health": sample.health,
             "busy": len(self._jobs),
             "cpu": sample.cpu_percent,
             "memory": sample.memory_percent,
             "draining": draining,
+            "tokens_per_second": round((self._chunks_sent - sent) / max(now - since, 1e-3), 1),
+            "host": socket.gethostname(),
         }
         self._send_to_broker(p.heartbeat(load))
 
