@@ -63,6 +63,16 @@ class WorkerState:
 
 
 @dataclass(slots=True, frozen=True)
+class Peer:
+    """What an authenticated sender may do (CURVE on): act as a worker, as a client, serve which models."""
+
+    name: str
+    worker: bool
+    client: bool
+    models: frozenset[str] | None  # None: any model
+
+
+@dataclass(slots=True, frozen=True)
 class FinishedRequest:
     """What the metrics need to know about a request once its client has the FINAL."""
 
@@ -116,8 +126,12 @@ class BrokerCore:
 
     # ------------------------------------------------------------------------------------------ events
 
-    def on_message(self, identity: bytes, frames: list[bytes], now: float) -> list[Outgoing]:
-        """A message arrived from ``identity``. Malformed ones are dropped and logged."""
+    def on_message(self, identity: bytes, frames: list[bytes], now: float, peer: Peer | None = None) -> list[Outgoing]:
+        """A message arrived from ``identity``. Malformed ones are dropped and logged.
+
+        ``peer`` is who sent it when the socket authenticates (None: no authentication): a key may only act in
+        the roles its allow-list gives it, and a worker key may be limited to some models.
+        """
         self._now = now
         try:
             message = p.parse_inbound(frames)
@@ -130,6 +144,8 @@ class BrokerCore:
                 )
             return []
         out: list[Outgoing] = []
+        if peer is not None and not self._authorized(identity, message, peer, now, out):
+            return out
         if isinstance(message, p.ClientRequest):
             self._on_client_request(identity, message, now, out)
         elif isinstance(message, p.ClientCancel):
@@ -141,6 +157,28 @@ class BrokerCore:
         else:
             self._on_worker_message(identity, message, now, out)
         return out
+
+    def _authorized(
+        self, identity: bytes, message: p.InboundMessage, peer: Peer, now: float, out: list[Outgoing]
+    ) -> bool:
+        if isinstance(message, p.ClientMessage):
+            if peer.client:
+                return True
+            log.warning("refused a client message from key %s, which is not on the client list", peer.name)
+            out.extend(self.on_unreachable(identity, now))
+            if isinstance(message, p.ClientRequest):
+                text = "this key is not on the broker's client allow-list"
+                self._reject(identity, message.service, message.request_id, p.FORBIDDEN, text, out)
+            return False
+        if not peer.worker:
+            log.warning("dropped a worker message from key %s, which is not on the worker list", peer.name)
+        elif isinstance(message, p.WorkerReady) and peer.models is not None and message.service not in peer.models:
+            log.warning("key %s may not serve %r (allowed: %s)", peer.name, message.service, sorted(peer.models))
+        else:
+            return True
+        self._remove_worker(identity, now, f"key {peer.name} not allowed", out)
+        out.append((identity, p.disconnect()))
+        return False
 
     def on_unreachable(self, identity: bytes, now: float) -> list[Outgoing]:
         """A send to ``identity`` failed: the peer is gone. A worker is removed; a client's requests are cancelled."""
@@ -192,7 +230,8 @@ class BrokerCore:
         if request_id is not None and self.client_requests.get(client, {}).get(request_id):
             # A client resending a request that got no answer yet: the broker already has it.
             (key,) = self.client_requests[client][request_id]
-            out.append((client, p.client_status(service_name, request_id, self._status(self.requests[key]))))
+            request = self.requests[key]
+            out.append((client, p.client_status(request.service, request_id, self._status(request))))
             return
         size = sum(len(frame) for frame in message.body)
         if size > self.config.max_request_bytes:
@@ -212,12 +251,13 @@ class BrokerCore:
             text = f"no worker serves model '{service_name}' (models served: {models})"
             self._reject(client, service_name, request_id, p.UNKNOWN_MODEL, text, out)
             return
-        if service is None:
-            service = self.services[service_name] = ServiceState()
-        if len(service.queue) >= self.config.max_queue:
+        can_start_now = service is not None and any(self.workers[w].free_slots > 0 for w in service.workers)
+        if not can_start_now and len(service.queue if service else ()) >= self.config.max_queue:
             text = f"the queue for model '{service_name}' is full ({self.config.max_queue} waiting)"
             self._reject(client, service_name, request_id, p.QUEUE_FULL, text, out)
             return
+        if service is None:
+            service = self.services[service_name] = ServiceState()
         key = next(self._keys).to_bytes(8, "big")
         request = RequestState(
             key,
@@ -391,6 +431,11 @@ class BrokerCore:
             request.deadline = now + self.config.queue_timeout
             service.queue.appendleft(request.key)
         self._dispatch(worker.service, out)
+        for request in requeue:
+            if request.worker is None and request.request_id is not None:
+                out.append(
+                    (request.client, p.client_status(request.service, request.request_id, self._status(request)))
+                )
         self._prune(worker.service)
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -488,6 +533,7 @@ class BrokerCore:
         return table
 
     def worker_table(self) -> list[dict[str, Any]]:
+        ttl = self.config.worker_ttl  # expires_at is refreshed to "last message + ttl" on every sign of life
         return [
             {
                 "name": w.name,
@@ -499,6 +545,7 @@ class BrokerCore:
                 "extended": w.extended,
                 "info": w.info,
                 "load": w.load,
+                "last_seen_s": round(max(0.0, self._now - (w.expires_at - ttl)), 3),
             }
             for w in self.workers.values()
         ]

@@ -13,9 +13,11 @@ import zmq
 
 from qmesh.broker.core import BrokerConfig, BrokerCore, Outgoing
 from qmesh.common import protocol as p
+from qmesh.common.errors import QMeshError
 
 if TYPE_CHECKING:
     from qmesh.broker.metrics import BrokerMetrics
+    from qmesh.broker.security import BrokerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class Broker:
         config: BrokerConfig | None = None,
         context: zmq.Context | None = None,
         metrics: BrokerMetrics | None = None,
+        security: BrokerSecurity | None = None,
     ) -> None:
         self.config = config or BrokerConfig()
         self.core = BrokerCore(self.config, time.monotonic())
@@ -41,21 +44,32 @@ class Broker:
             self.core.finished = deque(maxlen=0)
         self._context = context or zmq.Context.instance()
         self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self.security = security
         self.socket = self._context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
         self.socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        if security is not None:
+            security.start(self._context)  # the ZAP handler must run before the socket binds
+            security.configure(self.socket)
         try:
             self.socket.bind(bind)
         except zmq.ZMQError as exc:
             self.socket.close()
+            if security is not None:
+                security.stop()
             raise OSError(f"cannot bind the broker to {bind}: {exc}") from exc
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reload_keys(self) -> None:
+        """Re-read the allow-lists at the next wake-up (SIGHUP); safe to call from a signal handler."""
+        self._reload_requested.set()
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -69,26 +83,47 @@ class Broker:
                 now = time.monotonic()
                 if now >= self.core.next_wakeup():
                     self._send(self.core.tick(now), now)
+                    self._reload_keys_if_needed()
                 if self.metrics is not None:
                     self.metrics.update(self.core, now)  # once per wake-up, not per message
         finally:
             self.socket.close(linger=0)
+            if self.security is not None:
+                self.security.stop()
             log.info("broker stopped")
+
+    def _reload_keys_if_needed(self) -> None:
+        if self.security is None:
+            return
+        try:
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.security.reload()
+            else:
+                self.security.reload_if_changed()
+        except QMeshError as exc:  # a bad key file must not take the broker down: keep the lists it has
+            log.error("allow-lists not reloaded: %s", exc)
 
     def _drain(self) -> None:
         """Handle what is waiting, but give the timers (heartbeats, expiry) their turn under a flood."""
-        socket, core = self.socket, self.core
+        socket, core, security = self.socket, self.core, self.security
         wakeup = core.next_wakeup()
+        peer = None
         for count in range(DRAIN_BATCH):
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                if security is None:
+                    frames = socket.recv_multipart(zmq.NOBLOCK)
+                else:  # frames as zmq.Frame, which carry the sender's authenticated key
+                    raw = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    peer = security.peer(raw[1].get("User-Id") if len(raw) > 1 else "")
+                    frames = [frame.bytes for frame in raw]
             except zmq.Again:
                 return
             now = time.monotonic()
             if count % 64 == 63 and now >= wakeup:
                 self._send(core.tick(now), now)
                 wakeup = core.next_wakeup()
-            out = core.on_message(frames[0], frames[1:], now)
+            out = core.on_message(frames[0], frames[1:], now, peer)
             if out:
                 self._send(out, now)
 

@@ -18,6 +18,7 @@ import copy
 import itertools
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest
 from qmesh.common.errors import BrokerUnreachable, MeshError, QMeshError
+from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 
@@ -177,6 +179,7 @@ class QMeshClient:
         timeout: float = 300.0,
         connect_timeout: float = 10.0,
         window: int = 64,
+        curve: CurveClientKeys | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         self.broker = broker
@@ -190,18 +193,20 @@ class QMeshClient:
         self._mmi: dict[bytes, list[bytes] | None] = {}
         self._connected = False
         self._ever_connected = False
+        self._handshake_error: str | None = None
         self._opened_at = time.monotonic()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
-        self._monitor = self._socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
-        )
+        if curve is not None:
+            curve.apply(self._socket)
+        self._monitor = self._socket.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
         try:
             self._socket.connect(broker)
         except zmq.ZMQError as exc:
             self.close()
             raise QMeshError(f"bad broker address {broker!r}: {exc}") from exc
+        self._outbox: deque[list[bytes]] = deque()  # messages the socket could not take yet
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -257,7 +262,7 @@ class QMeshClient:
             size = len(request.body)
             raise QMeshError(f"the request is {size} bytes; the largest message the mesh takes is {p.MAX_BODY_BYTES}")
         self._requests[request_id] = request
-        self._socket.send_multipart(p.client_request(model, [request.body], request_id))
+        self._send(p.client_request(model, [request.body], request_id))
         return request
 
     def stream(self, prompt: str | None = None, **options: Any) -> Iterator[Chunk]:
@@ -283,7 +288,7 @@ class QMeshClient:
         """Stop a request: the broker ends it and tells the worker, which frees its llama-server slot."""
         if request.done:
             return
-        self._socket.send_multipart(p.client_cancel(request.id), zmq.NOBLOCK)
+        self._send(p.client_cancel(request.id))
         request._end(MeshError(p.CANCELLED, "cancelled"))
 
     # ------------------------------------------------------------------------------------------ MMI
@@ -301,7 +306,7 @@ class QMeshClient:
     def _mmi_call(self, service: str, *body: bytes) -> list[bytes]:
         request_id = self._prefix + next(self._ids).to_bytes(8, "big")
         self._mmi[request_id] = None
-        self._socket.send_multipart(p.client_request(service, list(body), request_id))
+        self._send(p.client_request(service, list(body), request_id))
         deadline = time.monotonic() + self.connect_timeout
         try:
             while (reply := self._mmi[request_id]) is None:
@@ -314,8 +319,27 @@ class QMeshClient:
 
     # ------------------------------------------------------------------------------------------ pump
 
+    def _send(self, frames: list[bytes]) -> None:
+        """Never block the caller: a socket with no usable connection (yet) keeps the message in the outbox."""
+        if not self._outbox:
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+        self._outbox.append(frames)
+
+    def _flush_outbox(self) -> None:
+        while self._outbox:
+            try:
+                self._socket.send_multipart(self._outbox[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._outbox.popleft()
+
     def poll(self, timeout: float = 0.0) -> None:
         """Receive what has arrived (waiting up to ``timeout`` s for the first message) and check deadlines."""
+        self._flush_outbox()
         events = dict(self._poller.poll(timeout * 1000))
         if self._monitor in events:
             self._drain_monitor()
@@ -333,7 +357,7 @@ class QMeshClient:
         """Give back credit for chunks read off the socket, in batches of half a window."""
         for request in self._requests.values():
             if request.unacknowledged_chunks >= max(1, self.window // 2):
-                self._socket.send_multipart(p.client_credit(request.id, request.unacknowledged_chunks), zmq.NOBLOCK)
+                self._send(p.client_credit(request.id, request.unacknowledged_chunks))
                 request.unacknowledged_chunks = 0
 
     def _on_reply(self, frames: list[bytes]) -> None:
@@ -367,8 +391,11 @@ class QMeshClient:
                 if self._ever_connected:
                     self._send_again()
                 self._connected = self._ever_connected = True
+                self._handshake_error = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected = False
+            else:
+                self._handshake_error = handshake_failure(event, self.broker) or self._handshake_error
 
     def _send_again(self) -> None:
         """After a reconnection the broker may have lost everything: send each request again, resuming streams."""
@@ -378,21 +405,23 @@ class QMeshClient:
                 request._end(MeshError(p.WORKER_FAILED, "the connection to the broker was lost mid-stream"))
                 continue
             request.status, request.unacknowledged_chunks = {}, 0
-            self._socket.send_multipart(p.client_request(request.model, [body], request.id))
+            self._send(p.client_request(request.model, [body], request.id))
 
     def _expire(self, now: float) -> None:
         for request in list(self._requests.values()):
             if not request.acknowledged and now - request.sent_at >= self.connect_timeout and not self._connected:
-                self._socket.send_multipart(p.client_cancel(request.id), zmq.NOBLOCK)
+                self._send(p.client_cancel(request.id))
                 error = self._unreachable()
                 request._end(MeshError(p.QUEUE_TIMEOUT, str(error)))
             elif now >= request.deadline:
-                self._socket.send_multipart(p.client_cancel(request.id), zmq.NOBLOCK)
+                self._send(p.client_cancel(request.id))
                 request._end(
                     MeshError(p.QUEUE_TIMEOUT, f"no complete answer within {request.deadline - request.sent_at:g} s")
                 )
 
     def _unreachable(self) -> BrokerUnreachable:
+        if self._handshake_error is not None:
+            return BrokerUnreachable(self._handshake_error)
         if self._ever_connected:
             return BrokerUnreachable(f"the broker at {self.broker} did not answer within {self.connect_timeout:g} s")
         return BrokerUnreachable(

@@ -52,6 +52,7 @@ MMI_PREFIX = "mmi."
 
 # Error codes with fixed meanings (docs/PROTOCOL.md, "Errors").
 BAD_REQUEST = 400
+FORBIDDEN = 403
 UNKNOWN_MODEL = 404
 CLIENT_STALLED = 408
 TOO_LARGE = 413

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker
+from qmesh.broker.security import BrokerSecurity
 from qmesh.client.sdk import QMeshClient
+from qmesh.common.keys import CurveClientKeys
 from qmesh.worker.binary import find_llama_server
 from qmesh.worker.models import resolve_model
 from qmesh.worker.node import WorkerNode, WorkerSettings
@@ -44,9 +46,12 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
 class BrokerThread:
     """A real broker on a real socket, run in a thread of the test process."""
 
-    def __init__(self, endpoint: str | None = None, config: BrokerConfig = FAST) -> None:
+    def __init__(
+        self, endpoint: str | None = None, config: BrokerConfig = FAST, security: BrokerSecurity | None = None
+    ) -> None:
         self.endpoint = endpoint or free_endpoint()
         self.config = config
+        self.security = security
         self.broker: Broker | None = None
         self.thread: threading.Thread | None = None
 
@@ -59,7 +64,7 @@ class BrokerThread:
 
     def _bind(self) -> Broker | None:
         try:
-            return Broker(self.endpoint, self.config)
+            return Broker(self.endpoint, self.config, security=self.security)
         except OSError:
             return None
 
@@ -98,13 +103,17 @@ def worker_settings(endpoint: str, slots: int = 2, heartbeat: float = 0.2, **ove
 
 
 @contextlib.contextmanager
-def worker_threads(endpoint: str, count: int = 1, **options: object) -> Iterator[list[WorkerNode]]:
-    """In-process worker threads (each with a real llama-server), registered before the block runs."""
+def worker_threads(
+    endpoint: str, count: int = 1, watcher_curve: CurveClientKeys | None = None, **options: object
+) -> Iterator[list[WorkerNode]]:
+    """In-process worker threads (each with a real llama-server), registered before the block runs.
+
+    ``watcher_curve``: the client keys used to watch for the registration on a CURVE broker."""
     nodes = [WorkerNode(worker_settings(endpoint, **options), index) for index in range(count)]
     for node in nodes:
         node.start()
     try:
-        with QMeshClient(endpoint, connect_timeout=5) as client:
+        with QMeshClient(endpoint, connect_timeout=5, curve=watcher_curve) as client:
             wait_for(lambda: client.models().get(MODEL, {}).get("workers", 0) >= count, 60, f"{count} worker(s)")
         yield nodes
     finally:

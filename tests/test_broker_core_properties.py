@@ -242,6 +242,11 @@ class BrokerMachine(RuleBasedStateMachine):
             self.requests[key].deadline = self.now + CONFIG.queue_timeout
             queue.insert(0, key)
         self._dispatch(worker.service, expected)
+        for key in requeue:  # the ones still waiting hear their new queue position
+            request = self.requests[key]
+            if request.worker is None and request.request_id is not None:
+                status = p.client_status(request.service, request.request_id, self._status(request))
+                expected.append((request.client, status))
 
     def _cancel(self, request: ModelRequest, notify: bool, expected: list[Outgoing]) -> None:
         if request.worker is None:
@@ -422,7 +427,8 @@ class BrokerMachine(RuleBasedStateMachine):
         expected: list[Outgoing] = []
         if request_id is not None and (duplicate := self._open_request(client, request_id)) is not None:
             assert not created, "a retried XREQUEST created a second request"
-            self._check(out, [(client, p.client_status(service, request_id, self._status(duplicate)))])
+            status = p.client_status(duplicate.service, request_id, self._status(duplicate))
+            self._check(out, [(client, status)])
             return
         if service not in self.known and self.workers:
             assert not created

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from itertools import count
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.common import protocol as p
 from qmesh.common.bodies import BadRequest, GenerationRequest
-from qmesh.common.errors import QMeshError, SidecarError
+from qmesh.common.errors import ConfigError, QMeshError, SidecarError
+from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.generation import FINAL, SIDECAR_DOWN, Generation, Job
 from qmesh.worker.http_client import LlamaHttpClient
@@ -55,6 +57,7 @@ class WorkerSettings:
     stall_timeout: float = 60.0  # seconds a stream may wait for the client's credit before it is cancelled (408)
     worker_id: str = ""
     max_reconnect_delay: float = 30.0
+    curve: CurveClientKeys | None = None  # own key pair and the broker's public key, when the broker uses CURVE
 
 
 class WorkerNode(threading.Thread):
@@ -74,8 +77,11 @@ class WorkerNode(threading.Thread):
         self.manager: LlamaProcessManager | None = None
         self.client: LlamaHttpClient | None = None
         self._dealer: zmq.Socket | None = None
+        self._dealer_events: zmq.Socket | None = None
         self._monitor = SystemMonitor()
         self._seen_restarts = 0
+        self._sidecar_lost = False
+        self._connection_broken = False
         self._chunks_sent = 0  # PARTIALs forwarded (one token each from llama-server): tokens/s in heartbeats
         self._rate_mark = (time.monotonic(), 0)
 
@@ -143,6 +149,8 @@ class WorkerNode(threading.Thread):
             poller.register(pull, zmq.POLLIN)
             if self._dealer is not None:
                 poller.register(self._dealer, zmq.POLLIN)
+            if self._dealer_events is not None:
+                poller.register(self._dealer_events, zmq.POLLIN)
             wait = max(0.0, min(next_heartbeat - time.monotonic(), 0.25))
             ready = dict(poller.poll(wait * 1000))
             if self._dealer is not None and self._dealer in ready and self._drain_broker():
@@ -150,6 +158,8 @@ class WorkerNode(threading.Thread):
                 reconnect_delay = s.heartbeat_interval
             if pull in ready:
                 self._drain_slots(pull)
+            if self._dealer_events is not None and self._dealer_events in ready:
+                self._check_handshake()
             now = time.monotonic()
             sidecar_ready = self._sidecar_ready()
             if self._stop_requested.is_set() and self._dealer is None:
@@ -171,10 +181,14 @@ class WorkerNode(threading.Thread):
             if now >= next_heartbeat:
                 self._send_heartbeat(draining=drain_deadline is not None)
                 next_heartbeat = now + s.heartbeat_interval
-            if now >= broker_expires:
+            if now >= broker_expires or self._connection_broken:
                 delay = reconnect_delay * random.uniform(0.5, 1.5)
-                log.warning("%s: broker silent for %g s; reconnecting in %.1f s", self.worker_name, ttl, delay)
+                why = (
+                    "the broker stopped taking messages" if self._connection_broken else f"broker silent for {ttl:g} s"
+                )
+                log.warning("%s: %s; reconnecting in %.1f s", self.worker_name, why, delay)
                 self._close_dealer(send_disconnect=False)
+                self._connection_broken = False
                 if self._stop_requested.wait(delay):
                     return
                 reconnect_delay = min(reconnect_delay * 2, s.max_reconnect_delay)
@@ -187,6 +201,9 @@ class WorkerNode(threading.Thread):
         dealer = self.context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
+        if self.settings.curve is not None:
+            self.settings.curve.apply(dealer)
+        self._dealer_events = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
         dealer.connect(self.settings.broker)
         info = {
             "slots": self.settings.slots,
@@ -195,8 +212,8 @@ class WorkerNode(threading.Thread):
             "model_file": self.settings.model.path.name,
             "version": 1,
         }
-        dealer.send_multipart(p.ready(self.settings.service, info))
         self._dealer = dealer
+        self._send_to_broker(p.ready(self.settings.service, info))
         self.registered.set()
         log.info(
             "%s: registered for %s with %d slot(s) at %s",
@@ -209,6 +226,10 @@ class WorkerNode(threading.Thread):
     def _close_dealer(self, send_disconnect: bool) -> None:
         if self._dealer is None:
             return
+        if self._dealer_events is not None:
+            self._dealer.disable_monitor()
+            self._dealer_events.close(linger=0)
+            self._dealer_events = None
         if send_disconnect:
             with contextlib.suppress(zmq.ZMQError):
                 self._dealer.send_multipart(p.disconnect(), zmq.NOBLOCK)
@@ -224,6 +245,14 @@ class WorkerNode(threading.Thread):
         for job in self._jobs.values():
             job.cancel()
         self._jobs.clear()
+
+    def _check_handshake(self) -> None:
+        """A refused key or a wrong broker key will not fix itself: end the thread with a clear error."""
+        assert self._dealer_events is not None
+        while self._dealer_events.poll(0):
+            failure = handshake_failure(recv_monitor_message(self._dealer_events)["event"], self.settings.broker)
+            if failure is not None:
+                raise ConfigError(failure)
 
     def _drain_broker(self) -> bool:
         """Handle everything the broker sent; returns True if anything arrived (the broker is alive)."""
@@ -285,8 +314,16 @@ class WorkerNode(threading.Thread):
             self._send_to_broker(p.worker_reply(final, route_key, [body]))
 
     def _send_to_broker(self, frames: list[bytes]) -> None:
-        if self._dealer is not None:
-            self._dealer.send_multipart(frames)
+        """Never block the loop. If the broker takes nothing (the queue to it is full), this connection is done:
+        nothing after a lost message may reach the broker, so the loop starts a new connection and the broker
+        resumes our requests from what it did receive."""
+        if self._dealer is None or self._connection_broken:
+            return
+        try:
+            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("%s: the broker is not taking messages; starting a new connection", self.worker_name)
+            self._connection_broken = True
 
     def _send_heartbeat(self, draining: bool) -> None:
         sample = self._monitor.sample(self.manager is not None and self.manager.state == "ready")
@@ -312,7 +349,7 @@ class WorkerNode(threading.Thread):
     # ------------------------------------------------------------------------------------------ sidecar
 
     def _sidecar_ready(self) -> bool:
-        """False while llama-server restarts (we are unregistered then); raises once it has failed for good."""
+        """False while llama-server is down or restarting (we are unregistered then); raises once it failed for good."""
         assert self.manager is not None
         state = self.manager.state
         if state == "failed":
@@ -321,10 +358,18 @@ class WorkerNode(threading.Thread):
             self._seen_restarts = self.manager.restarts
             self._on_sidecar_down()
             self.client = LlamaHttpClient(self.manager.base_url)  # a restart may have moved it to another port
-        return state == "ready"
+        if state != "ready":
+            return False
+        if self._sidecar_lost:
+            # A slot saw it fail before the manager noticed the exit: wait until llama-server answers again.
+            if not self.manager.is_healthy():
+                return False
+            self._sidecar_lost = False
+        return True
 
     def _on_sidecar_down(self) -> None:
-        """Leave the broker so it requeues what has not streamed yet; register again once llama-server is back."""
+        """Leave the broker so it resumes our requests elsewhere; register again once llama-server is back."""
+        self._sidecar_lost = True
         if self._dealer is not None:
             log.warning("%s: llama-server is down; leaving the broker until it is back", self.worker_name)
             self._close_dealer(send_disconnect=True)

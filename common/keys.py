@@ -1,0 +1,152 @@
+"""CurveZMQ key files in pyzmq's certificate format (ZPL), and allow-lists of public keys.
+
+``NAME.key`` holds the public key, ``NAME.key_secret`` the public and the secret key (mode 0600). Both are
+readable by ``zmq.auth.load_certificate``. A public key file in a broker's worker allow-list may carry
+``models = "a,b"`` in its metadata section: that worker key may only serve those models.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from qmesh.common.errors import ConfigError
+
+_METADATA_LINE = re.compile(r'^\s+(\S+)\s*=\s*"?([^"]*)"?\s*$')
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    public: bytes  # z85
+    secret: bytes  # z85
+
+
+@dataclass(frozen=True, slots=True)
+class AllowedKey:
+    name: str  # the file's stem, for logs
+    models: frozenset[str] | None  # None: any model
+
+
+@dataclass(frozen=True, slots=True)
+class CurveClientKeys:
+    """What a worker or client needs to talk to a CURVE broker."""
+
+    own: KeyPair
+    broker_public: bytes
+
+    @classmethod
+    def load(cls, secret_file: str | Path, broker_key_file: str | Path) -> CurveClientKeys:
+        return cls(load_keypair(secret_file), load_public_key(broker_key_file))
+
+    def apply(self, socket: zmq.Socket) -> None:
+        socket.curve_secretkey = self.own.secret
+        socket.curve_publickey = self.own.public
+        socket.curve_serverkey = self.broker_public
+
+
+def generate_keys(prefix: str | Path, models: list[str] | None = None) -> tuple[Path, Path]:
+    """Write ``PREFIX.key`` and ``PREFIX.key_secret`` (0600); refuse to overwrite existing keys."""
+    prefix = Path(prefix)
+    public_file, secret_file = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".key_secret")
+    for existing in (public_file, secret_file):
+        if existing.exists():
+            raise ConfigError(f"{existing} already exists; remove it first to make a new key")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.curve_keypair()
+    metadata = {"models": ",".join(models)} if models else {}
+    _write(public_file, public, None, metadata, mode=0o644)
+    _write(secret_file, public, secret, metadata, mode=0o600)
+    return public_file, secret_file
+
+
+def load_keypair(secret_file: str | Path) -> KeyPair:
+    public, secret = _load(secret_file)
+    if secret is None:
+        raise ConfigError(f"{secret_file} has no secret key: give the NAME.key_secret file, not NAME.key")
+    mode = Path(secret_file).stat().st_mode & 0o077
+    if mode:
+        raise ConfigError(f"{secret_file} is readable by others (mode {oct(mode)}); run: chmod 600 {secret_file}")
+    return KeyPair(public, secret)
+
+
+def load_public_key(public_file: str | Path) -> bytes:
+    return _load(public_file)[0]
+
+
+def read_allow_list(directory: str | Path) -> dict[bytes, AllowedKey]:
+    """Every ``*.key`` file in ``directory``: z85 public key -> who it is and what it may serve."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"allow-list directory {directory} does not exist")
+    allowed = {}
+    for path in sorted(directory.glob("*.key")):
+        public, _ = _load(path)
+        models = _metadata(path).get("models")
+        names = frozenset(m.strip() for m in models.split(",") if m.strip()) if models else None
+        allowed[public] = AllowedKey(path.stem, names)
+    return allowed
+
+
+def _load(path: str | Path) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc}") from exc
+    if len(public) != 40 or (secret is not None and len(secret) != 40):
+        raise ConfigError(f"{path} does not hold a 40-character z85 CURVE key")
+    return public, secret
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    values, section = {}, ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line and not line[0].isspace():
+            section = line.strip()
+        elif section == "metadata" and (match := _METADATA_LINE.match(line)):
+            values[match.group(1)] = match.group(2)
+    return values
+
+
+def _write(path: Path, public: bytes, secret: bytes | None, metadata: dict[str, str], mode: int) -> None:
+    kind = "secret" if secret else "public"
+    lines = [
+        f"#   ****  Generated on {datetime.datetime.now():%Y-%m-%d %H:%M:%S} by qmesh-keys  ****",
+        f"#   ZeroMQ CURVE **{kind}** certificate" + ("; keep it private" if secret else ""),
+        "",
+        "metadata",
+        *(f'    {key} = "{value}"' for key, value in metadata.items()),
+        "curve",
+        f'    public-key = "{public.decode()}"',
+    ]
+    if secret:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.chmod(path, mode)
+
+
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
+
+
+def handshake_failure(event: int, broker: str) -> str | None:
+    """What a failed handshake with the broker means, for the person running the command; None if it did not fail."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the broker at {broker} refused this key: it is not on the broker's allow-list"
+    if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+        return (
+            f"the secure handshake with the broker at {broker} failed: wrong --broker-key, or the broker "
+            "and this side do not agree on using CURVE"
+        )
+    return None

@@ -1,0 +1,622 @@
+"""Chaos run: whatever gets killed, every request ends in a full answer or an explicit error, and none hangs.
+
+Starts a broker and M workers as real processes on loopback and sends N prompts through the SDK a few at a
+time. Meanwhile, at moments drawn from a seeded RNG (each armed after a random number of answers, then fired
+while a request is streaming, so kills land mid-stream), it SIGKILLs worker processes and restarts each a few
+seconds later, SIGKILLs llama-server sidecars (their worker's manager restarts them) and restarts the broker
+exactly once (SIGKILL, then a new broker on the same endpoint).
+
+A request counts as *lost* when it ended "successfully" but its FINAL disagrees with what was streamed (token
+count, empty text, more tokens than asked for), and as *hung* when it has not ended by its hard deadline. The
+exit status is 0 only if both are 0. Everything started is stopped at the end, on Ctrl-C and on SIGTERM.
+
+Run from the repository root: ``scripts/chaos --prompts 40 --workers 3 --seed 7``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+import psutil
+
+from qmesh.client.sdk import QMeshClient, Request
+from qmesh.common.errors import QMeshError
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m"
+SUBJECTS = ["a lighthouse", "the moon", "a red fox", "bread", "a glacier", "the river Nile", "chess", "a violin"]
+TASKS = [
+    "Describe {} in three sentences.",
+    "Write a short poem about {}.",
+    "Tell a children's story about {}.",
+    "List five facts about {}.",
+    "Explain {} to a ten-year-old.",
+]
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+class Child:
+    """A process this run started (in its own session, so Ctrl-C reaches only us); output goes to a log file."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_us,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def sidecars(self) -> list[psutil.Process]:
+        """Its llama-server children (none while it restarts one)."""
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [c for c in children if _is_llama(c)]
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+
+def _die_with_us() -> None:
+    """In the child: SIGTERM when this run dies, even by SIGKILL, so that nothing it started outlives it.
+
+    The signal follows the thread that forked, so every process is started from the main thread."""
+    _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _is_llama(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "llama" in process.name()
+    return False
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+class Mesh:
+    """The broker and worker processes of the run, restartable one by one, and everything they spawned."""
+
+    def __init__(self, workers: int, heartbeat_ms: int, log_dir: Path) -> None:
+        self.endpoint = free_endpoint()
+        self.heartbeat_ms = heartbeat_ms
+        self.log_dir = log_dir
+        self.broker: Child | None = None
+        self.workers: list[Child | None] = [None] * workers
+        self._serial = count(1)
+        self._spawned: dict[int, psutil.Process] = {}  # every process and sidecar seen, to check none is left
+
+    def start_broker(self, timeout: float = 10.0) -> Child:
+        """Start a broker on the endpoint, retrying while the old one's port is not free yet."""
+        command = [
+            sys.executable,
+            "-m",
+            "qmesh.broker.cli",
+            "--bind",
+            self.endpoint,
+            "--heartbeat-ms",
+            str(self.heartbeat_ms),
+        ]
+        deadline = time.monotonic() + timeout
+        while True:
+            broker = Child("broker", command, self.log_dir / f"broker-{next(self._serial)}.log")
+            self._remember(broker.pid)
+            while broker.alive() and "listening on" not in broker.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if broker.alive():
+                self.broker = broker
+                return broker
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"the broker did not start on {self.endpoint}:\n{broker.log()}")
+            time.sleep(0.2)
+
+    def start_worker(self, index: int) -> Child:
+        command = [
+            sys.executable,
+            "-m",
+            "qmesh.worker.cli",
+            "--model",
+            MODEL,
+            "--broker",
+            self.endpoint,
+            "--slots",
+            "1",
+            "--cpu-threads",
+            "1",
+            "--heartbeat-ms",
+            str(self.heartbeat_ms),
+            "--grace",
+            "5",
+        ]
+        home = self.log_dir / f"home-{index}"  # its own persistent worker id, as on its own machine
+        env = {**os.environ, "QMESH_HOME": str(home)}
+        worker = Child(f"worker {index}", command, self.log_dir / f"worker{index}-{next(self._serial)}.log", env)
+        self.workers[index] = worker
+        self._remember(worker.pid)
+        return worker
+
+    def live_workers(self) -> list[tuple[int, Child]]:
+        return [(i, w) for i, w in enumerate(self.workers) if w is not None and w.alive()]
+
+    def remember_sidecars(self) -> None:
+        for _, worker in self.live_workers():
+            for sidecar in worker.sidecars():
+                self._spawned.setdefault(sidecar.pid, sidecar)
+
+    def _remember(self, pid: int) -> None:
+        with contextlib.suppress(psutil.Error):
+            self._spawned[pid] = psutil.Process(pid)
+
+    def stop(self, grace: float = 15.0) -> list[str]:
+        """SIGTERM workers then the broker, SIGKILL what is left after ``grace``; returns what survived."""
+        self.remember_sidecars()
+        children = [w for w in self.workers if w is not None] + ([self.broker] if self.broker else [])
+        for child in children:
+            if child.alive():
+                child.popen.terminate()
+        deadline = time.monotonic() + grace
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if child.alive():
+                print(f"chaos: {child.name} (pid {child.pid}) ignored SIGTERM; killing it", file=sys.stderr)
+                child.kill()
+        time.sleep(0.5)  # sidecars die with their worker (parent-death signal): give the kernel a moment
+        leftovers = []
+        for process in self._spawned.values():
+            with contextlib.suppress(psutil.Error):
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    leftovers.append(f"{process.name()} (pid {process.pid})")
+                    process.kill()
+        return leftovers
+
+
+# ---------------------------------------------------------------------------------------------- traffic
+
+
+@dataclass(slots=True)
+class Outcome:
+    index: int
+    prompt: str
+    kind: str  # "answered", "failed", "lost", "hung"
+    code: int | None = None
+    message: str = ""
+    tokens: int = 0  # the FINAL's count
+    token_ids: list[int] = field(default_factory=list)  # what was streamed
+    text: str = ""
+    failovers: int = 0
+    resumes: int = 0  # times the SDK sent it again after losing the broker
+    worker: str | None = None
+
+
+def judge(index: int, request: Request, max_tokens: int) -> Outcome:
+    """Classify a finished request: an error is explicit; a success must agree with what was streamed."""
+    result = request.result()
+    token_ids = [t for chunk in request.chunks for t in chunk.tokens]
+    outcome = Outcome(
+        index,
+        request.generation.prompt or "",
+        "answered",
+        tokens=result.tokens,
+        token_ids=token_ids,
+        text=result.text,
+        failovers=result.failovers,
+        resumes=request.resumes,
+        worker=result.worker,
+    )
+    if result.error is not None:
+        outcome.kind, outcome.code, outcome.message = "failed", result.error.code, str(result.error)
+        return outcome
+    problems = []
+    if result.tokens != len(token_ids):
+        problems.append(f"FINAL says {result.tokens} tokens, {len(token_ids)} were streamed")
+    if not result.text:
+        problems.append("empty text")
+    if len(token_ids) > max_tokens:
+        problems.append(f"{len(token_ids)} tokens streamed, max_tokens was {max_tokens}")
+    if result.finish_reason == "length" and len(token_ids) != max_tokens:
+        problems.append(f"finish_reason length after {len(token_ids)} of {max_tokens} tokens")
+    if problems:
+        outcome.kind, outcome.message = "lost", "; ".join(problems)
+    return outcome
+
+
+class Traffic(threading.Thread):
+    """Sends the prompts, ``concurrency`` at a time, and judges each one as it ends or passes its deadline."""
+
+    def __init__(self, endpoint: str, prompts: list[str], concurrency: int, max_tokens: int, deadline: float) -> None:
+        super().__init__(name="chaos-traffic", daemon=True)
+        self.endpoint = endpoint
+        self.prompts = prompts
+        self.concurrency = concurrency
+        self.max_tokens = max_tokens
+        self.deadline = deadline
+        self.outcomes: list[Outcome] = []
+        self.sent = 0
+        self.streaming: list[str] = []  # names of the workers streaming a request right now (for the chaos)
+        self.crash: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    @property
+    def finished(self) -> int:
+        return len(self.outcomes)
+
+    def run(self) -> None:
+        try:
+            # The SDK's own timeout is past our hard deadline, so that a hang shows as a hang, not as a 504.
+            with QMeshClient(self.endpoint, timeout=self.deadline + 60, connect_timeout=10) as client:
+                self._pump(client)
+        except BaseException as exc:  # reported as the run's failure, never swallowed
+            self.crash = exc
+
+    def _pump(self, client: QMeshClient) -> None:
+        waiting = collections.deque(enumerate(self.prompts))
+        in_flight: dict[int, tuple[Request, float]] = {}
+        while (waiting or in_flight) and not self._stop_event.is_set():
+            while waiting and len(in_flight) < self.concurrency:
+                index, prompt = waiting.popleft()
+                request = client.submit(prompt, model=MODEL, max_tokens=self.max_tokens, temperature=0)
+                in_flight[index] = (request, time.monotonic() + self.deadline)
+                self.sent += 1
+            client.poll(0.1)
+            now = time.monotonic()
+            for index, (request, deadline) in list(in_flight.items()):
+                if request.done:
+                    self.outcomes.append(judge(index, request, self.max_tokens))
+                elif now >= deadline:
+                    self.outcomes.append(self._hung(index, request, f"no FINAL within {self.deadline:g} s"))
+                    request.cancel()
+                else:
+                    continue
+                del in_flight[index]
+            self.streaming = [r.status.get("worker", "") for r, _ in in_flight.values() if r.chunks and not r.done]
+        for index, (request, _) in in_flight.items():  # stopped early: what has not ended is hung
+            self.outcomes.append(self._hung(index, request, "still running when the run was stopped"))
+
+    @staticmethod
+    def _hung(index: int, request: Request, why: str) -> Outcome:
+        token_ids = [t for chunk in request.chunks for t in chunk.tokens]
+        return Outcome(index, request.generation.prompt or "", "hung", message=why, token_ids=token_ids)
+
+
+# ---------------------------------------------------------------------------------------------- chaos
+
+
+@dataclass(slots=True)
+class Event:
+    kind: str  # "worker", "sidecar" or "broker"
+    after: int  # requests that must have ended before it is armed
+    armed_at: float | None = None
+
+
+class Chaos:
+    """Fires the planned events from the main thread (which owns every process) and restarts killed workers."""
+
+    VICTIM_WAIT = 3.0  # seconds an armed event waits for a request to be streaming before it fires anyway
+    QUIET = 2.0  # seconds between two events, so that each one's recovery is visible on its own
+
+    def __init__(self, mesh: Mesh, traffic: Traffic, rng: random.Random, plan: list[Event], started: float) -> None:
+        self.mesh, self.traffic, self.rng, self.plan = mesh, traffic, rng, plan
+        self.started = started
+        self.restarts: dict[int, float] = {}  # worker index -> when to start it again
+        self.done: collections.Counter[str] = collections.Counter()
+        self._quiet_until = 0.0
+
+    def say(self, text: str) -> None:
+        print(f"chaos: t+{time.monotonic() - self.started:6.1f}s {text}", flush=True)
+
+    def step(self) -> None:
+        now = time.monotonic()
+        for index, when in list(self.restarts.items()):
+            if now >= when:
+                del self.restarts[index]
+                self.say(f"restart worker {index} (pid {self.mesh.start_worker(index).pid})")
+        self.mesh.remember_sidecars()
+        if not self.plan or now < self._quiet_until or self.traffic.finished < self.plan[0].after:
+            return
+        event = self.plan[0]
+        if event.armed_at is None:
+            event.armed_at = now
+        streaming = self._streaming_pids()
+        if not streaming and now - event.armed_at < self.VICTIM_WAIT:
+            return
+        if getattr(self, f"_fire_{event.kind}")(streaming):
+            self.plan.pop(0)
+            self.done[event.kind] += 1
+            self._quiet_until = time.monotonic() + self.QUIET
+
+    def finish(self, restart: bool) -> None:
+        """Start at once the workers still waiting for their restart (if ``restart``), so that the mesh ends whole."""
+        for index in list(self.restarts):
+            del self.restarts[index]
+            if restart:
+                self.say(f"restart worker {index} (pid {self.mesh.start_worker(index).pid}) for the end of the run")
+
+    def _streaming_pids(self) -> set[int]:
+        pids = set()
+        for name in self.traffic.streaming:
+            with contextlib.suppress(ValueError, IndexError):
+                pids.add(int(name.split("/")[-2]))  # worker names are host/pid/thread
+        return pids
+
+    def _pick(self, candidates: list[tuple[int, Child]], streaming: set[int]) -> tuple[int, Child] | None:
+        busy = [c for c in candidates if c[1].pid in streaming]
+        pool = busy or candidates
+        return self.rng.choice(pool) if pool else None
+
+    def _fire_worker(self, streaming: set[int]) -> bool:
+        victim = self._pick(self.mesh.live_workers(), streaming)
+        if victim is None:
+            return False
+        index, worker = victim
+        worker.kill()
+        delay = self.rng.uniform(2.0, 5.0)
+        self.restarts[index] = time.monotonic() + delay
+        mid = "mid-stream" if worker.pid in streaming else "idle"
+        self.say(f"SIGKILL worker {index} (pid {worker.pid}, {mid}); restart in {delay:.1f} s")
+        return True
+
+    def _fire_sidecar(self, streaming: set[int]) -> bool:
+        with_sidecar = [(i, w) for i, w in self.mesh.live_workers() if w.sidecars()]
+        victim = self._pick(with_sidecar, streaming)
+        if victim is None:
+            return False
+        index, worker = victim
+        sidecars = worker.sidecars()
+        if not sidecars:
+            return False
+        with contextlib.suppress(psutil.Error):
+            sidecars[0].kill()
+        mid = "mid-stream" if worker.pid in streaming else "idle"
+        self.say(f"SIGKILL llama-server pid {sidecars[0].pid} of worker {index} ({mid})")
+        return True
+
+    def _fire_broker(self, streaming: set[int]) -> bool:
+        assert self.mesh.broker is not None
+        old = self.mesh.broker.pid
+        self.mesh.broker.kill()
+        new = self.mesh.start_broker()
+        self.say(f"SIGKILL broker (pid {old}, {len(streaming)} worker(s) streaming); new broker pid {new.pid}")
+        return True
+
+
+def make_plan(rng: random.Random, prompts: int, worker_kills: int, sidecar_kills: int) -> list[Event]:
+    """Events in a random order, armed after random numbers of answers spread over the run."""
+    kinds = ["worker"] * worker_kills + ["sidecar"] * sidecar_kills + ["broker"]
+    rng.shuffle(kinds)
+    low, high = max(1, prompts // 10), max(1, prompts * 8 // 10)
+    marks = sorted(rng.randint(low, high) for _ in kinds)
+    return [Event(kind, mark) for kind, mark in zip(kinds, marks, strict=True)]
+
+
+def make_prompts(rng: random.Random, n: int) -> list[str]:
+    return [rng.choice(TASKS).format(rng.choice(SUBJECTS)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def wait_for_workers(endpoint: str, workers: int, timeout: float) -> bool:
+    """True once ``workers`` workers of the model are registered with the broker."""
+    deadline = time.monotonic() + timeout
+    with QMeshClient(endpoint, connect_timeout=5) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(QMeshError):
+                if client.models().get(MODEL, {}).get("workers", 0) >= workers:
+                    return True
+            time.sleep(0.2)
+    return False
+
+
+def registered_workers(endpoint: str) -> int:
+    with contextlib.suppress(QMeshError), QMeshClient(endpoint, connect_timeout=5) as client:
+        return int(client.models().get(MODEL, {}).get("workers", 0))
+    return 0
+
+
+def check_seams(endpoint: str, outcomes: list[Outcome], max_tokens: int) -> list[str]:
+    """Ask again, on the calm mesh, every prompt that failed over; temperature 0 must give the same tokens.
+
+    The seam is where the stream moved to another worker: text lost or repeated there shows up as a difference.
+    """
+    mismatches = []
+    with QMeshClient(endpoint, timeout=120, connect_timeout=5) as client:
+        for outcome in outcomes:
+            again = client.submit(outcome.prompt, model=MODEL, max_tokens=max_tokens, temperature=0)
+            result = again.result()
+            calm = [t for chunk in again.chunks for t in chunk.tokens]
+            if result.ok and calm != outcome.token_ids:
+                at = next(
+                    (i for i, (a, b) in enumerate(zip(calm, outcome.token_ids, strict=False)) if a != b),
+                    min(len(calm), len(outcome.token_ids)),
+                )
+                mismatches.append(f"#{outcome.index} differs from token {at}: {outcome.text!r} vs {result.text!r}")
+    return mismatches
+
+
+def report(args: argparse.Namespace, traffic: Traffic, chaos: Chaos, extra: dict[str, str]) -> tuple[int, int]:
+    """Print the table; returns (lost, hung)."""
+    by_kind = collections.Counter(o.kind for o in traffic.outcomes)
+    codes = collections.Counter(o.code for o in traffic.outcomes if o.kind == "failed")
+    failovers = sum(o.failovers for o in traffic.outcomes)
+    moved = sum(1 for o in traffic.outcomes if o.failovers)
+    resumed = sum(1 for o in traffic.outcomes if o.resumes)
+    kills = ", ".join(f"{k} {chaos.done[k]}" for k in ("worker", "sidecar", "broker"))
+    rows = [
+        ("sent", f"{traffic.sent} of {args.prompts}"),
+        ("answered", str(by_kind["answered"])),
+        ("failed (explicit error)", f"{by_kind['failed']}" + (f"  ({_codes(codes)})" if codes else "")),
+        ("lost", str(by_kind["lost"])),
+        ("hung", str(by_kind["hung"])),
+        ("failovers (sum)", f"{failovers}  ({moved} request(s) moved; {resumed} resumed by the SDK)"),
+        ("kills done", f"{kills}  (planned: {args.worker_kills}, {args.sidecar_kills}, 1)"),
+        *extra.items(),
+    ]
+    print()
+    print(
+        f"QMesh chaos run: seed {args.seed}, {args.prompts} prompts, {args.workers} workers, "
+        f"max_tokens {args.max_tokens}, concurrency {args.concurrency}"
+    )
+    for name, value in rows:
+        print(f"  {name:<26} {value}")
+    for outcome in traffic.outcomes:
+        if outcome.kind in ("failed", "lost", "hung"):
+            print(f"  {outcome.kind} #{outcome.index}: {outcome.message}")
+    return by_kind["lost"], by_kind["hung"]
+
+
+def _codes(codes: collections.Counter) -> str:
+    return ", ".join(f"{code} x{n}" for code, n in sorted(codes.items(), key=lambda kv: str(kv[0])))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=40, help="prompts to send (default 40)")
+    parser.add_argument("--workers", type=int, default=3, help="worker processes, 1 slot each (default 3)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the chaos and the prompts (default: random)")
+    parser.add_argument("--duration-limit", type=float, default=600.0, help="seconds for the whole run (default 600)")
+    parser.add_argument("--max-tokens", type=int, default=48, help="per prompt (default 48)")
+    parser.add_argument("--concurrency", type=int, default=4, help="prompts in flight at once (default 4)")
+    parser.add_argument("--worker-kills", type=int, default=2, help="worker processes to SIGKILL (default 2)")
+    parser.add_argument("--sidecar-kills", type=int, default=2, help="llama-servers to SIGKILL (default 2)")
+    parser.add_argument("--heartbeat-ms", type=int, default=300, help="broker and worker heartbeat (default 300)")
+    parser.add_argument(
+        "--request-deadline",
+        type=float,
+        default=120.0,
+        help="seconds after which a request without FINAL counts as hung (default 120)",
+    )
+    parser.add_argument("--no-seam-check", action="store_true", help="skip re-asking failed-over prompts calmly")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the process logs even when the run passes")
+    args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1_000_000)
+    if args.prompts < 1 or args.workers < 1 or args.concurrency < 1:
+        parser.error("--prompts, --workers and --concurrency must be at least 1")
+    return args
+
+
+def _terminate(*_: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: stop like Ctrl-C, through the same clean-up
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (a bg job)
+    started = time.monotonic()
+    hard_stop = started + args.duration_limit
+    rng = random.Random(args.seed)
+    log_dir = Path(tempfile.mkdtemp(prefix="qmesh-chaos-"))
+    mesh = Mesh(args.workers, args.heartbeat_ms, log_dir)
+    prompts = make_prompts(rng, args.prompts)
+    traffic = Traffic(mesh.endpoint, prompts, args.concurrency, args.max_tokens, args.request_deadline)
+    chaos = Chaos(mesh, traffic, rng, make_plan(rng, args.prompts, args.worker_kills, args.sidecar_kills), started)
+    status, extra = 1, {}
+    print(f"chaos: seed {args.seed}; broker {mesh.endpoint}; logs in {log_dir}", flush=True)
+    try:
+        mesh.start_broker()
+        for index in range(args.workers):
+            mesh.start_worker(index)
+        if not wait_for_workers(mesh.endpoint, args.workers, max(1.0, min(180.0, hard_stop - time.monotonic()))):
+            print(f"chaos: the workers did not all register; see {log_dir}", file=sys.stderr)
+            return 2
+        chaos.say(f"{args.workers} workers registered; sending {args.prompts} prompts")
+        traffic.start()
+        while traffic.is_alive():
+            if time.monotonic() >= hard_stop:
+                chaos.say(f"duration limit of {args.duration_limit:g} s reached; stopping")
+                traffic.stop()
+                traffic.join(timeout=10)
+                break
+            chaos.step()
+            traffic.join(timeout=0.1)
+        chaos.finish(restart=time.monotonic() < hard_stop)
+        if traffic.crash is not None:
+            raise RuntimeError(f"the traffic thread crashed: {traffic.crash!r}") from traffic.crash
+        extra = after_run(args, mesh, traffic, hard_stop)
+        lost, hung = report(args, traffic, chaos, extra)
+        status = 0 if lost == 0 and hung == 0 and traffic.sent == args.prompts else 1
+    except KeyboardInterrupt:
+        print("\nchaos: interrupted; stopping everything", file=sys.stderr)
+        traffic.stop()
+        status = 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        traffic.stop()
+        leftovers = mesh.stop()
+        if leftovers:
+            print(f"chaos: killed leftover processes: {', '.join(leftovers)}", file=sys.stderr)
+            status = status or 1
+        if status == 0 and not args.keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            print(f"chaos: logs kept in {log_dir}", file=sys.stderr)
+    verdict = {0: "PASS", 130: "INTERRUPTED"}.get(status, "FAIL")
+    print(f"chaos: {verdict} in {time.monotonic() - started:.1f} s", flush=True)
+    return status
+
+
+def after_run(args: argparse.Namespace, mesh: Mesh, traffic: Traffic, hard_stop: float) -> dict[str, str]:
+    """Figures taken once the traffic is over: the mesh whole again, and the seams compared with calm runs."""
+    whole = wait_for_workers(mesh.endpoint, args.workers, max(1.0, min(60.0, hard_stop - time.monotonic())))
+    extra = {
+        "workers registered at end": f"{registered_workers(mesh.endpoint)}/{args.workers}"
+        + ("" if whole else " (not all came back)")
+    }
+    moved = [o for o in traffic.outcomes if o.kind == "answered" and o.failovers]
+    if not args.no_seam_check and moved and time.monotonic() < hard_stop:
+        mismatches = check_seams(mesh.endpoint, moved, args.max_tokens)
+        extra["seams equal to calm rerun"] = f"{len(moved) - len(mismatches)}/{len(moved)}"
+        for line in mismatches:
+            print(f"chaos: seam differs: {line}")
+    return extra
+
+
+if __name__ == "__main__":
+    sys.exit(main())

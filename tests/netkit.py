@@ -1,0 +1,255 @@
+"""Test hosts as Linux network namespaces joined by veth pairs, and processes run inside them.
+
+Each namespace stands for a machine: its own interfaces, its own loopback (llama-server binds 127.0.0.1 inside
+it), and links that a test can cut with ``ip link set ... down``. Everything is created under one unique prefix
+and removed by ``Network.close()``; addresses come from 10.231.0.0/16, used only inside these namespaces.
+
+Run as a program (inside a namespace), this file is a tiny SDK client that prints JSON lines:
+``python netkit.py stream ENDPOINT PROMPT MAX_TOKENS`` or ``python netkit.py workers ENDPOINT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBNET = "10.231"
+
+
+def netns_unavailable() -> str | None:
+    """Why this machine cannot host namespaced test hosts, or None if it can (checked by making one)."""
+    if os.geteuid() != 0:
+        return f"running as uid {os.geteuid()}, not root"
+    if shutil.which("ip") is None:
+        return "the `ip` command is missing (`apt-get install -y iproute2` provides it)"
+    probe = f"qmt-{os.getpid()}-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"`ip netns add` failed: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def remove_stale() -> None:
+    """Delete namespaces left by test processes that died without cleaning up (their pid is in the name)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in re.findall(r"^(qmt-(\d+)-\S+)", listing, flags=re.MULTILINE):
+        if not Path(f"/proc/{name[1]}").exists():
+            subprocess.run(["ip", "netns", "del", name[0]], capture_output=True)
+
+
+def ip(*args: str) -> None:
+    """Run ``ip`` and fail loudly: a half-built network would make the test's failure meaningless."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+
+    def exec(self, *argv: str) -> list[str]:
+        """The command line that runs ``argv`` inside this namespace (``ip netns exec`` execs, keeping the pid)."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+
+@dataclass(frozen=True)
+class Link:
+    """One veth pair: ``left`` side (address ``.1``) in one namespace, ``right`` (``.2``) in another."""
+
+    left: Namespace
+    left_dev: str
+    left_addr: str
+    right: Namespace
+    right_dev: str
+    right_addr: str
+
+    def set_right(self, up: bool) -> None:
+        """Cut or restore the link at the right side, as if that machine's cable were pulled."""
+        ip("-n", self.right.name, "link", "set", self.right_dev, "up" if up else "down")
+
+
+class Network:
+    """Namespaces and veth links under one prefix (unique per test process), removed by ``close()``."""
+
+    def __init__(self) -> None:
+        self.prefix = f"qmt-{os.getpid()}"
+        self._dev_prefix = f"qmt{os.getpid()}"  # interface names are limited to 15 characters
+        self.namespaces: list[Namespace] = []
+        self._links = 0
+
+    def add_host(self, suffix: str) -> Namespace:
+        namespace = Namespace(f"{self.prefix}-{suffix}")
+        ip("netns", "add", namespace.name)
+        self.namespaces.append(namespace)
+        ip("-n", namespace.name, "link", "set", "lo", "up")
+        return namespace
+
+    def connect(self, left: Namespace, right: Namespace) -> Link:
+        """A point-to-point /30 between two namespaces; made inside them, so it never appears in ours."""
+        self._links += 1
+        n = self._links
+        left_dev, right_dev = f"{self._dev_prefix}l{n}", f"{self._dev_prefix}r{n}"
+        left_addr, right_addr = f"{SUBNET}.{n}.1", f"{SUBNET}.{n}.2"
+        ip("-n", left.name, "link", "add", left_dev, "type", "veth", "peer", "name", right_dev, "netns", right.name)
+        for namespace, dev, addr in ((left, left_dev, left_addr), (right, right_dev, right_addr)):
+            ip("-n", namespace.name, "addr", "add", f"{addr}/30", "dev", dev)
+            ip("-n", namespace.name, "link", "set", dev, "up")
+        return Link(left, left_dev, left_addr, right, right_dev, right_addr)
+
+    def close(self) -> None:
+        """Delete the namespaces (and with them their veths). Stop the processes inside them first."""
+        for namespace in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", namespace.name], capture_output=True)
+        self.namespaces.clear()
+
+
+class HostProcess:
+    """A process run inside a namespace, its output in a log file; ``stop()`` is bounded and always reaps it."""
+
+    def __init__(self, namespace: Namespace, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                namespace.exec(*argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process.wait(timeout=10)
+
+
+class JsonLines:
+    """A client program run inside a namespace that reports on stdout, one JSON object a line."""
+
+    def __init__(self, namespace: Namespace, *args: str, log_path: Path) -> None:
+        argv = [sys.executable, str(Path(__file__).resolve()), *args]
+        self.log_path = log_path  # stderr goes to a file, not a pipe: a chatty client can never block on it
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                namespace.exec(*argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        """The next object; AssertionError (with the program's stderr) if it ends or stays silent first."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output from the client within {timeout:g} s") from None
+        if line is None:
+            self.process.wait(timeout=5)
+            stderr = self.log_path.read_text(errors="replace")
+            raise AssertionError(f"the client ended (status {self.process.returncode}) early:\n{stderr}")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def run_json(namespace: Namespace, *args: str, timeout: float = 30) -> Any:
+    """Run this file's client once inside ``namespace`` and return its last JSON line."""
+    argv = [sys.executable, str(Path(__file__).resolve()), *args]
+    done = subprocess.run(namespace.exec(*argv), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if done.returncode != 0:
+        raise AssertionError(f"client {args} failed with {done.returncode}:\n{done.stderr}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- the client program
+
+
+def _emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def _stream(endpoint: str, prompt: str, max_tokens: int) -> None:
+    """One request: a line per chunk (with the worker serving it), then the result and every streamed token id."""
+    from qmesh.client.sdk import QMeshClient
+
+    with QMeshClient(endpoint, timeout=60, connect_timeout=10) as client:
+        request = client.submit(prompt, model="smollm2-135m", max_tokens=max_tokens, temperature=0)
+        reported = 0
+        while not request.done:
+            client.poll(0.05)
+            if len(request.chunks) > reported:
+                reported = len(request.chunks)
+                tokens = sum(len(chunk.tokens) for chunk in request.chunks)
+                _emit(event="chunk", chunks=reported, tokens=tokens, worker=request.status.get("worker"))
+        result = request.result()
+        _emit(
+            event="result",
+            error=None if result.error is None else str(result.error),
+            text=result.text,
+            tokens=result.tokens,
+            failovers=result.failovers,
+            worker=result.worker,
+            token_ids=[token for chunk in request.chunks for token in chunk.tokens],
+        )
+
+
+def _workers(endpoint: str) -> None:
+    from qmesh.client.sdk import QMeshClient
+
+    with QMeshClient(endpoint, connect_timeout=5) as client:
+        _emit(workers=[worker["name"] for worker in client.workers()])
+
+
+def main(argv: list[str]) -> int:
+    command, endpoint, *rest = argv
+    if command == "stream":
+        _stream(endpoint, rest[0], int(rest[1]))
+    elif command == "workers":
+        _workers(endpoint)
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,224 @@
+"""CurveZMQ: encryption and authentication with allow-lists, end to end with real sockets and llama-server."""
+
+from __future__ import annotations
+
+import select
+import shutil
+import socket
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+import zmq
+
+from meshkit import MODEL, BrokerThread, free_endpoint, wait_for, worker_settings, worker_threads
+from qmesh.broker.security import BrokerSecurity, is_loopback
+from qmesh.client.sdk import QMeshClient
+from qmesh.common import protocol as p
+from qmesh.common.errors import BrokerUnreachable, ConfigError
+from qmesh.common.keys import CurveClientKeys, generate_keys, load_keypair, read_allow_list
+from qmesh.worker.node import WorkerNode
+
+SECRET_PROMPT = "The launch code is swordfish-tango-42."
+
+
+class Keyring:
+    """A broker key, worker and client allow-lists, and keys on and off them, in a temporary directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.workers, self.clients = root / "allow-workers", root / "allow-clients"
+        self.workers.mkdir()
+        self.clients.mkdir()
+        self.broker_public, self.broker_secret = generate_keys(root / "broker")
+        for name, allow in (("worker", self.workers), ("client", self.clients)):
+            public, _ = generate_keys(root / name)
+            shutil.copy(public, allow / public.name)
+        generate_keys(root / "stranger")
+
+    def keys(self, name: str, broker_key: Path | None = None) -> CurveClientKeys:
+        return CurveClientKeys.load(self.root / f"{name}.key_secret", broker_key or self.broker_public)
+
+    def security(self) -> BrokerSecurity:
+        return BrokerSecurity(self.broker_secret, self.workers, self.clients)
+
+
+@pytest.fixture
+def keyring(tmp_path):
+    return Keyring(tmp_path)
+
+
+class RecordingProxy:
+    """A TCP forwarder between a client and the broker that keeps every byte it carries: the eavesdropper."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.recorded = bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                inbound, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by close()
+                return
+            outbound = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(inbound, outbound), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        peers = {a: b, b: a}
+        while not self._stop.is_set():
+            readable, _, _ = select.select(list(peers), [], [], 0.2)
+            for source in readable:
+                data = source.recv(65536)
+                if not data:
+                    a.close()
+                    b.close()
+                    return
+                self.recorded += data
+                peers[source].sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
+def test_an_eavesdropper_sees_the_prompt_only_without_curve(keyring, curve):
+    security = keyring.security() if curve else None
+    worker_keys = keyring.keys("worker") if curve else None
+    client_keys = keyring.keys("client") if curve else None
+    with (
+        BrokerThread(security=security) as broker,
+        worker_threads(broker.endpoint, watcher_curve=client_keys, curve=worker_keys, slots=1),
+    ):
+        proxy = RecordingProxy(_port(broker.endpoint))
+        try:
+            with QMeshClient(proxy.endpoint, timeout=60, curve=client_keys) as client:
+                assert client.generate(SECRET_PROMPT, model=MODEL, max_tokens=8).text.strip()
+        finally:
+            proxy.close()
+    assert len(proxy.recorded) > 200, "the proxy should have carried the conversation"
+    assert (b"swordfish" in proxy.recorded) is not curve
+
+
+def test_keys_on_and_off_the_lists(keyring):
+    with (
+        BrokerThread(security=keyring.security()) as broker,
+        worker_threads(broker.endpoint, watcher_curve=keyring.keys("client"), curve=keyring.keys("worker"), slots=1),
+    ):
+        with QMeshClient(broker.endpoint, timeout=60, curve=keyring.keys("client")) as client:
+            assert client.generate("Say hi.", model=MODEL, max_tokens=4).text.strip()
+
+        # An unlisted client gets a clear refusal, and no answer.
+        with QMeshClient(broker.endpoint, connect_timeout=2, curve=keyring.keys("stranger")) as stranger:
+            with pytest.raises(BrokerUnreachable, match="refused this key"):
+                stranger.models()
+            result = stranger.submit("Say hi.", model=MODEL, max_tokens=4).result()
+            assert result.error is not None and "allow-list" in result.error.message
+
+        # A worker key used as a client key is not a client.
+        with QMeshClient(broker.endpoint, connect_timeout=2, curve=keyring.keys("worker")) as impostor:
+            result = impostor.submit("Say hi.", model=MODEL, max_tokens=4).result()
+            assert result.error is not None and result.error.code == p.FORBIDDEN
+
+        # A wrong broker key is a clear error within the timeout.
+        _, wrong = generate_keys(keyring.root / "not-the-broker")
+        lost = QMeshClient(broker.endpoint, connect_timeout=2, curve=keyring.keys("client", wrong))
+        with lost, pytest.raises(BrokerUnreachable, match="wrong --broker-key"):
+            lost.models()
+
+
+def test_an_unlisted_worker_never_gets_a_request(keyring):
+    with BrokerThread(security=keyring.security()) as broker:
+        node = WorkerNode(worker_settings(broker.endpoint, slots=1, curve=keyring.keys("stranger")))
+        node.start()
+        node.join(timeout=60)
+        assert not node.is_alive() and node.failure is not None and "allow-list" in node.failure
+        with QMeshClient(broker.endpoint, connect_timeout=5, curve=keyring.keys("client")) as client:
+            assert client.models() == {}
+
+
+def test_a_worker_key_limited_to_other_models_cannot_register(keyring):
+    limited, _ = generate_keys(keyring.root / "limited", models=["another-model"])
+    shutil.copy(limited, keyring.workers / limited.name)
+    with BrokerThread(security=keyring.security()) as broker:
+        node = WorkerNode(worker_settings(broker.endpoint, slots=1, curve=keyring.keys("limited")))
+        node.start()
+        try:
+            with QMeshClient(broker.endpoint, connect_timeout=5, curve=keyring.keys("client")) as client:
+                wait_for(lambda: node.manager is not None and node.manager.state == "ready", 60, "the sidecar")
+                client.poll(1.0)
+                assert MODEL not in client.models()
+        finally:
+            node.stop()
+            node.join(timeout=30)
+
+
+def test_a_worker_cannot_answer_someone_elses_request(keyring):
+    with (
+        BrokerThread(security=keyring.security()) as broker,
+        worker_threads(broker.endpoint, watcher_curve=keyring.keys("client"), curve=keyring.keys("worker"), slots=1),
+        QMeshClient(broker.endpoint, timeout=60, curve=keyring.keys("client")) as client,
+    ):
+        rogue = zmq.Context.instance().socket(zmq.DEALER)
+        rogue.linger = 0
+        keyring.keys("worker").apply(rogue)  # a listed worker key, gone bad
+        rogue.connect(broker.endpoint)
+        rogue.send_multipart(p.ready("rogue-service", {"slots": 1}))
+        request = client.submit("Count to ten.", model=MODEL, max_tokens=24, temperature=0)
+        wait_for(lambda: client.poll(0.05) or request.chunks, 60, "the real answer to start")
+        for key in range(1, 64):  # route keys are opaque, but try the likely ones
+            route_key = key.to_bytes(8, "big")
+            rogue.send_multipart(p.worker_reply(False, route_key, [p.pack({"text": "INJECTED", "tokens": [1]})]))
+            rogue.send_multipart(p.worker_reply(True, route_key, [p.error_body(502, "INJECTED")]))
+        result = request.result()
+        rogue.close()
+    assert result.ok, result.error
+    assert "INJECTED" not in result.text
+
+
+def test_removing_a_key_takes_effect_without_a_restart(keyring):
+    with (
+        BrokerThread(security=keyring.security()) as broker,
+        worker_threads(broker.endpoint, watcher_curve=keyring.keys("client"), curve=keyring.keys("worker"), slots=1),
+        QMeshClient(broker.endpoint, timeout=30, connect_timeout=5, curve=keyring.keys("client")) as client,
+    ):
+        assert client.generate("Say hi.", model=MODEL, max_tokens=4).ok
+        (keyring.clients / "client.key").unlink()
+        broker.broker.reload_keys()  # what SIGHUP does
+        result = wait_for(
+            lambda: (r := client.submit("Say hi.", model=MODEL, max_tokens=4).result()).error and r, 10, "refusal"
+        )
+        assert result.error.code == p.FORBIDDEN
+
+
+def test_key_files(tmp_path):
+    public, secret = generate_keys(tmp_path / "keys" / "node", models=["a", "b"])
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert load_keypair(secret).public == zmq.auth.load_certificate(public)[0]
+    assert read_allow_list(public.parent)[load_keypair(secret).public].models == frozenset({"a", "b"})
+    with pytest.raises(ConfigError, match="already exists"):
+        generate_keys(tmp_path / "keys" / "node")
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_keypair(secret)
+    with pytest.raises(ConfigError, match="no secret key"):
+        load_keypair(public)
+
+
+def test_loopback_endpoints():
+    assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:5")
+    assert is_loopback("ipc:///tmp/x") and not is_loopback("tcp://0.0.0.0:5555") and not is_loopback("tcp://*:5")
+    assert not is_loopback(free_endpoint().replace("127.0.0.1", "10.1.2.3"))
