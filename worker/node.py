@@ -144,13 +144,15 @@ class WorkerNode(threading.Thread):
         self._connect()
         broker_expires = time.monotonic() + ttl
         next_heartbeat = time.monotonic() + s.heartbeat_interval
+        poller, polled_dealer = zmq.Poller(), None
+        poller.register(pull, zmq.POLLIN)
         while True:
-            poller = zmq.Poller()
-            poller.register(pull, zmq.POLLIN)
-            if self._dealer is not None:
-                poller.register(self._dealer, zmq.POLLIN)
-            if self._dealer_events is not None:
-                poller.register(self._dealer_events, zmq.POLLIN)
+            if polled_dealer is not self._dealer:  # a new connection: poll its socket instead of the old one
+                poller = zmq.Poller()
+                for socket_ in (pull, self._dealer, self._dealer_events):
+                    if socket_ is not None:
+                        poller.register(socket_, zmq.POLLIN)
+                polled_dealer = self._dealer
             wait = max(0.0, min(next_heartbeat - time.monotonic(), 0.25))
             ready = dict(poller.poll(wait * 1000))
             if self._dealer is not None and self._dealer in ready and self._drain_broker():
@@ -176,7 +178,8 @@ class WorkerNode(threading.Thread):
                 drain_deadline = now + s.grace
                 next_heartbeat = now  # tell the broker at once that we take no more work
             if drain_deadline is not None and (not self._jobs or now >= drain_deadline):
-                self._end_jobs(p.WORKER_FAILED, "the worker shut down before the answer was complete")
+                if self._jobs:  # out of time: DISCONNECT (in run's cleanup) makes the broker resume them elsewhere
+                    log.warning("%s: %d request(s) handed back to the broker", self.worker_name, len(self._jobs))
                 return
             if now >= next_heartbeat:
                 self._send_heartbeat(draining=drain_deadline is not None)
@@ -339,12 +342,6 @@ class WorkerNode(threading.Thread):
             "host": socket.gethostname(),
         }
         self._send_to_broker(p.heartbeat(load))
-
-    def _end_jobs(self, code: int, message: str) -> None:
-        for route_key, job in list(self._jobs.items()):
-            job.cancel()
-            self._send_to_broker(p.worker_reply(True, route_key, [p.error_body(code, message)]))
-        self._jobs.clear()
 
     # ------------------------------------------------------------------------------------------ sidecar
 
