@@ -10,12 +10,15 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import typer
 
 from qmesh.client.sdk import DEFAULT_BROKER, QMeshClient, Request, Result
+from qmesh.common.config import config_option, version_option
 from qmesh.common.errors import QMeshError
+from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 
 app = typer.Typer(add_completion=False, help="Send prompts from stdin through the QMesh broker.")
 
@@ -39,15 +42,26 @@ def run(
         min=1,
         help="Prompts in flight at once (default: the model's slots in the mesh).",
     ),
-    whole: bool = typer.Option(False, "--whole", help="All of stdin is one prompt (default: one prompt per line)."),
-    jsonl: bool = typer.Option(False, "--jsonl", help="One JSON object per prompt instead of plain text."),
-    no_stream: bool = typer.Option(False, "--no-stream", help="Print each answer only once it is complete."),
+    whole: bool = typer.Option(
+        False, "--whole", envvar="QMESH_WHOLE", help="All of stdin is one prompt (default: one prompt per line)."
+    ),
+    jsonl: bool = typer.Option(
+        False, "--jsonl", envvar="QMESH_JSONL", help="One JSON object per prompt instead of plain text."
+    ),
+    no_stream: bool = typer.Option(
+        False, "--no-stream", envvar="QMESH_NO_STREAM", help="Print each answer only once it is complete."
+    ),
     timeout: float = typer.Option(300.0, "--timeout", envvar="QMESH_TIMEOUT", min=0.1, help="Seconds per prompt."),
     connect_timeout: float = typer.Option(
         10.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
     ),
     broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    log_level: LogLevel = log_level_option(LogLevel.warning),
+    log_format: LogFormat = log_format_option(),
+    config: Path = config_option("client"),
+    version: bool = version_option(),
 ) -> None:
+    setup_logging(log_level, log_format)
     text = sys.stdin.read()
     prompts = ([text] if text.strip() else []) if whole else [line for line in text.splitlines() if line.strip()]
     if not prompts:

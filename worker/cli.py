@@ -6,11 +6,13 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import typer
 
+from qmesh.common.config import config_option, version_option
 from qmesh.common.errors import QMeshError
-from qmesh.common.logs import setup_logging
+from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.worker.binary import find_llama_server
 from qmesh.worker.identity import worker_id
 from qmesh.worker.models import resolve_model
@@ -67,9 +69,12 @@ def run(
         min=0.1,
         help="Seconds a stream may wait for a client that reads nothing before it is cancelled.",
     ),
-    log_level: str = typer.Option("info", "--log-level", envvar="QMESH_LOG_LEVEL"),
+    log_level: LogLevel = log_level_option(),
+    log_format: LogFormat = log_format_option(),
+    config: Path = config_option("worker"),
+    version: bool = version_option(),
 ) -> None:
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         model_file = resolve_model(model)
         binary = find_llama_server(llama_server)

@@ -1,0 +1,5 @@
+"""``python -m qmesh.gateway``: the same as ``qmesh-gateway``."""
+
+from qmesh.gateway.cli import main
+
+main()

@@ -1,0 +1,200 @@
+"""The ASGI application: OpenAI's ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` over the mesh.
+
+A request is checked, sent through the bridge, and answered once its first event arrives: an error before the
+first token gets its proper HTTP status (404, 503, 504...); after that the answer streams as server-sent events
+(or is collected for ``stream: false``). An error in the middle of a stream becomes an SSE event with an
+``error`` object. An HTTP client that goes away cancels its generation upstream, whether it was waiting,
+streaming or waiting for a whole answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from qmesh.client.sdk import Result
+from qmesh.common import protocol as p
+from qmesh.common.errors import QMeshError
+from qmesh.gateway.bridge import Bridge, Event, Generation, fetch_models
+from qmesh.gateway.errors import SERVER, APIError, bad_request, from_mesh, invalid_api_key
+from qmesh.gateway.openai_api import Completion, parse_chat, parse_text
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # and no buffering in nginx either
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was complete."""
+
+
+def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
+    """The gateway app; it starts and stops ``bridge`` with its lifespan. No ``api_keys``: no authentication."""
+    keys = [key.encode() for key in api_keys if key]
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        token = given.strip().encode()
+        # Compare with every key so the time taken says nothing about which one (or how much of it) matched.
+        matches = [hmac.compare_digest(token, key) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise invalid_api_key()
+
+    async def list_models(request: Request) -> Response:
+        authorize(request)
+        try:
+            served = await fetch_models(bridge.broker, bridge.connect_timeout)
+        except QMeshError as exc:
+            raise APIError(503, str(exc), SERVER, None, "broker_unreachable") from exc
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "qmesh"}
+            for name, service in sorted(served.items())
+            if service.get("workers")
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        return await _complete(request, bridge, parse_chat(await _json(request)))
+
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        return await _complete(request, bridge, parse_text(await _json(request)))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        bridge.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            bridge.stop()
+
+    routes = [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+
+
+async def _json(request: Request) -> Any:
+    """The body as JSON, read no further than the largest message the mesh takes (413 beyond)."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > p.MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is larger than {p.MAX_BODY_BYTES} bytes", code="request_too_large")
+        parts.append(part)
+    try:
+        return json.loads(b"".join(parts))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+
+
+async def _complete(request: Request, bridge: Bridge, completion: Completion) -> Response:
+    generation = bridge.submit(completion.model, **completion.options)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        first = await _next(generation, watcher)
+        if isinstance(first, Result) and first.error is not None:
+            raise from_mesh(first.error)
+        if completion.stream:
+            watcher.cancel()  # from here Starlette's StreamingResponse watches for the disconnect itself
+            return StreamingResponse(
+                _sse(bridge, generation, completion, first), media_type="text/event-stream", headers=SSE_HEADERS
+            )
+        parts: list[str] = []
+        event = first
+        while isinstance(event, str):
+            parts.append(event)
+            event = await _next(generation, watcher)
+        if event.error is not None:
+            raise from_mesh(event.error)
+        return JSONResponse(completion.response("".join(parts), event))
+    except ClientGone:
+        bridge.cancel(generation)
+        log.info("client went away; cancelled its %s request", completion.model)
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()
+
+
+async def _next(generation: Generation, watcher: asyncio.Future[None]) -> Event:
+    """The next event of a generation, or ClientGone if the client disconnects first."""
+    if not generation.events.empty():
+        return await generation.next()
+    getter = asyncio.ensure_future(generation.next())
+    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    raise ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so only ``http.disconnect`` can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(bridge: Bridge, generation: Generation, completion: Completion, first: Event) -> AsyncIterator[str]:
+    """The stream as server-sent events; leaving it early (a disconnect) cancels the generation."""
+    try:
+        opening = completion.first_chunk()
+        if opening is not None:
+            yield _data(opening)
+        event = first
+        while isinstance(event, str):
+            yield _data(completion.chunk(event))
+            event = await generation.next()
+        if event.error is not None:
+            yield _data(from_mesh(event.error).body())
+        else:
+            yield _data(completion.last_chunk(event))
+            if completion.include_usage:
+                yield _data(completion.usage_chunk(event))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not generation.finished:
+            bridge.cancel(generation)
+            log.info("client went away mid-stream; cancelled its %s request", completion.model)
+
+
+def _data(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and wrong methods, in the same error shape as everything else."""
+    assert isinstance(exc, HTTPException)
+    kind = "invalid_request_error" if exc.status_code < 500 else SERVER
+    return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s", request.url.path, exc_info=exc)
+    return JSONResponse(APIError(500, "internal error in the gateway", SERVER).body(), status_code=500)

@@ -1,0 +1,233 @@
+"""The bridge between the gateway's asyncio event loop and the single-threaded, pump-driven SDK.
+
+One thread owns one ``QMeshClient``, so every HTTP request shares one broker connection. The event loop never
+touches the client: it puts commands (plain callables) on a thread-safe queue and sends one byte on an inproc
+PUSH socket; the bridge's poller watches that socket beside the broker connection, so a new request or a
+cancel is acted on at once instead of at the next poll timeout. After each wake-up the bridge hands the new
+chunks and finished results of all its requests to the event loop in one ``call_soon_threadsafe`` batch, where
+they land in each request's ``asyncio.Queue``.
+
+Flow control: the SDK grants the worker credit as chunks reach this thread, not as the HTTP client reads
+them, so a slow HTTP client costs the gateway at most one answer's text in memory (bounded by max_tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from qmesh.client.sdk import QMeshClient, Request, Result
+from qmesh.common import protocol as p
+from qmesh.common.errors import MeshError, QMeshError
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25  # upper bound between deadline checks and stop checks when nothing arrives
+_ids = itertools.count()
+
+Event = str | Result  # a text delta, or the end of the generation (``Result.error`` set if it failed)
+Command = Callable[[QMeshClient], None]
+
+
+class Generation:
+    """One HTTP request's generation as the event loop sees it: ``await next()`` until a ``Result``."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.finished = False  # the loop has taken the Result
+        self.request: Request | None = None  # bridge thread only
+        self.delivered = 0  # chunks already handed over; bridge thread only
+
+    async def next(self) -> Event:
+        event = await self.events.get()
+        if isinstance(event, Result):
+            self.finished = True
+        return event
+
+
+class Bridge:
+    """Owns the broker connection in its own thread; ``submit``, ``cancel`` and ``stop`` are called from the loop."""
+
+    def __init__(
+        self,
+        broker: str,
+        *,
+        timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.broker = broker
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._context = context or zmq.Context.instance()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._active: dict[bytes, Generation] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._started = threading.Event()
+        self._failure: QMeshError | None = None
+        endpoint = f"inproc://qmesh-gateway-wake-{next(_ids)}"
+        self._wake_rx = self._context.socket(zmq.PULL)
+        self._wake_rx.bind(endpoint)
+        self._wake_tx = self._context.socket(zmq.PUSH)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.connect(endpoint)
+        self._wake_lock = threading.Lock()  # the PUSH socket is shared by whoever calls in
+        self._thread = threading.Thread(target=self._run, name="qmesh-gateway-bridge", daemon=True)
+
+    # ------------------------------------------------------------------------------------ event-loop side
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Connect (in the bridge thread) and deliver events to ``loop``; raises QMeshError for a bad address."""
+        self._loop = loop
+        self._thread.start()
+        self._started.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    def stop(self) -> None:
+        """Cancel what is in flight (each request ends with a 499 Result) and close the connection."""
+        self._stopping = True
+        if self._thread.is_alive():
+            self._wake()
+            self._thread.join(timeout=10)
+        elif self._thread.ident is None:  # never started
+            self._wake_rx.close(linger=0)
+        with self._wake_lock:
+            self._wake_tx.close(linger=0)
+
+    def submit(self, model: str, **options: Any) -> Generation:
+        """Send a request (``QMeshClient.submit`` options); its events arrive in ``Generation.events``."""
+        generation = Generation(model)
+        if self._stopping or not self._thread.is_alive():
+            error = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
+            generation.events.put_nowait(Result(text="", model=model, error=error))
+            return generation
+        self._call(lambda client: self._submit(client, generation, options))
+        return generation
+
+    def cancel(self, generation: Generation) -> None:
+        """Stop a generation: the broker tells the worker, which frees its llama-server slot."""
+        if not generation.finished:
+            self._call(lambda client: self._cancel(client, generation))
+
+    def _call(self, command: Command) -> None:
+        self._commands.put(command)
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_lock, contextlib.suppress(zmq.Again):  # a full pipe already means "wake up"
+            if not self._wake_tx.closed:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    # ------------------------------------------------------------------------------------ bridge thread
+
+    def _run(self) -> None:
+        try:
+            client = QMeshClient(
+                self.broker, timeout=self.timeout, connect_timeout=self.connect_timeout, context=self._context
+            )
+        except QMeshError as exc:
+            self._failure = exc
+            self._wake_rx.close(linger=0)
+            self._started.set()
+            return
+        # The SDK polls only its own sockets; adding the wake-up socket to its poller lets ``client.poll``
+        # return as soon as the event loop has work for us. (The SDK has no public hook for this yet.)
+        client._poller.register(self._wake_rx, zmq.POLLIN)
+        self._started.set()
+        log.info("gateway sends its requests to the broker at %s", self.broker)
+        try:
+            while not self._stopping:
+                client.poll(POLL_SECONDS)
+                self._drain_wake()
+                self._run_commands(client)
+                self._pump()
+        except Exception:  # a bug: fail what is in flight rather than leave HTTP requests hanging
+            log.exception("gateway bridge crashed")
+        finally:
+            self._run_commands(client)  # requests submitted while we stopped end with a 499 below
+            for generation in self._active.values():
+                if generation.request is not None and not generation.request.done:
+                    client.cancel(generation.request)
+            self._pump()
+            client.close()
+            self._wake_rx.close(linger=0)
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(zmq.Again):
+            while True:
+                self._wake_rx.recv(zmq.NOBLOCK)
+
+    def _run_commands(self, client: QMeshClient) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command(client)
+
+    def _submit(self, client: QMeshClient, generation: Generation, options: dict[str, Any]) -> None:
+        try:
+            generation.request = client.submit(model=generation.model, **options)
+        except QMeshError as exc:  # the one error submit raises: a body larger than any message the mesh takes
+            error = MeshError(p.TOO_LARGE, str(exc))
+            self._deliver([(generation, "", Result(text="", model=generation.model, error=error))])
+            return
+        self._active[generation.request.id] = generation
+
+    def _cancel(self, client: QMeshClient, generation: Generation) -> None:
+        request = generation.request
+        if request is not None and self._active.pop(request.id, None) is not None:
+            client.cancel(request)
+
+    def _pump(self) -> None:
+        """Hand every new chunk and result to the event loop in one batch."""
+        batch: list[tuple[Generation, str, Result | None]] = []
+        for request_id, generation in list(self._active.items()):
+            request = generation.request
+            assert request is not None
+            count = len(request.chunks)
+            text = ""
+            if count > generation.delivered:
+                text = "".join(chunk.text for chunk in request.chunks[generation.delivered : count])
+                generation.delivered = count
+            if request.final is not None:
+                del self._active[request_id]
+            if text or request.final is not None:
+                batch.append((generation, text, request.final))
+        if batch:
+            self._deliver(batch)
+
+    def _deliver(self, batch: list[tuple[Generation, str, Result | None]]) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is waiting
+            self._loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[Generation, str, Result | None]]) -> None:
+    """Runs in the event loop."""
+    for generation, text, final in batch:
+        if text:
+            generation.events.put_nowait(text)
+        if final is not None:
+            generation.events.put_nowait(final)
+
+
+async def fetch_models(broker: str, connect_timeout: float) -> dict[str, dict[str, int]]:
+    """``mmi.services`` on a short-lived connection of its own, so a slow answer never stalls the bridge."""
+
+    def call() -> dict[str, dict[str, int]]:
+        with QMeshClient(broker, connect_timeout=connect_timeout) as client:
+            return client.models()
+
+    return await asyncio.to_thread(call)

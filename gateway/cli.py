@@ -1,0 +1,71 @@
+"""``qmesh-gateway``: serve the OpenAI HTTP API in front of the broker until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+import uvicorn
+
+from qmesh.client.sdk import DEFAULT_BROKER
+from qmesh.common.config import config_option, version_option
+from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
+from qmesh.gateway.app import create_app
+from qmesh.gateway.bridge import Bridge
+
+app = typer.Typer(add_completion=False, help="An OpenAI-compatible HTTP API (/v1/chat/completions...) for the mesh.")
+
+
+def split_keys(values: list[str] | None) -> list[str]:
+    """``--api-key a --api-key b``, ``QMESH_API_KEYS=a,b`` and a TOML list all end up as one list of keys."""
+    return [key.strip() for value in values or [] for key in value.split(",") if key.strip()]
+
+
+@app.command()
+def run(
+    host: str = typer.Option(
+        "127.0.0.1", "--host", envvar="QMESH_GATEWAY_HOST", help="Address to listen on (0.0.0.0: every interface)."
+    ),
+    port: int = typer.Option(8000, "--port", envvar="QMESH_GATEWAY_PORT", min=0, max=65535, help="TCP port."),
+    broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    api_keys: list[str] = typer.Option(  # noqa: B008 (typer declares options in defaults)
+        None,
+        "--api-key",
+        envvar="QMESH_API_KEYS",
+        help="Accept only requests with 'Authorization: Bearer KEY'; repeat for several keys (env: comma-separated).",
+    ),
+    timeout: float = typer.Option(
+        300.0, "--timeout", envvar="QMESH_GATEWAY_TIMEOUT", min=0.1, help="Seconds a request may take in all."
+    ),
+    connect_timeout: float = typer.Option(
+        10.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
+    ),
+    log_level: LogLevel = log_level_option(),
+    log_format: LogFormat = log_format_option(),
+    config: Path = config_option("gateway"),
+    version: bool = version_option(),
+) -> None:
+    setup_logging(log_level, log_format)
+    bridge = Bridge(broker, timeout=timeout, connect_timeout=connect_timeout)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(bridge, split_keys(api_keys)),
+            host=host,
+            port=port,
+            log_config=None,  # keep our handlers: --log-format applies to uvicorn's records too
+            log_level=log_level.value,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    server.run()
+    if not server.started:  # could not bind, or the lifespan (broker address) failed: uvicorn logged why
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app(prog_name="qmesh-gateway")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The OpenAI-compatible gateway, driven by the official ``openai`` client against a real broker and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import openai
+import pytest
+import requests
+import uvicorn
+
+from meshkit import FAST, MODEL, ROOT, BrokerThread, wait_for, worker_threads
+from qmesh.client.sdk import Result
+from qmesh.common.errors import MeshError
+from qmesh.gateway.app import create_app
+from qmesh.gateway.bridge import Bridge, Generation
+from qmesh.gateway.cli import split_keys
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class GatewayThread:
+    """A real uvicorn server with the gateway app, on a free port, in a thread of the test process."""
+
+    def __init__(self, bridge: Any, api_keys: tuple[str, ...] = ()) -> None:
+        self.bridge = bridge
+        config = uvicorn.Config(create_app(bridge, api_keys), host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="test-gateway", daemon=True)
+
+    def __enter__(self) -> GatewayThread:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 10, "the gateway to start")
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "gateway did not stop"
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=60)
+
+
+def gateway(endpoint: str, **options: Any) -> GatewayThread:
+    return GatewayThread(Bridge(endpoint, connect_timeout=5), **options)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[tuple[BrokerThread, Any, GatewayThread]]:
+    with (
+        BrokerThread() as broker,
+        worker_threads(broker.endpoint, count=1, slots=2) as nodes,
+        gateway(broker.endpoint) as front,
+    ):
+        yield broker, nodes[0], front
+
+
+@pytest.fixture
+def api(mesh) -> openai.OpenAI:
+    return mesh[2].client()
+
+
+def slots_busy(node) -> bool:
+    slots = requests.get(f"{node.manager.base_url}/slots", timeout=5).json()
+    return any(slot.get("is_processing") for slot in slots)
+
+
+# ------------------------------------------------------------------------------------------ happy paths
+
+
+def test_models_are_those_live_workers_serve(api):
+    assert [model.id for model in api.models.list()] == [MODEL]
+
+
+def test_chat_completion_has_the_answer_and_usage(api):
+    answer = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    assert answer.object == "chat.completion" and answer.model == MODEL and answer.id.startswith("chatcmpl-")
+    (choice,) = answer.choices
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    usage = answer.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_stream_matches_the_whole_answer_and_ends_with_usage(api):
+    whole = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0)
+    chunks = list(
+        api.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    *body, last_choice, usage_chunk = chunks
+    assert last_choice.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.usage is None for c in body)
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_text_completion_stream_and_not(api):
+    prompt = "The capital of France is"
+    whole = api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].text.strip()
+    assert whole.usage.completion_tokens == 6 and whole.choices[0].finish_reason == "length"
+    chunks = list(api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks), "no usage chunk unless asked for"
+
+
+def test_max_completion_tokens_stop_and_seed_are_passed_on(api):
+    short = api.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=3, seed=7, temperature=0.7)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    full = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    word = full.choices[0].message.content.split()[1]
+    stopped = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0, stop=[word])
+    assert word not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_share_the_one_connection(mesh, api):
+    broker = mesh[0].broker
+    clients_seen: set[bytes] = set()
+    results: list[str] = []
+
+    def ask() -> None:
+        answer = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0)
+        results.append(answer.choices[0].message.content)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        clients_seen.update(dict(broker.core.client_requests))  # a snapshot from another thread: good enough
+        time.sleep(0.01)
+    assert len(results) == 4 and len(set(results)) == 1
+    assert len(clients_seen) == 1, "every HTTP request went through the gateway's one broker connection"
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_bad_requests_are_400_with_the_parameter_named(mesh, api):
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model=MODEL, messages=CHAT, n=2)
+    assert caught.value.status_code == 400 and caught.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=0)
+    assert caught.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model=MODEL, messages=[])
+    assert caught.value.body["param"] == "messages"
+    raw = requests.post(f"{mesh[2].url}/chat/completions", data="{not json", timeout=10)
+    assert raw.status_code == 400
+    assert set(raw.json()["error"]) == {"message", "type", "param", "code"}
+    huge = requests.post(f"{mesh[2].url}/chat/completions", data=b"x" * ((8 << 20) + 1024), timeout=10)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_model_is_404(api):
+    with pytest.raises(openai.NotFoundError) as caught:
+        api.chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=4)
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+    assert MODEL in caught.value.body["message"], "the message lists the models that are served"
+
+
+def test_api_keys_are_enforced_when_configured(mesh):
+    with gateway(mesh[0].endpoint, api_keys=("sk-one", "sk-two")) as front:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            front.client("sk-wrong").models.list()
+        assert caught.value.status_code == 401 and caught.value.body["code"] == "invalid_api_key"
+        without_key = requests.post(f"{front.url}/chat/completions", json={"model": MODEL, "messages": CHAT})
+        assert without_key.status_code == 401 and without_key.json()["error"]["code"] == "invalid_api_key"
+        assert [m.id for m in front.client("sk-two").models.list()] == [MODEL]
+    assert split_keys(["sk-a, sk-b", "sk-c"]) == ["sk-a", "sk-b", "sk-c"]  # how QMESH_API_KEYS=a,b arrives
+
+
+def test_the_command_serves_with_keys_from_the_environment(mesh, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "qmesh.gateway", "--port", str(port), "--broker", mesh[0].endpoint]
+    env = {**os.environ, "QMESH_API_KEYS": "sk-a,sk-b", "QMESH_HOME": str(tmp_path)}
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _health(url), 20, "the gateway command to serve")
+        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-b", max_retries=0)
+        assert [m.id for m in keyed.models.list()] == [MODEL]
+        assert requests.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-c"}).status_code == 401
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=15)
+    assert process.returncode in (0, -signal.SIGTERM), err  # uvicorn shuts down cleanly, then re-raises the signal
+    assert "Application shutdown complete" in err
+
+
+def _health(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=1).ok
+    except requests.ConnectionError:
+        return False
+
+
+def test_queue_full_is_503():
+    # A queue of length 0: nothing may wait. With no worker registered yet, every request would have to wait.
+    with (
+        BrokerThread(config=replace(FAST, max_queue=0)) as broker,
+        gateway(broker.endpoint) as front,
+        pytest.raises(openai.InternalServerError) as caught,
+    ):
+        front.client().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+    assert caught.value.status_code == 503 and caught.value.body["code"] == "queue_full"
+
+
+def test_queue_timeout_is_504():
+    # No worker serves the model yet (a mesh starting up): the request waits, then times out in the queue.
+    with BrokerThread(config=replace(FAST, queue_timeout=0.3)) as broker, gateway(broker.endpoint) as front:
+        start = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as caught:
+            front.client().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, stream=True)
+        assert time.monotonic() - start < 10
+    assert caught.value.status_code == 504 and caught.value.body["code"] == "queue_timeout"
+
+
+class FailingBridge:
+    """A bridge whose generation streams one chunk and then fails, as when a worker dies mid-stream."""
+
+    broker, connect_timeout = "tcp://127.0.0.1:1", 1.0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def submit(self, model: str, **options: Any) -> Generation:
+        generation = Generation(model)
+        generation.events.put_nowait("Hello")
+        error = MeshError(502, "worker w1 failed mid-stream (missed heartbeats)")
+        generation.events.put_nowait(Result(text="Hello", model=model, error=error))
+        return generation
+
+    def cancel(self, generation: Generation) -> None:
+        raise AssertionError("a generation that ended is not cancelled")
+
+
+def test_an_error_mid_stream_is_an_sse_error_event():
+    with GatewayThread(FailingBridge()) as front:
+        stream = front.client().chat.completions.create(model=MODEL, messages=CHAT, stream=True)
+        received: list[str] = []
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in stream:
+                received.append(chunk.choices[0].delta.content or "")
+        assert "".join(received) == "Hello" and "failed mid-stream" in caught.value.message
+        assert caught.value.body["code"] == "worker_failed"
+        raw = requests.post(f"{front.url}/chat/completions", json={"model": MODEL, "messages": CHAT, "stream": True})
+        events = [line for line in raw.text.splitlines() if line]
+        assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+        assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "server_error"
+        assert events[-1] == "data: [DONE]"
+
+
+# ------------------------------------------------------------------------------------------ disconnects
+
+
+def _post(port: int, body: dict[str, Any]) -> http.client.HTTPConnection:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    return connection
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_slot(mesh):
+    broker, node, front = mesh
+    # A long answer, cut short: it would take minutes to finish on its own.
+    connection = _post(front.port, {"model": MODEL, "messages": CHAT, "max_tokens": 3000, "stream": True})
+    response = connection.getresponse()
+    assert response.status == 200
+    while b'"content":"' not in (line := response.readline()) or b'"content":""' in line:
+        pass  # until the first token
+    assert slots_busy(node)
+    connection.close()
+    wait_for(lambda: not slots_busy(node), 10, "llama-server's slot to be freed")
+    wait_for(lambda: not broker.broker.core.requests, 5, "the broker to forget the request")
+
+
+def test_a_client_that_disconnects_while_waiting_for_a_whole_answer_frees_the_slot(mesh):
+    broker, node, front = mesh
+    connection = _post(front.port, {"model": MODEL, "messages": CHAT, "max_tokens": 3000})
+    wait_for(lambda: slots_busy(node), 20, "the generation to start")
+    connection.close()
+    wait_for(lambda: not slots_busy(node), 10, "llama-server's slot to be freed")
+    wait_for(lambda: not broker.broker.core.requests, 5, "the broker to forget the request")
