@@ -11,7 +11,9 @@ import typer
 
 from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker
+from qmesh.broker.security import BrokerSecurity, is_loopback
 from qmesh.common.config import config_option, version_option
+from qmesh.common.errors import ConfigError, QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
@@ -41,6 +43,24 @@ def run(
         min=1,
         help="Requests in flight per client connection (then 429); a gateway is one connection for all its users.",
     ),
+    max_failovers: int = typer.Option(
+        2, "--max-failovers", envvar="QMESH_MAX_FAILOVERS", min=0, help="Times a stream may move to another worker."
+    ),
+    max_request_bytes: int = typer.Option(
+        1024 * 1024, "--max-request-bytes", envvar="QMESH_MAX_REQUEST_BYTES", min=1024, help="Request size limit (413)."
+    ),
+    curve_secret: Path = typer.Option(
+        None, "--curve-secret", envvar="QMESH_CURVE_SECRET", help="The broker's key pair (NAME.key_secret): CURVE on."
+    ),
+    allow_workers: Path = typer.Option(
+        None, "--allow-workers", envvar="QMESH_ALLOW_WORKERS", help="Directory of worker public keys (NAME.key)."
+    ),
+    allow_clients: Path = typer.Option(
+        None, "--allow-clients", envvar="QMESH_ALLOW_CLIENTS", help="Directory of client public keys (NAME.key)."
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", envvar="QMESH_INSECURE", help="Allow a non-loopback --bind without CURVE."
+    ),
     metrics_port: int = typer.Option(
         0,
         "--metrics-port",
@@ -64,7 +84,14 @@ def run(
         max_queue=max_queue,
         queue_timeout=queue_timeout,
         max_client_requests=max_client_requests,
+        max_failovers=max_failovers,
+        max_request_bytes=max_request_bytes,
     )
+    try:
+        security = _security(bind, curve_secret, allow_workers, allow_clients, insecure)
+    except QMeshError as exc:
+        typer.echo(f"qmesh-broker: {exc}", err=True)
+        raise typer.Exit(2) from exc
     metrics = None
     try:
         if metrics_port:
@@ -73,7 +100,7 @@ def run(
             metrics = BrokerMetrics()
             metrics.serve(metrics_port, metrics_host)
             logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
-        broker = Broker(bind, settings, metrics=metrics)
+        broker = Broker(bind, settings, metrics=metrics, security=security)
     except OSError as exc:
         if metrics is not None:
             metrics.close()
@@ -81,11 +108,29 @@ def run(
         raise typer.Exit(1) from exc
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: broker.stop())
+    signal.signal(signal.SIGHUP, lambda *_: broker.reload_keys())
     try:
         broker.run()
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def _security(
+    bind: str, secret: Path | None, allow_workers: Path | None, allow_clients: Path | None, insecure: bool
+) -> BrokerSecurity | None:
+    if secret is None:
+        if allow_workers or allow_clients:
+            raise ConfigError("--allow-workers and --allow-clients need --curve-secret (the broker's key pair)")
+        if not is_loopback(bind) and not insecure:
+            raise ConfigError(
+                f"refusing to bind {bind} without CURVE: anyone who reaches it could serve or read prompts. "
+                "Give --curve-secret with --allow-workers and --allow-clients (see README), or --insecure."
+            )
+        return None
+    if allow_workers is None or allow_clients is None:
+        raise ConfigError("CURVE needs both allow-lists: --allow-workers DIR and --allow-clients DIR")
+    return BrokerSecurity(secret, allow_workers, allow_clients)
 
 
 def main() -> None:

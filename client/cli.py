@@ -18,6 +18,7 @@ import typer
 from qmesh.client.sdk import DEFAULT_BROKER, QMeshClient, Request, Result
 from qmesh.common.config import config_option, version_option
 from qmesh.common.errors import QMeshError
+from qmesh.common.keys import broker_key_option, client_keys_from_options, curve_secret_option
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 
 app = typer.Typer(add_completion=False, help="Send prompts from stdin through the QMesh broker.")
@@ -56,6 +57,8 @@ def run(
         10.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
     ),
     broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    curve_secret: Path = curve_secret_option(),
+    broker_key: Path = broker_key_option(),
     log_level: LogLevel = log_level_option(LogLevel.warning),
     log_format: LogFormat = log_format_option(),
     config: Path = config_option("client"),
@@ -67,7 +70,8 @@ def run(
     if not prompts:
         fail("no prompt on stdin (pipe one prompt per line, or use --whole)", 2)
     try:
-        client = QMeshClient(broker, timeout=timeout, connect_timeout=connect_timeout)
+        curve = client_keys_from_options(curve_secret, broker_key)
+        client = QMeshClient(broker, timeout=timeout, connect_timeout=connect_timeout, curve=curve)
     except QMeshError as exc:
         fail(str(exc), 2)
     with client:

@@ -17,6 +17,7 @@ import typer
 from qmesh.client.sdk import DEFAULT_BROKER, QMeshClient
 from qmesh.common.config import config_option, version_option
 from qmesh.common.errors import QMeshError
+from qmesh.common.keys import broker_key_option, client_keys_from_options, curve_secret_option
 
 app = typer.Typer(add_completion=False, help="Show the mesh's workers and queues (like 'ollama ps').")
 
@@ -107,6 +108,8 @@ def run(
         help="Refresh every N seconds until Ctrl-C (0: print once).",
     ),
     broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    curve_secret: Path = curve_secret_option(),
+    broker_key: Path = broker_key_option(),
     connect_timeout: float = typer.Option(
         5.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
     ),
@@ -114,7 +117,9 @@ def run(
     version: bool = version_option(),
 ) -> None:
     try:
-        client = QMeshClient(broker, connect_timeout=connect_timeout)
+        client = QMeshClient(
+            broker, connect_timeout=connect_timeout, curve=client_keys_from_options(curve_secret, broker_key)
+        )
     except QMeshError as exc:
         _fail(str(exc), 2)
     with client:

@@ -56,7 +56,7 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
     async def list_models(request: Request) -> Response:
         authorize(request)
         try:
-            served = await fetch_models(bridge.broker, bridge.connect_timeout)
+            served = await fetch_models(bridge.broker, bridge.connect_timeout, bridge.curve)
         except QMeshError as exc:
             raise APIError(503, str(exc), SERVER, None, "broker_unreachable") from exc
         data = [

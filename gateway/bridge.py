@@ -27,6 +27,7 @@ import zmq
 from qmesh.client.sdk import QMeshClient, Request, Result
 from qmesh.common import protocol as p
 from qmesh.common.errors import MeshError, QMeshError
+from qmesh.common.keys import CurveClientKeys
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,13 @@ class Bridge:
         *,
         timeout: float = 300.0,
         connect_timeout: float = 10.0,
+        curve: CurveClientKeys | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         self.broker = broker
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.curve = curve
         self._context = context or zmq.Context.instance()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._active: dict[bytes, Generation] = {}
@@ -134,7 +137,11 @@ class Bridge:
     def _run(self) -> None:
         try:
             client = QMeshClient(
-                self.broker, timeout=self.timeout, connect_timeout=self.connect_timeout, context=self._context
+                self.broker,
+                timeout=self.timeout,
+                connect_timeout=self.connect_timeout,
+                curve=self.curve,
+                context=self._context,
             )
         except QMeshError as exc:
             self._failure = exc
@@ -223,11 +230,13 @@ def _put_all(batch: list[tuple[Generation, str, Result | None]]) -> None:
             generation.events.put_nowait(final)
 
 
-async def fetch_models(broker: str, connect_timeout: float) -> dict[str, dict[str, int]]:
+async def fetch_models(
+    broker: str, connect_timeout: float, curve: CurveClientKeys | None = None
+) -> dict[str, dict[str, int]]:
     """``mmi.services`` on a short-lived connection of its own, so a slow answer never stalls the bridge."""
 
     def call() -> dict[str, dict[str, int]]:
-        with QMeshClient(broker, connect_timeout=connect_timeout) as client:
+        with QMeshClient(broker, connect_timeout=connect_timeout, curve=curve) as client:
             return client.models()
 
     return await asyncio.to_thread(call)

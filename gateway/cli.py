@@ -10,6 +10,8 @@ import uvicorn
 
 from qmesh.client.sdk import DEFAULT_BROKER
 from qmesh.common.config import config_option, version_option
+from qmesh.common.errors import QMeshError
+from qmesh.common.keys import broker_key_option, client_keys_from_options, curve_secret_option
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.gateway.app import create_app
 from qmesh.gateway.bridge import Bridge
@@ -29,6 +31,8 @@ def run(
     ),
     port: int = typer.Option(8000, "--port", envvar="QMESH_GATEWAY_PORT", min=0, max=65535, help="TCP port."),
     broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    curve_secret: Path = curve_secret_option(),
+    broker_key: Path = broker_key_option(),
     api_keys: list[str] = typer.Option(  # noqa: B008 (typer declares options in defaults)
         None,
         "--api-key",
@@ -47,7 +51,12 @@ def run(
     version: bool = version_option(),
 ) -> None:
     setup_logging(log_level, log_format)
-    bridge = Bridge(broker, timeout=timeout, connect_timeout=connect_timeout)
+    try:
+        curve = client_keys_from_options(curve_secret, broker_key)
+    except QMeshError as exc:
+        typer.echo(f"qmesh-gateway: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    bridge = Bridge(broker, timeout=timeout, connect_timeout=connect_timeout, curve=curve)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(bridge, split_keys(api_keys)),

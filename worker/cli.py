@@ -12,6 +12,7 @@ import typer
 
 from qmesh.common.config import config_option, version_option
 from qmesh.common.errors import QMeshError
+from qmesh.common.keys import broker_key_option, client_keys_from_options, curve_secret_option
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.worker.binary import find_llama_server
 from qmesh.worker.identity import worker_id
@@ -32,6 +33,8 @@ def run(
         None, "--name", envvar="QMESH_WORKER_NAME", help="Service name to register (default: the model's short name)."
     ),
     broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    curve_secret: Path = curve_secret_option(),
+    broker_key: Path = broker_key_option(),
     threads: int = typer.Option(
         1, "--threads", envvar="QMESH_WORKER_THREADS", min=1, help="Worker threads, each with its own llama-server."
     ),
@@ -78,6 +81,7 @@ def run(
     try:
         model_file = resolve_model(model)
         binary = find_llama_server(llama_server)
+        curve = client_keys_from_options(curve_secret, broker_key)
     except QMeshError as exc:
         typer.echo(f"qmesh-worker: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -96,6 +100,7 @@ def run(
         pause_after=pause_after,
         stall_timeout=stall_timeout,
         worker_id=worker_id(),
+        curve=curve,
     )
     nodes = [WorkerNode(settings, index) for index in range(threads)]
 

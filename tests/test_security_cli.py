@@ -1,0 +1,77 @@
+"""CurveZMQ from the command line: keys, a secure broker, worker and client as processes, reload on SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from meshkit import MODEL, ROOT, WorkerProcess, free_endpoint, run_cli, wait_for
+from qmesh.client.sdk import QMeshClient
+from qmesh.common.keys import CurveClientKeys
+
+
+def _keys(tmp_path, *names: str) -> None:
+    for name in names:
+        done = subprocess.run(
+            [sys.executable, "-m", "qmesh.common.keys_cli", "generate", str(tmp_path / name)],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+
+def test_a_non_loopback_bind_needs_curve_or_insecure():
+    done = run_cli("qmesh-broker", "--bind", "tcp://0.0.0.0:1", timeout=30)
+    assert done.returncode == 2 and "without CURVE" in done.stderr and "--insecure" in done.stderr
+    done = run_cli("qmesh-worker", "--model", MODEL, "--curve-secret", "/nonexistent", timeout=30)
+    assert done.returncode == 2 and "--broker-key" in done.stderr
+
+
+def test_secure_mesh_from_the_command_line_and_key_removal_on_sighup(tmp_path):
+    _keys(tmp_path, "broker", "worker", "client")
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "clients").mkdir()
+    shutil.copy(tmp_path / "worker.key", tmp_path / "workers")
+    shutil.copy(tmp_path / "client.key", tmp_path / "clients")
+    endpoint = free_endpoint()
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "qmesh.broker.cli", "--bind", endpoint, "--heartbeat-ms", "300",
+         "--curve-secret", str(tmp_path / "broker.key_secret"),
+         "--allow-workers", str(tmp_path / "workers"), "--allow-clients", str(tmp_path / "clients")],
+        cwd=ROOT, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    worker = WorkerProcess(
+        endpoint, "--slots", "1", "--cpu-threads", "1", "--heartbeat-ms", "300",
+        "--curve-secret", str(tmp_path / "worker.key_secret"), "--broker-key", str(tmp_path / "broker.key"),
+        log_dir=tmp_path,
+    )  # fmt: skip
+    client_args = ["--curve-secret", str(tmp_path / "client.key_secret"), "--broker-key", str(tmp_path / "broker.key")]
+    try:
+        keys = CurveClientKeys.load(tmp_path / "client.key_secret", tmp_path / "broker.key")
+        with QMeshClient(endpoint, connect_timeout=10, curve=keys) as client:
+            wait_for(lambda: client.has_model(MODEL), 60, "the secure worker to register")
+        done = run_cli(
+            "qmesh-client", "--broker", endpoint, *client_args, "--jsonl", "--max-tokens", "4", stdin="Hi.\n"
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["error"] is None
+
+        done = run_cli("qmesh-client", "--broker", endpoint, "--connect-timeout", "2", stdin="Hi.\n", timeout=30)
+        assert done.returncode == 1, "a client without keys must not get in"
+
+        (tmp_path / "clients" / "client.key").unlink()
+        broker.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        done = run_cli(
+            "qmesh-client", "--broker", endpoint, *client_args, "-m", MODEL, "--connect-timeout", "3",
+            "--jsonl", stdin="Hi.\n", timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 1 and done.stdout == ""
+        assert "refused this key" in done.stderr, "a key removed from the list is refused without a restart"
+    finally:
+        worker.kill()
+        broker.terminate()
+        broker.wait(timeout=10)
