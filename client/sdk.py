@@ -319,6 +319,11 @@ class QMeshClient:
 
     # ------------------------------------------------------------------------------------------ pump
 
+    def wake_on(self, socket: zmq.Socket) -> None:
+        """Also return from ``poll`` when ``socket`` is readable: lets a thread that drives this client be woken
+        for work of its own (the gateway's bridge) without polling on a timer."""
+        self._poller.register(socket, zmq.POLLIN)
+
     def _send(self, frames: list[bytes]) -> None:
         """Never block the caller: a socket with no usable connection (yet) keeps the message in the outbox."""
         if not self._outbox:

@@ -148,9 +148,7 @@ class Bridge:
             self._wake_rx.close(linger=0)
             self._started.set()
             return
-        # The SDK polls only its own sockets; adding the wake-up socket to its poller lets ``client.poll``
-        # return as soon as the event loop has work for us. (The SDK has no public hook for this yet.)
-        client._poller.register(self._wake_rx, zmq.POLLIN)
+        client.wake_on(self._wake_rx)  # ``client.poll`` returns as soon as the event loop has work for us
         self._started.set()
         log.info("gateway sends its requests to the broker at %s", self.broker)
         try:
