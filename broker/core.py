@@ -122,6 +122,7 @@ class BrokerCore:
         self._keys = count(1)
         self._next_heartbeat = now + self.config.heartbeat_interval
         self._now = now  # the time of the event being handled
+        self._earliest_deadline = float("inf")  # of the queued requests; may be early (a spare tick), never late
         self.finished: deque[FinishedRequest] = deque(maxlen=100_000)  # drained by the metrics, if any
 
     # ------------------------------------------------------------------------------------------ events
@@ -210,15 +211,13 @@ class BrokerCore:
                 message += f" ({waited})"
                 self._finish(self.requests[key], out, p.error_body(p.QUEUE_TIMEOUT, message))
             self._prune(name)
+        deadlines = (self.requests[k].deadline for service in self.services.values() for k in service.queue)
+        self._earliest_deadline = min(deadlines, default=float("inf"))
         return out
 
     def next_wakeup(self) -> float:
-        """The monotonic time by which ``tick`` must run next."""
-        wakeup = self._next_heartbeat
-        for service in self.services.values():
-            for key in service.queue:
-                wakeup = min(wakeup, self.requests[key].deadline)
-        return wakeup
+        """The monotonic time by which ``tick`` must run next (called on every loop turn, so O(1))."""
+        return min(self._next_heartbeat, self._earliest_deadline)
 
     # ------------------------------------------------------------------------------------------ clients
 
@@ -272,6 +271,8 @@ class BrokerCore:
         self.client_requests.setdefault(client, {}).setdefault(request_id, set()).add(key)
         service.queue.append(key)
         self._dispatch(service_name, out)
+        if request.worker is None:
+            self._earliest_deadline = min(self._earliest_deadline, request.deadline)
         if request.worker is None and request_id is not None:
             out.append((client, p.client_status(service_name, request_id, self._status(request))))
 
@@ -432,6 +433,8 @@ class BrokerCore:
             service.queue.appendleft(request.key)
         self._dispatch(worker.service, out)
         for request in requeue:
+            if request.worker is None:
+                self._earliest_deadline = min(self._earliest_deadline, request.deadline)
             if request.worker is None and request.request_id is not None:
                 out.append(
                     (request.client, p.client_status(request.service, request.request_id, self._status(request)))
