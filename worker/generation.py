@@ -87,15 +87,19 @@ class Generation:
         """Raises SidecarError if llama-server fails; every other ending sends a FINAL."""
         request, job = self.request, self.job
         text = (request.prompt or "") if request.raw else self.client.apply_template(request.chat_messages())
-        prompt_tokens = self.client.tokenize(text, add_special=True)
+        prompt_tokens: list[int] | None = None  # tokenized only to continue after delivered tokens
         while True:
             remaining = request.max_tokens - len(self.delivered)
             if remaining <= 0:  # the tokens delivered before a failover or a pause used up max_tokens
-                self._final("length", len(prompt_tokens), {})
+                self._final("length", 0, {})
                 return
-            stream = self.client.generate_stream(
-                prompt_tokens + self.delivered, max_tokens=remaining, **self._options()
-            )
+            if not self.delivered:  # llama-server tokenizes text exactly as /tokenize with add_special does
+                prompt: str | list[int] = text
+            else:
+                if prompt_tokens is None:
+                    prompt_tokens = self.client.tokenize(text, add_special=True)
+                prompt = prompt_tokens + self.delivered
+            stream = self.client.generate_stream(prompt, max_tokens=remaining, **self._options())
             job.stream = stream
             held = self._stream(stream)
             if job.cancelled.is_set():
@@ -104,7 +108,8 @@ class Generation:
             if held is None:
                 result = stream.result
                 assert result is not None
-                self._final(result.stop_reason, len(prompt_tokens), result.timings)
+                prompt_count = len(prompt_tokens) if prompt_tokens is not None else result.tokens_evaluated
+                self._final(result.stop_reason, prompt_count, result.timings)
                 return
             # Paused: llama-server has stopped; wait for the client, then continue after ``held``.
             self.pauses += 1
