@@ -840,3 +840,61 @@ def test_malformed_frames_are_dropped_without_state_change(frames: list[bytes], 
     before = snapshot(core)
     assert send(core, sender, real, now=1.0) == []
     assert snapshot(core) == before
+
+
+# ------------------------------------------------------------------------------------------- limits and failover
+
+
+def test_a_request_over_the_size_limit_gets_413() -> None:
+    core = make_core(max_request_bytes=2048)
+    ready(core, W1, slots=1)
+    final = only_final(xrequest(core, C1, b"big", b"x" * 4096), C1)
+    assert error_code(final) == p.TOO_LARGE and core.requests == {}
+
+
+def test_too_many_requests_in_flight_on_one_connection_gets_429() -> None:
+    core = make_core(max_client_requests=2)
+    ready(core, W1, slots=1)
+    xrequest(core, C1, b"a")
+    xrequest(core, C1, b"b")
+    assert error_code(only_final(xrequest(core, C1, b"c"), C1)) == p.TOO_MANY_REQUESTS
+    assert to_client(xrequest(core, C2, b"other-client"), C1) == []  # the limit is per connection
+
+
+def _chunk(*tokens: int) -> bytes:
+    return p.pack({"text": "t" * len(tokens), "tokens": list(tokens)})
+
+
+def test_a_stream_resumes_on_the_next_worker_until_max_failovers() -> None:
+    core = make_core(max_failovers=2)
+    body = p.pack({"prompt": "tell a story", "max_tokens": 50})
+    holder = W1
+    ready(core, holder, slots=1)
+    (request,) = requests_to(xrequest(core, C1, b"story", body), holder)
+    delivered: list[int] = []
+    for death, spare in enumerate((W2, W3)):
+        token = 100 + death
+        out = send(core, holder, p.worker_reply(False, request.route_key, [_chunk(token)]))
+        assert [m.command for m in to_client(out, C1)] == [p.C_PARTIAL]
+        delivered.append(token)
+        unreachable(core, holder)  # dies after streaming: the request must resume, not fail
+        (request,) = requests_to(ready(core, spare, slots=1), spare)
+        resumed = p.unpack(request.body[0])
+        assert resumed["resume"] == {"tokens": delivered, "failovers": death + 1}
+        assert resumed["prompt"] == "tell a story" and resumed["max_tokens"] == 50
+        holder = spare
+    send(core, holder, p.worker_reply(False, request.route_key, [_chunk(999)]))
+    final = only_final(unreachable(core, holder), C1)
+    assert error_code(final) == p.WORKER_FAILED and "after 2 failover(s)" in p.unpack(final.body[0])["error"]["message"]
+    core.check_invariants()
+    assert core.requests == {}
+
+
+def test_a_plain_body_cannot_be_resumed_and_ends_in_502() -> None:
+    core = make_core()
+    ready(core, W1, slots=1)
+    (request,) = requests_to(xrequest(core, C1, b"plain", b"raw text prompt"), W1)
+    send(core, W1, p.worker_reply(False, request.route_key, [_chunk(1)]))
+    ready(core, W2, slots=1)
+    final = only_final(unreachable(core, W1), C1)
+    assert error_code(final) == p.WORKER_FAILED and "cannot be resumed" in p.unpack(final.body[0])["error"]["message"]
