@@ -236,7 +236,7 @@ def _stream(endpoint: str, prompt: str, max_tokens: int) -> None:
 def _workers(endpoint: str) -> None:
     from qmesh.client.sdk import QMeshClient
 
-    with QMeshClient(endpoint, connect_timeout=5) as client:
+    with QMeshClient(endpoint, connect_timeout=10) as client:
         _emit(workers=[worker["name"] for worker in client.workers()])
 
 

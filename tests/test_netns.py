@@ -39,8 +39,11 @@ class Hosts:
         return f"tcp://127.0.0.1:{PORT}"
 
     def registered(self) -> list[str]:
-        """Worker names the broker lists (names are host/pid/thread)."""
-        return run_json(self.hub, "workers", self.endpoint)["workers"]
+        """Worker names the broker lists (names are host/pid/thread); none while the broker is not answering yet."""
+        try:
+            return run_json(self.hub, "workers", self.endpoint)["workers"]
+        except AssertionError:  # the broker is still starting (a loaded machine): the caller waits and asks again
+            return []
 
     def which(self, worker_name: str | None) -> str:
         """Which of our workers a broker-side name belongs to."""

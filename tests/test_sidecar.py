@@ -153,7 +153,7 @@ def test_closing_a_stream_early_frees_the_slot(engine: InferenceEngine) -> None:
     busy = [slot for slot in client.slots() if slot["is_processing"]]
     assert len(busy) == 1 and busy[0]["next_token"][0]["n_remain"] > 800
     stream.close()
-    wait_for(lambda: not any(slot["is_processing"] for slot in client.slots()), 5.0, "the slot to be freed")
+    wait_for(lambda: not any(slot["is_processing"] for slot in client.slots()), 15.0, "the slot to be freed")
 
 
 def test_close_from_another_thread_ends_the_iteration_quietly(engine: InferenceEngine) -> None:
@@ -170,7 +170,7 @@ def test_close_from_another_thread_ends_the_iteration_quietly(engine: InferenceE
     closer.join()
     assert stream.result is not None and stream.result.stop_reason == "cancelled"
     assert len(stream.result.token_ids) == 1 + sum(len(chunk.token_ids) for chunk in rest)
-    wait_for(lambda: not any(slot["is_processing"] for slot in client.slots()), 5.0, "the slot to be freed")
+    wait_for(lambda: not any(slot["is_processing"] for slot in client.slots()), 15.0, "the slot to be freed")
 
 
 def test_http_error_body_becomes_sidecar_error(engine: InferenceEngine) -> None:
@@ -352,7 +352,7 @@ def test_no_process_left_after_parent_python_ends(model_path: Path, ending: str)
             assert alive(pid)
             parent.kill()
         assert parent.wait(timeout=30) is not None
-        wait_for(lambda: not alive(pid), 5.0, f"llama-server (pid {pid}) to go away after the parent's {ending}")
+        wait_for(lambda: not alive(pid), 15.0, f"llama-server (pid {pid}) to go away after the parent's {ending}")
     finally:
         parent.kill()
         parent.wait()
