@@ -100,6 +100,7 @@ class RequestState:
     streamed: bool = False  # a PARTIAL reached the client: moving it elsewhere means resuming it
     cancelled: bool = False  # the client has its FINAL; we only wait for the worker to free the slot
     delivered: list[bytes] = field(default_factory=list)  # PARTIAL bodies sent since the last (re)dispatch
+    partial_prefix: list[bytes] = field(default_factory=list)  # the frames before the body of a PARTIAL to the client
     failovers: int = 0
 
 
@@ -119,6 +120,7 @@ class BrokerCore:
         self.known_services: set[str] = set()
         self.dropped_messages = 0
         self._last_drop_warning = float("-inf")
+        self._worker_ttl = self.config.worker_ttl
         self._keys = count(1)
         self._next_heartbeat = now + self.config.heartbeat_interval
         self._now = now  # the time of the event being handled
@@ -134,6 +136,16 @@ class BrokerCore:
         the roles its allow-list gives it, and a worker key may be limited to some models.
         """
         self._now = now
+        if peer is None and len(frames) > 4 and frames[1] == p.W_PARTIAL and frames[0] == p.WORKER and not frames[3]:
+            # The message that dominates a busy mesh, handled without building a message object: a PARTIAL from
+            # a registered worker for a request it holds. Anything else takes the general path below.
+            worker = self.workers.get(identity)
+            request = self.requests.get(frames[2]) if worker is not None else None
+            if request is not None and request.worker == identity:
+                worker.expires_at = now + self._worker_ttl
+                out: list[Outgoing] = []
+                self._forward_partial(request, frames[4:], now, out)
+                return out
         try:
             message = p.parse_inbound(frames)
         except p.ProtocolError as exc:
@@ -267,6 +279,7 @@ class BrokerCore:
             deadline=now + self.config.queue_timeout,
             received_at=now,
         )
+        request.partial_prefix = p.client_reply(False, service_name, request_id, [])
         self.requests[key] = request
         self.client_requests.setdefault(client, {}).setdefault(request_id, set()).add(key)
         service.queue.append(key)
@@ -368,7 +381,7 @@ class BrokerCore:
         if isinstance(message, p.WorkerDisconnect):
             self._remove_worker(identity, now, "disconnected", out)
             return
-        worker.expires_at = now + self.config.worker_ttl
+        worker.expires_at = now + self._worker_ttl
         if isinstance(message, p.WorkerHeartbeat):
             self._apply_load(worker, message.load, out)
             return
@@ -378,16 +391,20 @@ class BrokerCore:
             log.warning("dropped reply from %s for a request it does not hold", worker.name)
             return
         if isinstance(message, p.WorkerPartial):
-            if not request.cancelled:
-                request.streamed = True
-                request.chunks += 1
-                if request.first_chunk_at is None:
-                    request.first_chunk_at = now
-                request.delivered.extend(message.body)
-                out.append((request.client, p.client_reply(False, request.service, request.request_id, message.body)))
+            self._forward_partial(request, message.body, now, out)
             return
         self._finish(request, out, *message.body, notify=not request.cancelled)
         self._dispatch(worker.service, out)
+
+    def _forward_partial(self, request: RequestState, body: list[bytes], now: float, out: list[Outgoing]) -> None:
+        if request.cancelled:
+            return
+        request.streamed = True
+        request.chunks += 1
+        if request.first_chunk_at is None:
+            request.first_chunk_at = now
+        request.delivered.extend(body)
+        out.append((request.client, request.partial_prefix + body))
 
     def _apply_load(self, worker: WorkerState, load: dict[str, Any], out: list[Outgoing]) -> None:
         if not load:

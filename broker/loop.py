@@ -14,6 +14,7 @@ import zmq
 from qmesh.broker.core import BrokerConfig, BrokerCore, Outgoing
 from qmesh.common import protocol as p
 from qmesh.common.errors import QMeshError
+from qmesh.common.fastio import recv_routed, send_routed
 
 if TYPE_CHECKING:
     from qmesh.broker.metrics import BrokerMetrics
@@ -112,27 +113,28 @@ class Broker:
         for count in range(DRAIN_BATCH):
             try:
                 if security is None:
-                    frames = socket.recv_multipart(zmq.NOBLOCK)
+                    identity, frames = recv_routed(socket)
                 else:  # frames as zmq.Frame, which carry the sender's authenticated key
                     raw = socket.recv_multipart(zmq.NOBLOCK, copy=False)
                     peer = security.peer(raw[1].get("User-Id") if len(raw) > 1 else "")
-                    frames = [frame.bytes for frame in raw]
+                    identity, *frames = [frame.bytes for frame in raw]
             except zmq.Again:
                 return
             now = time.monotonic()
             if count % 64 == 63 and now >= wakeup:
                 self._send(core.tick(now), now)
                 wakeup = core.next_wakeup()
-            out = core.on_message(frames[0], frames[1:], now, peer)
+            out = core.on_message(identity, frames, now, peer)
             if out:
                 self._send(out, now)
 
     def _send(self, out: list[Outgoing], now: float) -> None:
-        pending = deque(out)
-        while pending:
-            identity, frames = pending.popleft()
+        socket, index = self.socket, 0
+        while index < len(out):  # the list may grow: a peer found gone produces messages of its own
+            identity, frames = out[index]
+            index += 1
             try:
-                self.socket.send_multipart([identity, *frames], zmq.NOBLOCK)
+                send_routed(socket, identity, frames)
             except zmq.ZMQError as exc:
                 if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                     raise
@@ -140,4 +142,4 @@ class Broker:
                 # dropping a message silently. Its requests are cancelled (client) or requeued (worker).
                 reason = "unreachable" if exc.errno == errno.EHOSTUNREACH else "not reading (send queue full)"
                 log.warning("peer %s %s", identity.hex(), reason)
-                pending.extend(self.core.on_unreachable(identity, now))
+                out.extend(self.core.on_unreachable(identity, now))
