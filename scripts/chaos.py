@@ -163,6 +163,8 @@ class Mesh:
             self.endpoint,
             "--slots",
             "1",
+            "--threads",
+            "1",
             "--cpu-threads",
             "1",
             "--heartbeat-ms",

@@ -128,7 +128,8 @@ class WorkerProcess:
 
     def __init__(self, endpoint: str, *args: str, log_dir: Path) -> None:
         self.log_path = log_dir / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
-        command = [sys.executable, "-m", "qmesh.worker.cli", "--model", MODEL, "--broker", endpoint, *args]
+        command = [sys.executable, "-m", "qmesh.worker.cli", "--model", MODEL, "--broker", endpoint, "--threads", "1"]
+        command += args  # a later --threads in args wins
         env = {**os.environ, "QMESH_HOME": str(log_dir / "home")}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -97,6 +97,8 @@ def _start_worker(host: Namespace, endpoint: str, tmp_path: Path, key: str) -> H
         endpoint,
         "--slots",
         "1",
+        "--threads",
+        "1",
         "--cpu-threads",
         "1",
         "--heartbeat-ms",

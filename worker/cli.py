@@ -36,10 +36,14 @@ def run(
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     threads: int = typer.Option(
-        1, "--threads", envvar="QMESH_WORKER_THREADS", min=1, help="Worker threads, each with its own llama-server."
+        2,
+        "--threads",
+        envvar="QMESH_WORKER_THREADS",
+        min=1,
+        help="Worker threads, each with its own llama-server; 2 x 1 slot was fastest on 2 cores (bench slots).",
     ),
     slots: int = typer.Option(
-        2, "--slots", envvar="QMESH_WORKER_SLOTS", min=1, max=64, help="llama-server parallel slots per thread."
+        1, "--slots", envvar="QMESH_WORKER_SLOTS", min=1, max=64, help="llama-server parallel slots per thread."
     ),
     ctx_size: int = typer.Option(2048, "--ctx-size", envvar="QMESH_CTX_SIZE", min=128, help="Context tokens per slot."),
     gpu_layers: int = typer.Option(0, "--gpu-layers", envvar="QMESH_GPU_LAYERS", min=0, help="Layers to offload."),
