@@ -1,0 +1,249 @@
+"""``capacity``: chunks/s and CPU per message of the broker with fake workers, against ``zmq.proxy``.
+
+Rounds alternate: the broker (its own process, the real ``qmesh-broker``) routes the streams of
+``FakeStreamingWorker`` to synthetic clients; then ``zmq.proxy`` (its own process) forwards as many messages of
+the same frames. CPU time of the broker or proxy process is read before and after the load (procs.cpu_seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from . import fakeclient, fakeworker, procs, proxybase
+from .profiling import PySpy, hot_spots
+from .report import Section, Table
+from .stats import fmt, ratio
+
+SERVICE = "fake-model"
+GOAL_CHUNKS_PER_CORE = 30_000
+GOAL_CPU_RATIO = 8.0
+
+
+@dataclass
+class BrokerRound:
+    chunks: int
+    inbound: int  # messages the broker received during the load: requests, credits, chunks, finals
+    cpu: float
+    wall: float
+    client: dict[str, Any]
+    worker: dict[str, Any]
+    warnings: tuple[int, list[str]]
+
+
+@dataclass
+class ProxyRound:
+    messages: int
+    cpu: float
+    wall: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=4, help="fake workers (DEALER sockets, one process)")
+    parser.add_argument("--slots", type=int, default=8, help="slots per fake worker")
+    parser.add_argument("--requests", type=int, default=None, help="requests per round (default: 12 x streams)")
+    parser.add_argument("--chunks", type=int, default=250, help="chunks per request")
+    parser.add_argument("--window", type=int, default=64, help="credit window per stream, in chunks (as the SDK)")
+    parser.add_argument("--rounds", type=int, default=2, help="broker/proxy round pairs")
+    parser.add_argument("--profile", action="store_true", help="one more broker round sampled by py-spy")
+    parser.add_argument("--ref", default=None, help="also run the broker of this git ref, interleaved (before/after)")
+
+
+def quick(args: argparse.Namespace) -> None:
+    args.rounds = 1
+    args.requests = args.requests or 80
+
+
+def run(args: argparse.Namespace, command: str) -> Section:
+    streams = args.workers * args.slots
+    requests = args.requests or 12 * streams
+    section = Section("capacity", command)
+    section.settings = {
+        "fake workers": args.workers,
+        "slots": args.slots,
+        "streams": streams,
+        "requests/round": requests,
+        "chunks/request": args.chunks,
+        "window": args.window,
+        "rounds": args.rounds,
+    }
+    if args.ref:
+        section.settings["compared with the broker of"] = args.ref
+    brokers: list[BrokerRound] = []
+    refs: list[BrokerRound] = []
+    proxies: list[ProxyRound] = []
+    with procs.Processes() as ps:
+        ref_code = ps.export_broker(args.ref) if args.ref else None
+        for _ in range(args.rounds):
+            if ref_code is not None:
+                refs.append(broker_round(ps, args, streams, requests, code=ref_code))
+            brokers.append(broker_round(ps, args, streams, requests))
+            proxies.append(proxy_round(ps, brokers[-1].inbound, brokers[-1].inbound / brokers[-1].wall))
+            print(
+                f"capacity: round {len(brokers)}: broker {brokers[-1].chunks / brokers[-1].wall:,.0f} chunks/s, "
+                f"proxy {proxies[-1].messages / proxies[-1].wall:,.0f} msg/s",
+                flush=True,
+            )
+        if args.profile:
+            profiled = broker_round(ps, args, streams, requests, profile_dir=ps.log_dir)
+            table, samples = hot_spots(ps.log_dir / "broker.pyspy")
+            section.table(f"broker hot spots under this load (py-spy, {samples} samples, % of busy samples)", table)
+            section.notes.append(f"the profiled round ran at {profiled.chunks / profiled.wall:,.0f} chunks/s (wall)")
+    summarise(section, brokers, proxies)
+    if refs:
+        compare(section, args.ref, refs, brokers)
+    return section
+
+
+def broker_round(
+    ps: procs.Processes,
+    args: argparse.Namespace,
+    streams: int,
+    requests: int,
+    profile_dir: Any = None,
+    code: Any = None,
+) -> BrokerRound:
+    endpoint = procs.free_endpoint()
+    broker = ps.broker(endpoint, code=code)
+    stop = procs.SPAWN.Event()
+    plan = fakeworker.FakePlan(args.workers, args.slots)
+    _, worker_results = ps.function(fakeworker.fake_workers_main, [endpoint], SERVICE, plan, stop)
+    procs.wait_for_workers(endpoint, SERVICE, args.workers, 60, [broker])
+    spy = PySpy(broker.pid, profile_dir / "broker.pyspy") if profile_dir is not None else None
+    cpu0 = procs.cpu_seconds(broker.pid)
+    timeout = 60 + requests * args.chunks / 2000
+    streams_plan = fakeclient.StreamPlan(streams, requests, args.chunks, args.window, timeout=timeout)
+    _, client_results = ps.function(fakeclient.clients_main, endpoint, SERVICE, streams_plan, 0)
+    client = client_results.get(timeout=timeout + 30)
+    cpu1 = procs.cpu_seconds(broker.pid)
+    if spy is not None:
+        spy.stop()
+    broker.stop()  # first, so that the fake workers' DISCONNECTs at the end are not counted as anomalies
+    stop.set()
+    worker = worker_results.get(timeout=30)
+    inbound = client["requests"] + client["credits"] + worker["chunks"] + worker["finals"]
+    return BrokerRound(
+        client["chunks"], inbound, cpu1 - cpu0, client["wall"], client, worker, procs.warnings_in(broker)
+    )
+
+
+def proxy_round(ps: procs.Processes, messages: int, rate: float) -> ProxyRound:
+    """``zmq.proxy`` forwarding ``messages`` chunk-shaped messages at ``rate`` per second (the broker's own)."""
+    frontend, backend = procs.free_endpoint(), procs.free_endpoint()
+    proxy, proxy_results = ps.function(proxybase.proxy_main, frontend, backend)
+    proxy_results.get(timeout=30)
+    _, consumer_results = ps.function(proxybase.consumer_main, backend, messages)
+    consumer_results.get(timeout=30)
+    cpu0 = procs.cpu_seconds(proxy.pid)  # type: ignore[arg-type]
+    _, producer_results = ps.function(proxybase.producer_main, frontend, messages, rate)
+    wall = consumer_results.get(timeout=60 + messages / 5000)
+    cpu1 = procs.cpu_seconds(proxy.pid)  # type: ignore[arg-type]
+    producer_results.get(timeout=30)
+    proxy.kill()
+    return ProxyRound(messages, cpu1 - cpu0, wall)
+
+
+def summarise(section: Section, brokers: list[BrokerRound], proxies: list[ProxyRound]) -> None:
+    rounds = Table(
+        [
+            "round",
+            "chunks",
+            "broker msgs in",
+            "wall s",
+            "chunks/s (wall)",
+            "CPU s: broker",
+            "fake workers",
+            "clients",
+            "proxy CPU s",
+            "proxy msgs/s",
+        ]
+    )
+    for i, (b, x) in enumerate(zip(brokers, proxies, strict=True), 1):
+        rounds.add(
+            i,
+            b.chunks,
+            b.inbound,
+            fmt(b.wall),
+            fmt(b.chunks / b.wall, 0),
+            f"{b.cpu:.2f} ({100 * b.cpu / b.wall:.0f}% busy)",
+            fmt(b.worker["cpu"]),
+            fmt(b.client["cpu"]),
+            f"{x.cpu:.2f} ({100 * x.cpu / x.wall:.0f}% busy)",
+            fmt(x.messages / x.wall, 0),
+        )
+    chunks = sum(b.chunks for b in brokers)
+    inbound = sum(b.inbound for b in brokers)
+    broker_cpu, proxy_cpu = sum(b.cpu for b in brokers), sum(x.cpu for x in proxies)
+    wall = sum(b.wall for b in brokers)
+    us_broker, us_proxy = 1e6 * ratio(broker_cpu, inbound), 1e6 * ratio(proxy_cpu, sum(x.messages for x in proxies))
+    per_core = ratio(chunks, broker_cpu)
+    cpu_ratio = ratio(us_broker, us_proxy)
+    lost = sum(b.client["lost_chunks"] + b.client["extra_chunks"] for b in brokers)
+    errors = sum(b.client["errors"] + b.client["unfinished"] for b in brokers)
+    table = Table(["measure", "qmesh broker", "zmq.proxy", "ratio", "goal"])
+    table.add(
+        "CPU us per routed message",
+        fmt(us_broker),
+        fmt(us_proxy),
+        f"{fmt(cpu_ratio)}x",
+        f"<= {GOAL_CPU_RATIO:g}x: {_verdict(cpu_ratio <= GOAL_CPU_RATIO)}",
+    )
+    table.add(
+        "chunks per CPU-second (one core)",
+        fmt(per_core, 0),
+        fmt(1e6 * ratio(1, us_proxy), 0),
+        "-",
+        f">= {GOAL_CHUNKS_PER_CORE:,}: {_verdict(per_core >= GOAL_CHUNKS_PER_CORE)}",
+    )
+    table.add("chunks/s measured (wall, load generators on the same cores)", fmt(chunks / wall, 0), "-", "-", "-")
+    table.add("lost or extra chunks / failed requests", f"{lost} / {errors}", "-", "-", "0 / 0")
+    section.table("", table)
+    section.table("rounds", rounds)
+    warn_count = sum(b.warnings[0] for b in brokers)
+    section.notes += [
+        "a routed message is one the broker received (request, credit, chunk, final) and passed on; the proxy "
+        "forwarded the same number of chunk-shaped messages at the same rate (the broker round's messages in / wall "
+        "time). One core = chunks per second of broker CPU time.",
+        "wall chunks/s is bounded by the fake workers and clients sharing the machine's cores with the broker.",
+    ]
+    if warn_count:
+        section.notes.append(f"the broker logged {warn_count} warning(s), e.g. {brokers[0].warnings[1][:1]}")
+    disconnects = sum(b.worker["disconnects"] for b in brokers)
+    if disconnects:
+        section.notes.append(f"fake workers were sent DISCONNECT {disconnects} time(s)")
+    section.data = {
+        "us_per_message_broker": us_broker,
+        "us_per_message_proxy": us_proxy,
+        "cpu_ratio": cpu_ratio,
+        "chunks_per_cpu_second": per_core,
+        "chunks_per_second_wall": chunks / wall,
+        "chunks": chunks,
+        "inbound": inbound,
+        "lost_chunks": lost,
+        "failed_requests": errors,
+        "warnings": warn_count,
+        "proxy_messages": sum(x.messages for x in proxies),
+        "requests_ok": sum(b.client["ok"] for b in brokers),
+    }
+
+
+def compare(section: Section, ref: str, before: list[BrokerRound], after: list[BrokerRound]) -> None:
+    """The working tree's broker against ``ref``'s, rounds interleaved (ref, working tree, proxy, ...)."""
+    table = Table(["measure", f"broker @ {ref}", "broker (working tree)", "working tree / ref"])
+    us = [1e6 * ratio(sum(b.cpu for b in rs), sum(b.inbound for b in rs)) for rs in (before, after)]
+    per_core = [ratio(sum(b.chunks for b in rs), sum(b.cpu for b in rs)) for rs in (before, after)]
+    wall = [ratio(sum(b.chunks for b in rs), sum(b.wall for b in rs)) for rs in (before, after)]
+    table.add("CPU us per routed message", fmt(us[0]), fmt(us[1]), fmt(ratio(us[1], us[0]), 3))
+    table.add(
+        "chunks per CPU-second", fmt(per_core[0], 0), fmt(per_core[1], 0), fmt(ratio(per_core[1], per_core[0]), 3)
+    )
+    table.add("chunks/s (wall)", fmt(wall[0], 0), fmt(wall[1], 0), fmt(ratio(wall[1], wall[0]), 3))
+    lost = sum(b.client["lost_chunks"] + b.client["errors"] + b.client["unfinished"] for b in before)
+    table.add("lost chunks + failed requests", lost, section.data["lost_chunks"] + section.data["failed_requests"], "-")
+    section.table(f"before/after: the broker of {ref} against the working tree's", table)
+    section.data["ref"] = {"ref": ref, "us_per_message": us[0], "chunks_per_cpu_second": per_core[0]}
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"

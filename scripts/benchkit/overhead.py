@@ -1,0 +1,184 @@
+"""``overhead``: the same streaming load straight to llama-server and through broker + worker, interleaved.
+
+Two identical llama-servers (same binary, model, slots, threads, context): one behind a real broker and worker,
+one used directly over HTTP/SSE. Rounds alternate direct, mesh, direct, mesh, ... so both see the same machine;
+never both loads at once. At concurrency 1 and at saturation (concurrency = slots).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from . import procs, rig
+from .report import Section, Table
+from .stats import LoadResult, fmt, median, percentile, ratio
+from .streamload import DirectLoad, MeshLoad, prompts
+
+GOAL_ADDED_TTFT_MS = 1.0
+GOAL_TOKENS_RATIO = 0.98
+
+
+QUIET = 0.25  # cores used by other programs below which a round counts as run alone
+
+
+@dataclass
+class Round:
+    direct: LoadResult
+    mesh: LoadResult
+    direct_other: float  # cores other programs used during the direct half
+    mesh_other: float
+
+    @property
+    def ratio(self) -> float:
+        return ratio(self.mesh.tokens_per_s(), self.direct.tokens_per_s())
+
+    @property
+    def added_ttft_ms(self) -> float:
+        return percentile(self.mesh.ttfts_ms(), 50) - percentile(self.direct.ttfts_ms(), 50)
+
+    @property
+    def quiet(self) -> bool:
+        return max(self.direct_other, self.mesh_other) < QUIET
+
+
+@dataclass
+class Pair:
+    """Both paths at one concurrency: pooled results and each round's figures."""
+
+    concurrency: int
+    direct: LoadResult = field(default_factory=LoadResult)
+    mesh: LoadResult = field(default_factory=LoadResult)
+    rounds: list[Round] = field(default_factory=list)
+
+    def round_table(self) -> Table:
+        headers = ["round", "direct tok/s", "qmesh tok/s", "qmesh / direct", "TTFT p50 ms (d / q)"]
+        table = Table([*headers, "other programs' cores (d / q)"])
+        for i, r in enumerate(self.rounds, 1):
+            ttft = f"{fmt(percentile(r.direct.ttfts_ms(), 50))} / {fmt(percentile(r.mesh.ttfts_ms(), 50))}"
+            other = f"{r.direct_other:.2f} / {r.mesh_other:.2f}"
+            table.add(i, fmt(r.direct.tokens_per_s(), 1), fmt(r.mesh.tokens_per_s(), 1), fmt(r.ratio, 3), ttft, other)
+        return table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slots", type=int, default=2, help="llama-server slots (the worker's --slots default)")
+    parser.add_argument("--cpu-threads", type=int, default=rig.default_cpu_threads(), help="llama-server threads")
+    parser.add_argument("--rounds", type=int, default=8, help="direct/mesh round pairs per concurrency")
+    parser.add_argument("--requests", type=int, default=4, help="requests per round at concurrency 1")
+    parser.add_argument("--max-tokens", type=int, default=96, help="tokens generated per request")
+
+
+def quick(args: argparse.Namespace) -> None:
+    args.rounds, args.requests, args.max_tokens = 3, 3, 48
+
+
+def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Pair]:
+    """Rounds direct, mesh, direct, mesh, ... at concurrency 1 and at slots; at saturation 2 requests per slot."""
+    pairs = []
+    offset = 0
+    for concurrency in sorted({1, args.slots}):
+        pair = Pair(concurrency)
+        direct, mesh = DirectLoad(r.base_url, concurrency), MeshLoad(r.endpoint, rig.MODEL, concurrency)
+        try:
+            warm = prompts(concurrency, offset=10_000 + concurrency)  # connections, first-request costs
+            direct.run(warm, 8)
+            mesh.run(warm, 8)
+            count = args.requests if concurrency == 1 else max(args.requests, 2 * concurrency)
+            for _ in range(args.rounds):
+                texts = prompts(count, offset)
+                offset += count
+                other = procs.OtherLoad()
+                d = direct.run(texts, args.max_tokens)
+                direct_other, other = other.cores(), procs.OtherLoad()
+                m = mesh.run(texts, args.max_tokens)
+                pair.direct.extend(d)
+                pair.mesh.extend(m)
+                pair.rounds.append(Round(d, m, direct_other, other.cores()))
+                print(f"overhead: concurrency {concurrency}: " + " | ".join(pair.round_table().rows[-1]), flush=True)
+        finally:
+            direct.close()
+            mesh.close()
+        pairs.append(pair)
+    return pairs
+
+
+def comparison(pair: Pair) -> Table:
+    d, m = pair.direct, pair.mesh
+    table = Table(["metric", "direct", "qmesh", "qmesh - direct", "qmesh / direct"])
+    rows = [
+        ("TTFT p50 ms", percentile(d.ttfts_ms(), 50), percentile(m.ttfts_ms(), 50)),
+        ("TTFT p99 ms", percentile(d.ttfts_ms(), 99), percentile(m.ttfts_ms(), 99)),
+        ("ITL p50 ms", percentile(d.itls_ms(), 50), percentile(m.itls_ms(), 50)),
+        ("ITL p99 ms", percentile(d.itls_ms(), 99), percentile(m.itls_ms(), 99)),
+        ("output tokens/s", d.tokens_per_s(), m.tokens_per_s()),
+        ("tokens per request", d.tokens / max(1, len(d.records)), m.tokens / max(1, len(m.records))),
+    ]
+    for name, a, b in rows:
+        table.add(name, fmt(a), fmt(b), fmt(b - a), f"{fmt(ratio(b, a), 3)}")
+    table.add("requests (errors)", f"{len(d.records)} ({d.errors})", f"{len(m.records)} ({m.errors})", "-", "-")
+    return table
+
+
+def goals(pairs: list[Pair], slots: int) -> tuple[list[str], dict[str, float]]:
+    lines, data = [], {}
+    single = next(p for p in pairs if p.concurrency == 1)
+    added = percentile(single.mesh.ttfts_ms(), 50) - percentile(single.direct.ttfts_ms(), 50)
+    quiet_added = [r.added_ttft_ms for r in single.rounds if r.quiet]
+    data["added_ttft_p50_ms"] = added
+    data["added_ttft_p50_ms_quiet_median"] = median(quiet_added)
+    verdict = "met" if added <= GOAL_ADDED_TTFT_MS else "NOT met"
+    lines.append(
+        f"goal: added TTFT p50 at concurrency 1 <= {GOAL_ADDED_TTFT_MS:g} ms: {added:.2f} ms, {verdict}; "
+        f"median over the {len(quiet_added)} quiet round(s) of the per-round difference: {fmt(median(quiet_added))} ms"
+    )
+    saturated = next(p for p in pairs if p.concurrency == slots)
+    pooled = ratio(saturated.mesh.tokens_per_s(), saturated.direct.tokens_per_s())
+    ratios = [r.ratio for r in saturated.rounds]
+    quiet = [r.ratio for r in saturated.rounds if r.quiet]
+    data["tokens_ratio_saturation"] = pooled
+    data["tokens_ratio_saturation_round_median"] = median(ratios)
+    data["tokens_ratio_saturation_quiet_median"] = median(quiet)
+    verdict = "met" if pooled >= GOAL_TOKENS_RATIO else "NOT met"
+    lines.append(
+        f"goal: tokens/s through QMesh >= {GOAL_TOKENS_RATIO:g}x direct at saturation (concurrency {slots}): "
+        f"{pooled:.3f}x pooled, {verdict}; median of the rounds {median(ratios):.3f}x "
+        f"(range {min(ratios):.3f}-{max(ratios):.3f}); median of the {len(quiet)} quiet round(s) "
+        f"(other programs < {QUIET:g} cores) {fmt(median(quiet), 3)}x"
+    )
+    return lines, data
+
+
+def run(args: argparse.Namespace, command: str) -> Section:
+    section = Section("overhead", command)
+    section.settings = {
+        "model": rig.MODEL,
+        "slots": args.slots,
+        "llama-server threads": args.cpu_threads,
+        "rounds": args.rounds,
+        "requests/round at c=1": args.requests,
+        "max_tokens": args.max_tokens,
+        "sampling": "greedy, raw prompt",
+    }
+    with procs.Processes() as ps:
+        r = rig.start(ps, args.slots, args.cpu_threads)
+        pairs = interleave(r, args)
+        warnings = procs.warnings_in(r.broker)[0] + procs.warnings_in(r.worker)[0]
+    for pair in pairs:
+        label = "concurrency 1" if pair.concurrency == 1 else f"saturation: concurrency {pair.concurrency} = slots"
+        section.table(label, comparison(pair))
+        section.table(f"{label}, round by round", pair.round_table())
+    lines, section.data = goals(pairs, args.slots)
+    section.notes += lines
+    section.notes.append(
+        "both llama-servers run with the same command line but the port: "
+        + ("checked" if r.same_sidecar else "NOT the same, see the worker's")
+        + f" (`{' '.join(r.sidecar_command[1:])}`)"
+    )
+    section.notes.append(
+        "the mesh path: SDK -> broker process -> worker process (which tokenizes the prompt with /tokenize, then "
+        "streams /completion from token ids) -> llama-server; the direct path: /completion with the prompt text"
+    )
+    if warnings:
+        section.notes.append(f"broker and worker logged {warnings} warning(s)")
+    return section
