@@ -62,7 +62,7 @@ class Pair:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slots", type=int, default=2, help="llama-server slots (the worker's --slots default)")
+    parser.add_argument("--slots", type=int, default=2, help="slots of the worker (one thread) and the direct server")
     parser.add_argument("--cpu-threads", type=int, default=rig.default_cpu_threads(), help="llama-server threads")
     parser.add_argument("--rounds", type=int, default=8, help="direct/mesh round pairs per concurrency")
     parser.add_argument("--requests", type=int, default=4, help="requests per round at concurrency 1")

@@ -22,7 +22,7 @@ CTX_PER_SLOT = 2048  # the worker's --ctx-size default; its llama-server gets sl
 
 
 def default_cpu_threads() -> int:
-    """What ``qmesh-worker`` gives llama-server by default with one worker thread: all the cores."""
+    """What ``qmesh-worker --threads 1`` gives its llama-server by default: all the cores."""
     return max(1, os.cpu_count() or 1)
 
 

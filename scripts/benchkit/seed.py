@@ -18,7 +18,7 @@ MB = 1024 * 1024
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loads", type=int, default=3, help="llama-server starts to time")
-    parser.add_argument("--slots", type=int, default=2, help="slots (the worker's default)")
+    parser.add_argument("--slots", type=int, default=2, help="slots of the one worker thread")
     parser.add_argument("--cpu-threads", type=int, default=rig.default_cpu_threads(), help="llama-server threads")
     parser.add_argument("--rounds", type=int, default=2, help="overhead round pairs")
     parser.add_argument("--requests", type=int, default=4, help="overhead requests per round at concurrency 1")
