@@ -77,7 +77,14 @@ def test_unknown_model_exits_1_and_names_the_failure(endpoint):
 def test_ctrl_c_cancels_in_flight_and_exits_130(mesh):
     endpoint, node = mesh
     command = [sys.executable, "-m", "qmesh.client.cli", "--broker", endpoint, "--max-tokens", "3000"]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a CI job may start us with SIGINT ignored
+    )
     process.stdin.write(b"Write a very long story about a lighthouse.\n")
     process.stdin.close()
     assert process.stdout.read(1), "the answer should start streaming"
