@@ -96,8 +96,7 @@ class RequestState:
     worker: bytes | None = None
     dispatched_at: float | None = None
     first_chunk_at: float | None = None
-    chunks: int = 0
-    streamed: bool = False  # a PARTIAL reached the client: moving it elsewhere means resuming it
+    chunks: int = 0  # PARTIALs delivered to the client (non-zero: a move elsewhere is a resume)
     cancelled: bool = False  # the client has its FINAL; we only wait for the worker to free the slot
     delivered: list[bytes] = field(default_factory=list)  # PARTIAL bodies sent since the last (re)dispatch
     partial_prefix: list[bytes] = field(default_factory=list)  # the frames before the body of a PARTIAL to the client
@@ -399,7 +398,6 @@ class BrokerCore:
     def _forward_partial(self, request: RequestState, body: list[bytes], now: float, out: list[Outgoing]) -> None:
         if request.cancelled:
             return
-        request.streamed = True
         request.chunks += 1
         if request.first_chunk_at is None:
             request.first_chunk_at = now
@@ -432,7 +430,7 @@ class BrokerCore:
             request.worker = None
             if request.cancelled:
                 self._finish(request, out, notify=False)
-            elif request.streamed:
+            elif request.chunks:  # the client has part of the answer: moving it means resuming it
                 resumed = resume_body(request.body, request.delivered)
                 if resumed is None or request.failovers >= self.config.max_failovers:
                     why = "it cannot be resumed" if resumed is None else f"after {request.failovers} failover(s)"

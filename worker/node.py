@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from qmesh.common import protocol as p
 from qmesh.common.bodies import BadRequest, GenerationRequest
 from qmesh.common.errors import ConfigError, QMeshError, SidecarError
+from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.generation import FINAL, SIDECAR_DOWN, Generation, Job
@@ -263,7 +264,7 @@ class WorkerNode(threading.Thread):
         got_any = False
         while self._dealer is not None:
             try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self._dealer)
             except zmq.Again:
                 break
             got_any = True
@@ -301,7 +302,7 @@ class WorkerNode(threading.Thread):
     def _drain_slots(self, pull: zmq.Socket) -> None:
         while True:
             try:
-                route_key, kind, body = pull.recv_multipart(zmq.NOBLOCK)
+                route_key, kind, body = recv_frames(pull)
             except zmq.Again:
                 return
             if kind == SIDECAR_DOWN:
@@ -323,7 +324,7 @@ class WorkerNode(threading.Thread):
         if self._dealer is None or self._connection_broken:
             return
         try:
-            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._dealer, frames)
         except zmq.Again:
             log.warning("%s: the broker is not taking messages; starting a new connection", self.worker_name)
             self._connection_broken = True
