@@ -37,6 +37,7 @@ class BrokerConfig:
     max_failovers: int = 2  # times a stream may move to another worker before it ends in 502
     max_request_bytes: int = 1024 * 1024  # request body size limit (413)
     max_client_requests: int = 256  # requests in flight per client connection (429)
+    heartbeat_batch: int = 64  # heartbeats sent per tick; a larger round is spread over several loop turns
 
     @property
     def worker_ttl(self) -> float:
@@ -98,7 +99,8 @@ class RequestState:
     first_chunk_at: float | None = None
     chunks: int = 0  # PARTIALs delivered to the client (non-zero: a move elsewhere is a resume)
     cancelled: bool = False  # the client has its FINAL; we only wait for the worker to free the slot
-    delivered: list[bytes] = field(default_factory=list)  # PARTIAL bodies sent since the last (re)dispatch
+    delivered: bytearray = field(default_factory=bytearray)  # PARTIAL bodies sent since the last (re)dispatch,
+    # concatenated: about 25 bytes a token instead of ~65 for a list of bytes objects (decoded only on failover)
     partial_prefix: list[bytes] = field(default_factory=list)  # the frames before the body of a PARTIAL to the client
     failovers: int = 0
 
@@ -122,6 +124,7 @@ class BrokerCore:
         self._worker_ttl = self.config.worker_ttl
         self._keys = count(1)
         self._next_heartbeat = now + self.config.heartbeat_interval
+        self._heartbeat_round: deque[bytes] = deque()  # workers still owed this round's heartbeat
         self._now = now  # the time of the event being handled
         self._earliest_deadline = float("inf")  # of the queued requests; may be early (a spare tick), never late
         self.finished: deque[FinishedRequest] = deque(maxlen=100_000)  # drained by the metrics, if any
@@ -210,10 +213,35 @@ class BrokerCore:
         out: list[Outgoing] = []
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval
-            beat = p.heartbeat()
-            out.extend((identity, beat) for identity in self.workers)
+            self._heartbeat_round = deque(self.workers)
+        if self._heartbeat_round:
+            self._send_heartbeats(out)
         for identity in [w.identity for w in self.workers.values() if w.expires_at <= now]:
             self._remove_worker(identity, now, "missed heartbeats", out)
+        if now >= self._earliest_deadline:
+            self._expire_queued(now, out)
+        return out
+
+    def next_wakeup(self) -> float:
+        """The monotonic time by which ``tick`` must run next (called on every loop turn, so O(1)).
+
+        While a heartbeat round is under way it is the last tick's time: the loop handles what is waiting, then
+        ticks again at once.
+        """
+        if self._heartbeat_round:
+            return self._now
+        return min(self._next_heartbeat, self._earliest_deadline)
+
+    def _send_heartbeats(self, out: list[Outgoing]) -> None:
+        """Send the next batch of the round. One burst to a thousand workers would stall every stream for tens
+        of milliseconds; in batches, the loop forwards the chunks that arrived in between."""
+        pending, workers, beat = self._heartbeat_round, self.workers, p.heartbeat()
+        for _ in range(min(self.config.heartbeat_batch, len(pending))):
+            identity = pending.popleft()
+            if identity in workers:  # it may have left since the round began
+                out.append((identity, beat))
+
+    def _expire_queued(self, now: float, out: list[Outgoing]) -> None:
         for name, service in list(self.services.items()):
             for key in [k for k in service.queue if self.requests[k].deadline <= now]:
                 service.queue.remove(key)
@@ -224,11 +252,6 @@ class BrokerCore:
             self._prune(name)
         deadlines = (self.requests[k].deadline for service in self.services.values() for k in service.queue)
         self._earliest_deadline = min(deadlines, default=float("inf"))
-        return out
-
-    def next_wakeup(self) -> float:
-        """The monotonic time by which ``tick`` must run next (called on every loop turn, so O(1))."""
-        return min(self._next_heartbeat, self._earliest_deadline)
 
     # ------------------------------------------------------------------------------------------ clients
 
@@ -401,7 +424,7 @@ class BrokerCore:
         request.chunks += 1
         if request.first_chunk_at is None:
             request.first_chunk_at = now
-        request.delivered.extend(body)
+        request.delivered += b"".join(body)
         out.append((request.client, request.partial_prefix + body))
 
     def _apply_load(self, worker: WorkerState, load: dict[str, Any], out: list[Outgoing]) -> None:
@@ -437,8 +460,8 @@ class BrokerCore:
                     message = f"worker {worker.name} failed mid-stream ({reason}); {why}"
                     self._finish(request, out, p.error_body(p.WORKER_FAILED, message))
                     continue
-                log.info("resuming a stream of %s elsewhere after %d chunk(s)", worker.name, len(request.delivered))
-                request.body, request.delivered = resumed, []
+                log.info("resuming a stream of %s elsewhere after %d chunk(s)", worker.name, request.chunks)
+                request.body, request.delivered = resumed, bytearray()
                 request.failovers += 1
                 requeue.append(request)
             else:

@@ -116,22 +116,24 @@ class GenerationRequest:
         return request
 
 
-def resume_body(body: list[bytes], delivered: list[bytes]) -> list[bytes] | None:
-    """The request body to continue a stream elsewhere after the ``delivered`` PARTIAL bodies, or None if the
-    stream cannot be resumed (a plain body, or chunks without token ids). Used by the broker on failover."""
+def resume_body(body: list[bytes], delivered: bytes | bytearray) -> list[bytes] | None:
+    """The request body to continue a stream elsewhere after the ``delivered`` PARTIAL bodies (concatenated, as
+    the broker keeps them), or None if the stream cannot be resumed (a plain body, or chunks without token ids).
+    Used by the broker on failover."""
     try:
         fields = p.unpack_map(body[0]) if len(body) == 1 else None
         if fields is None or "prompt" not in fields and "messages" not in fields:
             return None
         tokens, failovers = _resume(fields.get("resume"))
-        for chunk in delivered:
-            chunk_tokens = p.unpack_map(chunk).get("tokens")
+        for chunk in p.unpack_stream(delivered):
+            chunk_tokens = chunk.get("tokens") if isinstance(chunk, dict) else None
             if not isinstance(chunk_tokens, list):
                 return None
             tokens.extend(chunk_tokens)
+        fields["resume"] = {"tokens": tokens, "failovers": failovers + 1}
+        _resume(fields["resume"])  # the token ids came from a worker: check them like any resume
     except (p.ProtocolError, BadRequest):
         return None
-    fields["resume"] = {"tokens": tokens, "failovers": failovers + 1}
     return [p.pack(fields)]
 
 

@@ -101,6 +101,29 @@ def unpack(data: bytes) -> Any:
         raise ProtocolError(f"body is not valid msgpack: {exc}") from exc
 
 
+def unpack_stream(data: bytes | bytearray) -> list[Any]:
+    """Decode back-to-back msgpack objects (bodies kept concatenated), with the limits of ``unpack``."""
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=max(len(data), 1),
+        max_str_len=MAX_BODY_BYTES,
+        max_bin_len=MAX_BODY_BYTES,
+        max_array_len=1_000_000,
+        max_map_len=10_000,
+        max_ext_len=0,
+    )
+    try:
+        unpacker.feed(data)
+        objects, end = [], 0
+        while end < len(data):
+            objects.append(unpacker.unpack())  # msgpack.OutOfData if the last object is cut short
+            end = unpacker.tell()
+        return objects
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"bodies are not valid msgpack: {exc}") from exc
+
+
 def unpack_map(data: bytes) -> dict[str, Any]:
     obj = unpack(data)
     if not isinstance(obj, dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import BadRequest, GenerationRequest
+from qmesh.common.bodies import BadRequest, GenerationRequest, resume_body
 
 
 def test_round_trip_keeps_every_field():
@@ -53,3 +53,40 @@ def test_empty_and_undecodable_bodies_are_refused():
         GenerationRequest.from_body([])
     with pytest.raises(BadRequest, match="UTF-8"):
         GenerationRequest.from_body([b"\xff\xfe\xfd"])
+
+
+# ------------------------------------------------------------------------------------------------ failover resume
+
+
+def _chunks(*token_lists: list[int]) -> bytes:
+    """PARTIAL bodies concatenated, as the broker keeps them for a stream."""
+    return b"".join(p.pack({"text": "x", "tokens": tokens}) for tokens in token_lists)
+
+
+def test_resume_body_continues_after_every_delivered_token() -> None:
+    body = [p.pack({"prompt": "go on", "max_tokens": 9, "resume": {"tokens": [1, 2], "failovers": 1}})]
+    resumed = resume_body(body, _chunks([3], [4, 5], []))
+    assert resumed is not None
+    fields = p.unpack(resumed[0])
+    assert fields["resume"] == {"tokens": [1, 2, 3, 4, 5], "failovers": 2}
+    assert fields["prompt"] == "go on" and fields["max_tokens"] == 9
+    assert GenerationRequest.from_body(resumed).resume_tokens == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "delivered",
+    [
+        _chunks([3])[:-1],  # cut in the middle of a body
+        _chunks([3]) + p.pack("not a map"),
+        _chunks([3]) + p.pack({"text": "no token ids"}),
+        _chunks([3], [-1]),  # not a token id
+        b"\xc1",  # never valid msgpack
+    ],
+    ids=["truncated", "not-a-map", "no-tokens", "negative-token", "garbage"],
+)
+def test_resume_body_refuses_chunks_it_cannot_trust(delivered: bytes) -> None:
+    assert resume_body([p.pack({"prompt": "go on"})], delivered) is None
+
+
+def test_a_plain_prompt_cannot_be_resumed() -> None:
+    assert resume_body([b"a plain MDP prompt"], _chunks([3])) is None

@@ -391,6 +391,24 @@ def test_heartbeats_sent_to_all_workers_every_interval() -> None:
     assert sorted(who for who, _ in tick(core, 2 * HB)) == [W1, W2]
 
 
+def test_heartbeat_round_to_many_workers_is_sent_in_batches() -> None:
+    core = make_core(heartbeat_batch=10)
+    workers = [bytes([0xA0, n]) for n in range(25)]
+    for identity in workers:
+        ready(core, identity)
+    beaten: list[bytes] = []
+    first = tick(core, HB)
+    assert len(first) == 10 and core.next_wakeup() == HB  # more to send: the loop comes straight back
+    beaten += [who for who, _ in first]
+    send(core, workers[-1], p.disconnect(), now=HB)  # leaves mid-round: it gets no heartbeat
+    beaten += [who for who, _ in tick(core, HB + 0.001)]
+    assert core.next_wakeup() == HB + 0.001
+    beaten += [who for who, _ in tick(core, HB + 0.002)]
+    assert sorted(beaten) == sorted(workers[:-1])  # each remaining worker exactly once
+    assert core.next_wakeup() == 2 * HB
+    assert tick(core, HB + 0.003) == []
+
+
 def test_worker_expires_after_ttl_without_messages() -> None:
     core = make_core()
     ready(core, W1, slots=1, now=0.0)
