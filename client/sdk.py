@@ -29,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest
 from qmesh.common.errors import BrokerUnreachable, MeshError, QMeshError
+from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
@@ -328,7 +329,7 @@ class QMeshClient:
         """Never block the caller: a socket with no usable connection (yet) keeps the message in the outbox."""
         if not self._outbox:
             try:
-                self._socket.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(self._socket, frames)
                 return
             except zmq.Again:
                 pass
@@ -337,7 +338,7 @@ class QMeshClient:
     def _flush_outbox(self) -> None:
         while self._outbox:
             try:
-                self._socket.send_multipart(self._outbox[0], zmq.NOBLOCK)
+                send_frames(self._socket, self._outbox[0])
             except zmq.Again:
                 return
             self._outbox.popleft()
@@ -351,7 +352,7 @@ class QMeshClient:
         if self._socket in events:
             while True:
                 try:
-                    frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(self._socket)
                 except zmq.Again:
                     break
                 self._on_reply(frames)

@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from qmesh.common import protocol as p
 from qmesh.common.bodies import BadRequest, GenerationRequest
 from qmesh.common.errors import ConfigError, QMeshError, SidecarError
-from qmesh.common.fastio import recv_frames, send_frames
+from qmesh.common.fastio import recv_frames, send_frames, send_frames_waiting
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.generation import FINAL, SIDECAR_DOWN, Generation, Job
@@ -387,7 +387,7 @@ class WorkerNode(threading.Thread):
         assert self.client is not None and self.manager is not None
 
         def send(kind: bytes, body: bytes) -> None:
-            push.send_multipart([job.route_key, kind, body])
+            send_frames_waiting(push, [job.route_key, kind, body])
 
         generation = Generation(
             job,

@@ -1,8 +1,9 @@
 """``overhead``: the same streaming load straight to llama-server and through broker + worker, interleaved.
 
 Two identical llama-servers (same binary, model, slots, threads, context): one behind a real broker and worker,
-one used directly over HTTP/SSE. Rounds alternate direct, mesh, direct, mesh, ... so both see the same machine;
-never both loads at once. At concurrency 1 and at saturation (concurrency = slots).
+one used directly over HTTP/SSE. Rounds alternate in ABBA order (direct, mesh, mesh, direct, ...) so both see the
+same machine and a drift in its speed favours neither; never both loads at once. At concurrency 1 and at
+saturation (concurrency = slots). Each process's CPU per output token shows where the cores went.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ GOAL_ADDED_TTFT_MS = 1.0
 GOAL_TOKENS_RATIO = 0.98
 
 
+ROLES = ("client (this process)", "broker", "worker (Python)", "worker's llama-server", "direct llama-server")
 QUIET = 0.25  # cores used by other programs below which a round counts as run alone
 
 
@@ -50,6 +52,21 @@ class Pair:
     direct: LoadResult = field(default_factory=LoadResult)
     mesh: LoadResult = field(default_factory=LoadResult)
     rounds: list[Round] = field(default_factory=list)
+    direct_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process role, summed over rounds
+    mesh_cpu: dict[str, float] = field(default_factory=dict)
+
+    def cpu_table(self) -> Table:
+        """CPU milliseconds per output token of each process, on each path: where the machine's cores went."""
+        table = Table(["process", "direct ms CPU/token", "qmesh ms CPU/token", "qmesh - direct"])
+        per_token = {}
+        for name, result, cpu in (("direct", self.direct, self.direct_cpu), ("mesh", self.mesh, self.mesh_cpu)):
+            per_token[name] = {role: seconds * 1000 / max(1, result.tokens) for role, seconds in cpu.items()}
+        for role in ROLES:
+            d, m = per_token["direct"].get(role, 0.0), per_token["mesh"].get(role, 0.0)
+            table.add(role, fmt(d, 3), fmt(m, 3), fmt(m - d, 3))
+        d, m = sum(per_token["direct"].values()), sum(per_token["mesh"].values())
+        table.add("all", fmt(d, 3), fmt(m, 3), fmt(m - d, 3))
+        return table
 
     def round_table(self) -> Table:
         headers = ["round", "direct tok/s", "qmesh tok/s", "qmesh / direct", "TTFT p50 ms (d / q)"]
@@ -74,12 +91,13 @@ def quick(args: argparse.Namespace) -> None:
 
 
 def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Pair]:
-    """Rounds direct, mesh, direct, mesh, ... at concurrency 1 and at slots; at saturation 2 requests per slot."""
+    """Rounds in ABBA order at concurrency 1 and at slots; at saturation 2 requests per slot."""
     pairs = []
     offset = 0
     for concurrency in sorted({1, args.slots}):
         pair = Pair(concurrency)
         direct, mesh = DirectLoad(r.base_url, concurrency), MeshLoad(r.endpoint, rig.MODEL, concurrency)
+        meter = procs.CpuMeter(dict(zip(ROLES, r.role_pids(), strict=True)))
         try:
             warm = prompts(concurrency, offset=10_000 + concurrency)  # connections, first-request costs
             direct.run(warm, 8)
@@ -88,19 +106,31 @@ def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Pair]:
             for _ in range(args.rounds):
                 texts = prompts(count, offset)
                 offset += count
-                other = procs.OtherLoad()
-                d = direct.run(texts, args.max_tokens)
-                direct_other, other = other.cores(), procs.OtherLoad()
-                m = mesh.run(texts, args.max_tokens)
+                # Direct first in odd rounds, QMesh first in even ones (ABBA): a machine whose speed drifts during
+                # the run (turbo, neighbours of a VM) favours neither path.
+                halves = [(direct, pair.direct_cpu), (mesh, pair.mesh_cpu)]
+                results, others = {}, {}
+                for load, cpu_total in halves if len(pair.rounds) % 2 == 0 else reversed(halves):
+                    other, cpu = procs.OtherLoad(), meter.reading()
+                    results[id(load)] = load.run(texts, args.max_tokens)
+                    others[id(load)] = other.cores()
+                    _accumulate(cpu_total, meter.used(cpu, meter.reading()))
+                d, m = results[id(direct)], results[id(mesh)]
+                direct_other = others[id(direct)]
                 pair.direct.extend(d)
                 pair.mesh.extend(m)
-                pair.rounds.append(Round(d, m, direct_other, other.cores()))
+                pair.rounds.append(Round(d, m, direct_other, others[id(mesh)]))
                 print(f"overhead: concurrency {concurrency}: " + " | ".join(pair.round_table().rows[-1]), flush=True)
         finally:
             direct.close()
             mesh.close()
         pairs.append(pair)
     return pairs
+
+
+def _accumulate(total: dict[str, float], used: dict[str, float]) -> None:
+    for role, seconds in used.items():
+        total[role] = total.get(role, 0.0) + seconds
 
 
 def comparison(pair: Pair) -> Table:
@@ -168,6 +198,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
         label = "concurrency 1" if pair.concurrency == 1 else f"saturation: concurrency {pair.concurrency} = slots"
         section.table(label, comparison(pair))
         section.table(f"{label}, round by round", pair.round_table())
+        section.table(f"{label}, CPU per output token of each process", pair.cpu_table())
     lines, section.data = goals(pairs, args.slots)
     section.notes += lines
     section.notes.append(
@@ -176,8 +207,8 @@ def run(args: argparse.Namespace, command: str) -> Section:
         + f" (`{' '.join(r.sidecar_command[1:])}`)"
     )
     section.notes.append(
-        "the mesh path: SDK -> broker process -> worker process (which tokenizes the prompt with /tokenize, then "
-        "streams /completion from token ids) -> llama-server; the direct path: /completion with the prompt text"
+        "the mesh path: SDK -> broker process -> worker process (which streams /completion with the raw prompt "
+        "text) -> llama-server; the direct path: /completion with the same text; rounds in ABBA order"
     )
     if warnings:
         section.notes.append(f"broker and worker logged {warnings} warning(s)")

@@ -6,6 +6,7 @@ Everything started here is stopped by pid when the ``Processes`` stack closes, e
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import re
@@ -87,6 +88,27 @@ class OtherLoad:
     def cores(self) -> float:
         (t0, busy0, own0), (t1, busy1, own1) = self._start, self._sample()
         return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
+
+
+class CpuMeter:
+    """CPU seconds (user + system, all threads) that each named process used between two readings."""
+
+    def __init__(self, processes: dict[str, int]) -> None:
+        self._processes = {name: psutil.Process(pid) for name, pid in processes.items()}
+
+    def reading(self) -> dict[str, float]:
+        out = {}
+        for name, process in self._processes.items():
+            try:
+                times = process.cpu_times()
+                out[name] = times.user + times.system
+            except psutil.Error:
+                out[name] = math.nan
+        return out
+
+    @staticmethod
+    def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {name: after[name] - before[name] for name in before}
 
 
 class Child:

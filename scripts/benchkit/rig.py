@@ -71,6 +71,12 @@ class Rig:
     def base_url(self) -> str:
         return self.direct.base_url
 
+    def role_pids(self) -> list[int]:
+        """This process, the broker, the worker, the worker's llama-server, the direct llama-server."""
+        sidecar = self.sidecar_pids()[0]
+        assert self.direct.pid is not None, "the direct llama-server is not running"
+        return [os.getpid(), self.broker.pid, self.worker.pid, sidecar, self.direct.pid]
+
     def sidecar_pids(self) -> list[int]:
         return [child.pid for child in psutil.Process(self.worker.pid).children(recursive=True)]
 
