@@ -173,11 +173,14 @@ class Processes(contextlib.ExitStack):
         self.callback(started.stop)
         return started
 
-    def function(self, target: Callable[..., Any], *args: Any) -> tuple[mp.Process, Any]:
-        """Run ``target(*args, results)`` in a spawned process; returns it and the queue it reports on."""
+    def function(self, target: Callable[..., Any], *args: Any, nice: int = 0) -> tuple[mp.Process, Any]:
+        """Run ``target(*args, results)`` in a spawned process (at ``nice`` niceness); returns it and the queue it
+        reports on."""
         results = SPAWN.Queue()
         process = SPAWN.Process(target=target, args=(*args, results), daemon=True)
         process.start()
+        if nice:
+            psutil.Process(process.pid).nice(nice)
         self.callback(_end_process, process)
         return process, results
 

@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-procs", type=int, default=2, help="processes holding the simulated workers")
     parser.add_argument("--client-procs", type=int, default=2, help="processes holding the streams")
     parser.add_argument("--no-baseline", action="store_true", help="skip the phase without a broker")
+    parser.add_argument(
+        "--generator-nice",
+        type=int,
+        default=0,
+        help="niceness of the fake workers, clients and sinks: with 10, the broker gets a core when it wakes, as "
+        "on a machine of its own (both phases alike)",
+    )
 
 
 def quick(args: argparse.Namespace) -> None:
@@ -77,6 +84,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
         "chunks/stream": chunks,
         "ramp": f"{args.ramp:g} s",
         "processes": f"{args.worker_procs} worker + {args.client_procs} client",
+        "load generators' nice": args.generator_nice,
     }
     timeout = args.ramp + 2 * args.duration + 15  # streams that cannot keep pace end unfinished, and are counted
     with procs.Processes() as ps:
@@ -94,7 +102,7 @@ def no_broker(ps: procs.Processes, args: argparse.Namespace, chunks: int, timeou
     plan = fakeclient.StreamPlan(0, 0, chunks, stall_gap=2 / args.rate, timeout=timeout)
     sink_queues = []
     for endpoint, streams in zip(sinks, expected, strict=True):
-        _, results = ps.function(fakeclient.sink_main, endpoint, streams, plan)
+        _, results = ps.function(fakeclient.sink_main, endpoint, streams, plan, nice=args.generator_nice)
         results.get(timeout=30)
         sink_queues.append(results)
     stop = procs.SPAWN.Event()
@@ -102,7 +110,9 @@ def no_broker(ps: procs.Processes, args: argparse.Namespace, chunks: int, timeou
     worker_queues = []
     for i, count in enumerate(counts):
         fake = fakeworker.FakePlan(count, args.slots, args.rate, f"direct{i}", direct_chunks=chunks, ramp=args.ramp)
-        worker_queues.append(ps.function(fakeworker.fake_workers_main, sinks, SERVICE, fake, stop)[1])
+        worker_queues.append(
+            ps.function(fakeworker.fake_workers_main, sinks, SERVICE, fake, stop, nice=args.generator_nice)[1]
+        )
     clients = [q.get(timeout=timeout + 30) for q in sink_queues]
     wall = time.monotonic() - start
     stop.set()
@@ -119,7 +129,9 @@ def through_broker(ps: procs.Processes, args: argparse.Namespace, chunks: int, t
     worker_queues = []
     for i, count in enumerate(_split(args.workers, args.worker_procs)):
         fake = fakeworker.FakePlan(count, args.slots, args.rate, f"sim{i}")
-        worker_queues.append(ps.function(fakeworker.fake_workers_main, [endpoint], SERVICE, fake, stop)[1])
+        worker_queues.append(
+            ps.function(fakeworker.fake_workers_main, [endpoint], SERVICE, fake, stop, nice=args.generator_nice)[1]
+        )
     procs.wait_for_workers(endpoint, SERVICE, args.workers, 120, [broker])
     rss_idle = procs.tree_rss(broker.pid)[0]
     cpu0 = procs.cpu_seconds(broker.pid)
@@ -129,7 +141,9 @@ def through_broker(ps: procs.Processes, args: argparse.Namespace, chunks: int, t
         plan = fakeclient.StreamPlan(
             count, count, chunks, ramp=args.ramp, timed=True, stall_gap=2 / args.rate, timeout=timeout
         )
-        client_queues.append(ps.function(fakeclient.clients_main, endpoint, SERVICE, plan, i)[1])
+        client_queues.append(
+            ps.function(fakeclient.clients_main, endpoint, SERVICE, plan, i, nice=args.generator_nice)[1]
+        )
     clients, samples = _collect(client_queues, broker.pid, start, timeout)
     cpu1 = procs.cpu_seconds(broker.pid)
     wall = time.monotonic() - start
