@@ -89,7 +89,7 @@ class WorkerNode(threading.Thread):
         self._dealer: zmq.Socket | None = None
         self._dealer_fd = -1  # the DEALER's ZMQ_FD: readable when the socket's state may have changed
         self._dealer_lock = threading.RLock()  # held for every call on the DEALER and for changes to _jobs
-        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # slot threads ring the loop thread
+        self._wakeup = -1  # an eventfd while running: slot threads ring the loop thread with it
         self._dealer_events: zmq.Socket | None = None
         self._monitor = SystemMonitor()
         self._seen_restarts = 0
@@ -121,6 +121,7 @@ class WorkerNode(threading.Thread):
         ]
         pull = self.context.socket(zmq.PULL)
         pull.bind(self._inproc)
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             self.manager.start()
             self.client = LlamaHttpClient(self.manager.base_url)
@@ -146,7 +147,9 @@ class WorkerNode(threading.Thread):
             pull.close(linger=0)
             self.manager.stop()
             self.registered.clear()
-            os.close(self._wakeup)
+            with self._dealer_lock:  # a slot thread still running (stuck past the join) must not write to it
+                os.close(self._wakeup)
+                self._wakeup = -1
 
     # ------------------------------------------------------------------------------------------ poll loop
 
@@ -345,7 +348,6 @@ class WorkerNode(threading.Thread):
 
     def _send_chunk(self, job: Job, body: bytes) -> None:
         """A slot thread's PARTIAL, sent on the DEALER at once (see the module docstring)."""
-        wake = False
         with self._dealer_lock:
             dealer = self._dealer
             if dealer is None or self._connection_broken or self._jobs.get(job.route_key) is not job:
@@ -358,8 +360,8 @@ class WorkerNode(threading.Thread):
             else:
                 self._chunks_sent += 1
                 wake = bool(dealer.getsockopt(_EVENTS) & _POLLIN)  # a message is waiting: the loop must look
-        if wake:
-            os.eventfd_write(self._wakeup, 1)
+            if wake and self._wakeup >= 0:
+                os.eventfd_write(self._wakeup, 1)
 
     def _send_to_broker(self, frames: list[bytes]) -> None:
         """Never block the loop. If the broker takes nothing (the queue to it is full), this connection is done:
