@@ -9,11 +9,12 @@ saturation (concurrency = slots). Each process's CPU per output token shows wher
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import procs, rig
 from .report import Section, Table
-from .stats import LoadResult, fmt, median, percentile, ratio
+from .stats import LoadResult, StreamRecord, fmt, median, percentile, ratio
 from .streamload import DirectLoad, MeshLoad, prompts
 
 GOAL_ADDED_TTFT_MS = 1.0
@@ -48,7 +49,7 @@ class Pair:
     direct: LoadResult = field(default_factory=LoadResult)
     mesh: LoadResult = field(default_factory=LoadResult)
     rounds: list[Round] = field(default_factory=list)
-    ttft_pairs: list[tuple[float, float]] = field(default_factory=list)  # (direct, mesh) s, same prompt, back to back
+    ttft_pairs: list[tuple[StreamRecord, StreamRecord]] = field(default_factory=list)  # (direct, mesh), same prompt
     direct_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process role, summed over rounds
     mesh_cpu: dict[str, float] = field(default_factory=dict)
 
@@ -118,9 +119,7 @@ def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Pair]:
                         others[id(result)].append(other.cores())
                         _accumulate(cpu_total, meter.used(cpu, meter.reading()))
                 if concurrency == 1:
-                    pair.ttft_pairs += [
-                        (a.ttft, b.ttft) for a, b in zip(d.records, m.records, strict=True) if a.ttft and b.ttft
-                    ]
+                    pair.ttft_pairs += zip(d.records, m.records, strict=True)
                 pair.direct.extend(d)
                 pair.mesh.extend(m)
                 pair.rounds.append(Round(d, m, max(others[id(d)]), max(others[id(m)])))
@@ -130,6 +129,18 @@ def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Pair]:
             mesh.close()
         pairs.append(pair)
     return pairs
+
+
+def _paired_ms(
+    pairs: list[tuple[StreamRecord, StreamRecord]], measure: Callable[[StreamRecord], float | None]
+) -> list[float]:
+    """mesh - direct of ``measure`` for each request both paths answered, in ms."""
+    out = []
+    for direct, mesh in pairs:
+        a, b = measure(direct), measure(mesh)
+        if a is not None and b is not None:
+            out.append((b - a) * 1000)
+    return out
 
 
 def _accumulate(total: dict[str, float], used: dict[str, float]) -> None:
@@ -158,16 +169,20 @@ def goals(pairs: list[Pair], slots: int) -> tuple[list[str], dict[str, float]]:
     lines, data = [], {}
     single = next(p for p in pairs if p.concurrency == 1)
     pooled_added = percentile(single.mesh.ttfts_ms(), 50) - percentile(single.direct.ttfts_ms(), 50)
-    paired = [(mesh - direct) * 1000 for direct, mesh in single.ttft_pairs]
-    added = percentile(paired, 50)
+    raw = _paired_ms(single.ttft_pairs, lambda r: r.ttft)
+    net = _paired_ms(single.ttft_pairs, lambda r: r.ttft_beyond_prompt)
+    added = percentile(net, 50)
     data["added_ttft_p50_ms"] = added
+    data["added_ttft_p50_ms_with_prompt_time"] = percentile(raw, 50)
     data["added_ttft_p50_ms_pooled"] = pooled_added
     verdict = "met" if added <= GOAL_ADDED_TTFT_MS else "NOT met"
     lines.append(
-        f"goal: added TTFT p50 at concurrency 1 <= {GOAL_ADDED_TTFT_MS:g} ms: {added:.2f} ms, {verdict} (median of "
-        f"{len(paired)} per-request differences, each prompt sent both ways back to back; p25-p75 "
-        f"{fmt(percentile(paired, 25))} to {fmt(percentile(paired, 75))} ms); difference of the pooled TTFT p50s: "
-        f"{pooled_added:.2f} ms"
+        f"goal: added TTFT p50 at concurrency 1 <= {GOAL_ADDED_TTFT_MS:g} ms: {added:.2f} ms, {verdict}. That is the "
+        f"median of {len(net)} per-request differences (each prompt sent both ways back to back) of TTFT less "
+        f"llama-server's own prompt time (its timings.prompt_ms), which varies by several ms from request to "
+        f"request on either path; p25-p75 {fmt(percentile(net, 25))} to {fmt(percentile(net, 75))} ms. "
+        f"With the prompt time left in: median {fmt(percentile(raw, 50))} ms (p25-p75 {fmt(percentile(raw, 25))} "
+        f"to {fmt(percentile(raw, 75))}); difference of the pooled TTFT p50s {pooled_added:.2f} ms"
     )
     saturated = next(p for p in pairs if p.concurrency == slots)
     pooled = ratio(saturated.mesh.tokens_per_s(), saturated.direct.tokens_per_s())

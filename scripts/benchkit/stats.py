@@ -30,10 +30,17 @@ class StreamRecord:
     chunk_times: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str | None = None
+    prompt_s: float | None = None  # llama-server's own prompt evaluation time (its timings.prompt_ms), if known
 
     @property
     def ttft(self) -> float | None:
         return self.chunk_times[0] - self.sent if self.chunk_times else None
+
+    @property
+    def ttft_beyond_prompt(self) -> float | None:
+        """TTFT less llama-server's prompt evaluation: the time the path to and from llama-server took."""
+        ttft = self.ttft
+        return None if ttft is None or self.prompt_s is None else ttft - self.prompt_s
 
     def gaps(self) -> list[float]:
         times = self.chunk_times

@@ -9,6 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any
 
 from qmesh.client.sdk import QMeshClient, Request
 from qmesh.worker.http_client import LlamaHttpClient
@@ -56,6 +57,8 @@ class DirectLoad:
                     for chunk in stream:
                         record.chunk_times.append(time.monotonic())
                         record.tokens += len(chunk.token_ids)
+                    if stream.result is not None:
+                        record.prompt_s = _prompt_seconds(stream.result.timings)
             except Exception as exc:  # a benchmark reports failures instead of stopping
                 record.error = repr(exc)
             out.append(record)
@@ -97,9 +100,16 @@ class MeshLoad:
                     result = request.final
                     if result is not None and result.error is not None:
                         record.error = str(result.error)
+                    if result is not None:
+                        record.prompt_s = _prompt_seconds(result.timings)
                     records.append(record)
                     del flight[request]
         return LoadResult(records, time.monotonic() - start)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _prompt_seconds(timings: dict[str, Any]) -> float | None:
+    value = timings.get("prompt_ms")
+    return value / 1000 if isinstance(value, (int, float)) else None
