@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import procs, rig
+from . import floor, procs, rig
 from .report import Section, Table
 from .stats import LoadResult, StreamRecord, fmt, median, percentile, ratio
 from .streamload import DirectLoad, MeshLoad, prompts
@@ -216,12 +216,27 @@ def run(args: argparse.Namespace, command: str) -> Section:
         r = rig.start(ps, args.slots, args.cpu_threads)
         pairs = interleave(r, args)
         warnings = procs.warnings_in(r.broker)[0] + procs.warnings_in(r.worker)[0]
+        mesh_floor, zmq_floor = floor.mesh_round_trip(ps, r.endpoint), floor.zmq_round_trip(ps)
     for pair in pairs:
         label = "concurrency 1" if pair.concurrency == 1 else f"saturation: concurrency {pair.concurrency} = slots"
         section.table(label, comparison(pair))
         section.table(f"{label}, round by round", pair.round_table())
         section.table(f"{label}, CPU per output token of each process", pair.cpu_table())
     lines, section.data = goals(pairs, args.slots)
+    table = Table(["what (one request at a time, 1 ms apart)", "ms p50 / p90 / p99", "samples"])
+    table.add(
+        "mesh round trip: SDK -> broker -> instant fake worker -> SDK, first chunk",
+        floor.summary(mesh_floor),
+        len(mesh_floor),
+    )
+    table.add(
+        "ZeroMQ round trip over TCP loopback between two processes (a request makes two)",
+        floor.summary(zmq_floor),
+        len(zmq_floor),
+    )
+    section.table("latency floor of the added TTFT, no llama-server (see benchkit/floor.py)", table)
+    section.data["mesh_round_trip_p50_ms"] = percentile(mesh_floor, 50)
+    section.data["zmq_round_trip_p50_ms"] = percentile(zmq_floor, 50)
     section.notes += lines
     section.notes.append(
         "both llama-servers run with the same command line but the port: "
