@@ -85,7 +85,7 @@ def test_a_chunk_sent_while_a_broker_message_waits_wakes_the_loop(wired) -> None
     worker_id = _worker_id(node, broker)
     assert not _rung(node)
     broker.send_multipart([worker_id, *p.worker_credit(ROUTE_KEY, 4)])
-    time.sleep(0.2)  # the CREDIT is in the DEALER's pipe: the loop would see it on ZMQ_FD, unless a send takes it
+    _wait_until_waiting(node)  # the CREDIT is in the DEALER's pipe, unread
     node._send_chunk(job, _chunk(8))
     assert _rung(node), "the slot thread's send found a message waiting but did not wake the loop"
     assert node._drain_broker()  # and the loop finds it
@@ -96,9 +96,12 @@ def test_chunks_of_a_job_the_worker_no_longer_holds_are_not_sent(wired) -> None:
     node, broker, job = wired
     del node._jobs[ROUTE_KEY]
     node._send_chunk(job, _chunk(9))
-    node._jobs[ROUTE_KEY] = Job(ROUTE_KEY, GenerationRequest(prompt="hi"))  # same key, another request
+    current = node._jobs[ROUTE_KEY] = Job(ROUTE_KEY, GenerationRequest(prompt="hi"))  # same key, another request
     node._send_chunk(job, _chunk(10))
-    assert not broker.poll(300)
+    node._send_chunk(current, _chunk(11))
+    assert broker.poll(5000)
+    _, *frames = broker.recv_multipart()
+    assert p.unpack(p.parse_inbound(frames).body[0])["tokens"] == [11]  # the first to arrive: the others never left
 
 
 def test_a_full_queue_to_the_broker_ends_the_connection_and_wakes_the_loop(wired) -> None:
@@ -123,3 +126,12 @@ def _worker_id(node: WorkerNode, broker: zmq.Socket) -> bytes:
     assert broker.poll(5000)
     worker_id, *_ = broker.recv_multipart()
     return worker_id
+
+
+def _wait_until_waiting(node: WorkerNode) -> None:
+    """Until a message from the broker waits on the DEALER (at most 10 s)."""
+    assert node._dealer is not None
+    deadline = time.monotonic() + 10
+    while not node._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        assert time.monotonic() < deadline, "the broker's message never arrived"
+        time.sleep(0.01)
