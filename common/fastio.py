@@ -51,18 +51,10 @@ def recv_frames(socket: zmq.Socket) -> list[bytes]:
 def send_routed(socket: zmq.Socket, identity: bytes, frames: list[bytes]) -> None:
     """``send_frames`` on a ROUTER socket, with the peer's routing id first."""
     _send(socket, identity, _MORE_NOBLOCK)  # a ROUTER_MANDATORY refusal (unreachable, queue full) comes here
-    last = len(frames) - 1
-    for index in range(last):
-        _send(socket, frames[index], _MORE_NOBLOCK)
-    _send(socket, frames[last], _NOBLOCK)
+    send_frames(socket, frames)
 
 
 def recv_routed(socket: zmq.Socket) -> tuple[bytes, list[bytes]]:
     """``recv_frames`` on a ROUTER socket: the peer's routing id, and the frames it sent."""
-    frame = _recv(socket, _NOBLOCK, False)
-    identity = frame.bytes
-    frames = []
-    while frame.more:
-        frame = _recv(socket, _NOBLOCK, False)
-        frames.append(frame.bytes)
+    identity, *frames = recv_frames(socket)
     return identity, frames

@@ -84,35 +84,29 @@ def pack(obj: Any) -> bytes:
     return packer.pack(obj)
 
 
+# Limits on what a body may decode to, so hostile input costs at most its own size.
+_UNPACK_LIMITS: dict[str, Any] = {
+    "raw": False,
+    "strict_map_key": True,
+    "max_str_len": MAX_BODY_BYTES,
+    "max_bin_len": MAX_BODY_BYTES,
+    "max_array_len": 1_000_000,
+    "max_map_len": 10_000,
+    "max_ext_len": 0,
+}
+
+
 def unpack(data: bytes) -> Any:
     """Decode a body from the network with limits, so hostile input costs at most its own size."""
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=MAX_BODY_BYTES,
-            max_bin_len=MAX_BODY_BYTES,
-            max_array_len=1_000_000,
-            max_map_len=10_000,
-            max_ext_len=0,
-        )
+        return msgpack.unpackb(data, **_UNPACK_LIMITS)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:  # the kinds msgpack raises for bad input
         raise ProtocolError(f"body is not valid msgpack: {exc}") from exc
 
 
 def unpack_stream(data: bytes | bytearray) -> list[Any]:
     """Decode back-to-back msgpack objects (bodies kept concatenated), with the limits of ``unpack``."""
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        strict_map_key=True,
-        max_buffer_size=max(len(data), 1),
-        max_str_len=MAX_BODY_BYTES,
-        max_bin_len=MAX_BODY_BYTES,
-        max_array_len=1_000_000,
-        max_map_len=10_000,
-        max_ext_len=0,
-    )
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **_UNPACK_LIMITS)
     try:
         unpacker.feed(data)
         objects, end = [], 0

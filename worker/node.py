@@ -224,55 +224,49 @@ class WorkerNode(threading.Thread):
     def _connect(self) -> None:
         """A new DEALER (a new routing id) and READY: how a worker registers, and re-registers."""
         with self._dealer_lock:
-            self._connect_locked()
-
-    def _connect_locked(self) -> None:
-        self._orphan_jobs()
-        dealer = self.context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
-        if self.settings.curve is not None:
-            self.settings.curve.apply(dealer)
-        self._dealer_events = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
-        dealer.connect(self.settings.broker)
-        info = {
-            "slots": self.settings.slots,
-            "name": self.worker_name,
-            "worker_id": self.settings.worker_id,
-            "model_file": self.settings.model.path.name,
-            "version": 1,
-        }
-        self._dealer, self._dealer_fd = dealer, dealer.getsockopt(zmq.FD)
-        self._send_to_broker(p.ready(self.settings.service, info))
-        self.registered.set()
-        log.info(
-            "%s: registered for %s with %d slot(s) at %s",
-            self.worker_name,
-            self.settings.service,
-            self.settings.slots,
-            self.settings.broker,
-        )
+            self._orphan_jobs()
+            dealer = self.context.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
+            if self.settings.curve is not None:
+                self.settings.curve.apply(dealer)
+            self._dealer_events = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
+            dealer.connect(self.settings.broker)
+            info = {
+                "slots": self.settings.slots,
+                "name": self.worker_name,
+                "worker_id": self.settings.worker_id,
+                "model_file": self.settings.model.path.name,
+                "version": 1,
+            }
+            self._dealer, self._dealer_fd = dealer, dealer.getsockopt(zmq.FD)
+            self._send_to_broker(p.ready(self.settings.service, info))
+            self.registered.set()
+            log.info(
+                "%s: registered for %s with %d slot(s) at %s",
+                self.worker_name,
+                self.settings.service,
+                self.settings.slots,
+                self.settings.broker,
+            )
 
     def _close_dealer(self, send_disconnect: bool) -> None:
         with self._dealer_lock:
-            self._close_dealer_locked(send_disconnect)
-
-    def _close_dealer_locked(self, send_disconnect: bool) -> None:
-        if self._dealer is None:
-            return
-        if self._dealer_events is not None:
-            self._dealer.disable_monitor()
-            self._dealer_events.close(linger=0)
-            self._dealer_events = None
-        if send_disconnect:
-            with contextlib.suppress(zmq.ZMQError):
-                self._dealer.send_multipart(p.disconnect(), zmq.NOBLOCK)
-            self._dealer.close(linger=200)
-        else:
-            self._dealer.close(linger=0)
-        self._dealer = None
-        self.registered.clear()
-        self._orphan_jobs()
+            if self._dealer is None:
+                return
+            if self._dealer_events is not None:
+                self._dealer.disable_monitor()
+                self._dealer_events.close(linger=0)
+                self._dealer_events = None
+            if send_disconnect:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._dealer.send_multipart(p.disconnect(), zmq.NOBLOCK)
+                self._dealer.close(linger=200)
+            else:
+                self._dealer.close(linger=0)
+            self._dealer = None
+            self.registered.clear()
+            self._orphan_jobs()
 
     def _orphan_jobs(self) -> None:
         """Requests of a closed connection can no longer be answered: stop them and forget them."""
@@ -291,36 +285,33 @@ class WorkerNode(threading.Thread):
     def _drain_broker(self) -> bool:
         """Handle everything the broker sent; returns True if anything arrived (the broker is alive)."""
         with self._dealer_lock:
-            return self._drain_broker_locked()
-
-    def _drain_broker_locked(self) -> bool:
-        got_any = False
-        while self._dealer is not None:
-            try:
-                frames = recv_frames(self._dealer)
-            except zmq.Again:
-                break
-            got_any = True
-            try:
-                message = p.parse_for_worker(frames)
-            except p.ProtocolError as exc:
-                log.warning("%s: dropped malformed message from the broker: %s", self.worker_name, exc)
-                continue
-            if message.command == p.W_REQUEST:
-                self._accept(message.route_key, message.body)
-            elif message.command == p.W_CANCEL:
-                job = self._jobs.get(message.route_key)
-                if job is not None:
-                    job.cancel()
-            elif message.command == p.W_CREDIT:
-                job = self._jobs.get(message.route_key)
-                if job is not None:
-                    job.grant(message.credit)
-            elif message.command == p.W_DISCONNECT:
-                log.warning("%s: the broker asked us to reconnect", self.worker_name)
-                self._close_dealer(send_disconnect=False)
-                self._connect()
-        return got_any
+            got_any = False
+            while self._dealer is not None:
+                try:
+                    frames = recv_frames(self._dealer)
+                except zmq.Again:
+                    break
+                got_any = True
+                try:
+                    message = p.parse_for_worker(frames)
+                except p.ProtocolError as exc:
+                    log.warning("%s: dropped malformed message from the broker: %s", self.worker_name, exc)
+                    continue
+                if message.command == p.W_REQUEST:
+                    self._accept(message.route_key, message.body)
+                elif message.command == p.W_CANCEL:
+                    job = self._jobs.get(message.route_key)
+                    if job is not None:
+                        job.cancel()
+                elif message.command == p.W_CREDIT:
+                    job = self._jobs.get(message.route_key)
+                    if job is not None:
+                        job.grant(message.credit)
+                elif message.command == p.W_DISCONNECT:
+                    log.warning("%s: the broker asked us to reconnect", self.worker_name)
+                    self._close_dealer(send_disconnect=False)
+                    self._connect()
+            return got_any
 
     def _accept(self, route_key: bytes, body: list[bytes]) -> None:
         try:
@@ -349,32 +340,32 @@ class WorkerNode(threading.Thread):
     def _send_chunk(self, job: Job, body: bytes) -> None:
         """A slot thread's PARTIAL, sent on the DEALER at once (see the module docstring)."""
         with self._dealer_lock:
-            dealer = self._dealer
-            if dealer is None or self._connection_broken or self._jobs.get(job.route_key) is not job:
+            if self._jobs.get(job.route_key) is not job:
                 return  # a request of an earlier connection, or one already ended
-            try:
-                send_frames(dealer, p.worker_reply(False, job.route_key, [body]))
-            except zmq.Again:
-                log.warning("%s: the broker is not taking messages; starting a new connection", self.worker_name)
-                self._connection_broken = wake = True
-            else:
+            was_broken = self._connection_broken
+            if self._send_to_broker(p.worker_reply(False, job.route_key, [body])):
                 self._chunks_sent += 1
-                wake = bool(dealer.getsockopt(_EVENTS) & _POLLIN)  # a message is waiting: the loop must look
+                assert self._dealer is not None
+                wake = bool(self._dealer.getsockopt(_EVENTS) & _POLLIN)  # a message is waiting: the loop must look
+            else:
+                wake = self._connection_broken and not was_broken  # this chunk broke the connection
             if wake and self._wakeup >= 0:
                 os.eventfd_write(self._wakeup, 1)
 
-    def _send_to_broker(self, frames: list[bytes]) -> None:
+    def _send_to_broker(self, frames: list[bytes]) -> bool:
         """Never block the loop. If the broker takes nothing (the queue to it is full), this connection is done:
         nothing after a lost message may reach the broker, so the loop starts a new connection and the broker
-        resumes our requests from what it did receive."""
+        resumes our requests from what it did receive. True if the message went out."""
         with self._dealer_lock:
             if self._dealer is None or self._connection_broken:
-                return
+                return False
             try:
                 send_frames(self._dealer, frames)
             except zmq.Again:
                 log.warning("%s: the broker is not taking messages; starting a new connection", self.worker_name)
                 self._connection_broken = True
+                return False
+            return True
 
     def _send_heartbeat(self, draining: bool) -> None:
         sample = self._monitor.sample(self.manager is not None and self.manager.state == "ready")

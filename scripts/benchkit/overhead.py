@@ -109,20 +109,21 @@ def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Pair]:
                 # the run (turbo, neighbours of a VM) favours neither path.
                 batches = [[text] for text in texts] if concurrency == 1 else [texts]
                 d, m = LoadResult(), LoadResult()
-                others: dict[int, list[float]] = {id(d): [], id(m): []}
+                d_other: list[float] = []  # cores other programs used, per half
+                m_other: list[float] = []
+                halves = [(direct, d, d_other, pair.direct_cpu), (mesh, m, m_other, pair.mesh_cpu)]
                 for batch in batches:
-                    halves = [(direct, d, pair.direct_cpu), (mesh, m, pair.mesh_cpu)]
                     flip = (len(pair.rounds) + len(d.records)) % 2 == 1
-                    for load, result, cpu_total in reversed(halves) if flip else halves:
+                    for load, result, other_cores, cpu_total in reversed(halves) if flip else halves:
                         other, cpu = procs.OtherLoad(), meter.reading()
                         result.extend(load.run(batch, args.max_tokens))
-                        others[id(result)].append(other.cores())
+                        other_cores.append(other.cores())
                         _accumulate(cpu_total, meter.used(cpu, meter.reading()))
                 if concurrency == 1:
                     pair.ttft_pairs += zip(d.records, m.records, strict=True)
                 pair.direct.extend(d)
                 pair.mesh.extend(m)
-                pair.rounds.append(Round(d, m, max(others[id(d)]), max(others[id(m)])))
+                pair.rounds.append(Round(d, m, max(d_other), max(m_other)))
                 print(f"overhead: concurrency {concurrency}: " + " | ".join(pair.round_table().rows[-1]), flush=True)
         finally:
             direct.close()
