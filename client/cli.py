@@ -158,7 +158,6 @@ class TextPrinter:
     def __init__(self, out: TextIO, stream: bool) -> None:
         self.out = out
         self.stream = stream
-        self.written = 0  # chunks of the head answer already printed
         self.started = False  # the head answer has printed something
         self.answers = 0
 
@@ -171,9 +170,8 @@ class TextPrinter:
         self.out.flush()
 
     def progress(self, request: Request) -> None:
-        if self.stream and self.written < len(request.chunks):
-            self._write("".join(chunk.text for chunk in request.chunks[self.written :]))
-            self.written = len(request.chunks)
+        if self.stream and (new := request.new_chunks()):
+            self._write("".join(chunk.text for chunk in new))
 
     def finish(self, index: int, prompt: str, request: Request, result: Result) -> None:
         self.progress(request)
@@ -183,7 +181,7 @@ class TextPrinter:
             self.out.write("\n")
             self.out.flush()
             self.answers += 1
-        self.written, self.started = 0, False
+        self.started = False
 
 
 class JsonlPrinter:

@@ -77,6 +77,7 @@ class Request:
         self.sent_at = time.monotonic()
         self.deadline = self.sent_at + timeout
         self.chunks: list[Chunk] = []
+        self.taken = 0  # chunks already handed out by ``new_chunks``
         self.status: dict[str, Any] = {}
         self.first_chunk_at: float | None = None
         self.acknowledged = False  # the broker has it (any reply arrived)
@@ -91,13 +92,17 @@ class Request:
     def text(self) -> str:
         return "".join(chunk.text for chunk in self.chunks)
 
+    def new_chunks(self) -> list[Chunk]:
+        """The chunks received since the last call (all so far on the first): the request's one read cursor, which
+        iterating it, ``qmesh-client`` and the gateway all read through. It does not wait; ``poll`` fills it."""
+        new = self.chunks[self.taken :]
+        self.taken = len(self.chunks)
+        return new
+
     def __iter__(self) -> Iterator[Chunk]:
         """Yield chunks as they arrive; raise MeshError if the request ends in an error."""
-        delivered = 0
         while True:
-            while delivered < len(self.chunks):
-                delivered += 1
-                yield self.chunks[delivered - 1]
+            yield from self.new_chunks()
             if self.final is not None:
                 if self.final.error is not None:
                     raise self.final.error

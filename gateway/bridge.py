@@ -46,7 +46,6 @@ class Generation:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.finished = False  # the loop has taken the Result
         self.request: Request | None = None  # bridge thread only
-        self.delivered = 0  # chunks already handed over; bridge thread only
 
     async def next(self) -> Event:
         event = await self.events.get()
@@ -201,11 +200,7 @@ class Bridge:
         for request_id, generation in list(self._active.items()):
             request = generation.request
             assert request is not None
-            count = len(request.chunks)
-            text = ""
-            if count > generation.delivered:
-                text = "".join(chunk.text for chunk in request.chunks[generation.delivered : count])
-                generation.delivered = count
+            text = "".join(chunk.text for chunk in request.new_chunks())
             if request.final is not None:
                 del self._active[request_id]
             if text or request.final is not None:

@@ -42,6 +42,17 @@ def test_one_prompt_streams_an_answer(client):
     assert result.ttft_ms is not None and result.ttft_ms > 0
 
 
+def test_new_chunks_hands_out_each_chunk_once(client):
+    request = client.submit("Name a colour.", model=MODEL, max_tokens=12, temperature=0)
+    taken = []
+    while not request.done:
+        client.poll(0.05)
+        taken += request.new_chunks()
+    taken += request.new_chunks()
+    assert taken == request.chunks and len(taken) >= 2
+    assert request.new_chunks() == [] and list(request) == [], "iterating reads through the same cursor"
+
+
 def test_same_seeded_prompt_gives_the_same_answer(client):
     first = client.generate("Count from one to five.", model=MODEL, max_tokens=16, temperature=0)
     second = client.generate("Count from one to five.", model=MODEL, max_tokens=16, temperature=0)
