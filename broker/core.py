@@ -187,12 +187,17 @@ class BrokerCore:
             return False
         if not peer.worker:
             log.warning("dropped a worker message from key %s, which is not on the worker list", peer.name)
+            reason = f"key {peer.name} is not on the broker's worker allow-list"
         elif isinstance(message, p.WorkerReady) and peer.models is not None and message.service not in peer.models:
-            log.warning("key %s may not serve %r (allowed: %s)", peer.name, message.service, sorted(peer.models))
+            allowed = ", ".join(sorted(peer.models)) or "none"
+            log.warning("key %s may not serve %r (allowed: %s)", peer.name, message.service, allowed)
+            reason = f"key {peer.name} may not serve {message.service!r} (allowed: {allowed})"
         else:
             return True
+        known = self.workers.get(identity)
+        extended = known.extended if known is not None else isinstance(message, p.WorkerReady) and message.extended
         self._remove_worker(identity, now, f"key {peer.name} not allowed", out)
-        out.append((identity, p.disconnect()))
+        out.append((identity, p.disconnect((p.FORBIDDEN, reason) if extended else None)))
         return False
 
     def on_unreachable(self, identity: bytes, now: float) -> list[Outgoing]:
@@ -367,15 +372,16 @@ class BrokerCore:
             self._remove_worker(identity, now, "protocol violation (second READY)", out)
             out.append((identity, p.disconnect()))
             return
+        refusal = None
         if message.service.startswith(p.MMI_PREFIX):
-            log.warning("worker %s tried to register reserved service %r", identity.hex(), message.service)
-            out.append((identity, p.disconnect()))
-            return
+            refusal = f"service names starting with {p.MMI_PREFIX!r} are reserved for the broker"
         info = message.info
         slots = info.get("slots", 1)
         if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOTS_PER_WORKER:
-            log.warning("worker %s announced invalid slots %r: disconnecting", identity.hex(), slots)
-            out.append((identity, p.disconnect()))
+            refusal = f"slots must be an integer from 1 to {MAX_SLOTS_PER_WORKER}, got {slots!r}"
+        if refusal is not None:
+            log.warning("worker %s refused (%s): disconnecting", identity.hex(), refusal)
+            out.append((identity, p.disconnect((p.BAD_REQUEST, refusal) if message.extended else None)))
             return
         name = info.get("name")
         worker = WorkerState(
@@ -391,6 +397,7 @@ class BrokerCore:
         self.services.setdefault(message.service, ServiceState()).workers[identity] = None
         self.known_services.add(message.service)
         log.info("worker %s ready for %s with %d slot(s)", worker.name, message.service, slots)
+        out.append((identity, p.heartbeat()))  # the answer a worker waits for before it calls itself registered
         self._dispatch(message.service, out)
 
     def _on_worker_message(self, identity: bytes, message: p.InboundMessage, now: float, out: list[Outgoing]) -> None:

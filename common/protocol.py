@@ -300,8 +300,12 @@ def heartbeat(load: dict[str, Any] | None = None) -> list[bytes]:
     return [WORKER, W_HEARTBEAT] if not load else [WORKER, W_HEARTBEAT, pack(load)]
 
 
-def disconnect() -> list[bytes]:
-    return [WORKER, W_DISCONNECT]
+def disconnect(refusal: tuple[int, str] | None = None) -> list[bytes]:
+    """DISCONNECT; to an extended worker the broker may add why it refused it (an error body), so that the
+    worker can stop with that reason instead of registering again and again."""
+    if refusal is None:
+        return [WORKER, W_DISCONNECT]
+    return [WORKER, W_DISCONNECT, error_body(*refusal)]
 
 
 # ------------------------------------------------------------------------------------- builders: peer side
@@ -341,6 +345,7 @@ class BrokerToWorker:
     route_key: bytes = b""
     body: list[bytes] = field(default_factory=list)
     credit: int = 0
+    refusal: tuple[int, str] | None = None  # a DISCONNECT's reason, when the broker refused the worker
 
 
 def parse_for_worker(frames: list[bytes]) -> BrokerToWorker:
@@ -359,9 +364,25 @@ def parse_for_worker(frames: list[bytes]) -> BrokerToWorker:
         if len(frames) != 4:
             raise ProtocolError("CREDIT takes a route key and a credit frame")
         return BrokerToWorker(command, frames[2], credit=_credit(frames[3]))
-    if command in (W_HEARTBEAT, W_DISCONNECT):
+    if command == W_HEARTBEAT:
+        if len(frames) != 2:
+            raise ProtocolError("HEARTBEAT from the broker takes no frames")
         return BrokerToWorker(command)
+    if command == W_DISCONNECT:
+        if len(frames) > 3:
+            raise ProtocolError("DISCONNECT takes at most one reason frame")
+        return BrokerToWorker(command, refusal=_refusal(frames[2]) if len(frames) == 3 else None)
     raise ProtocolError(f"unexpected command {command!r} for a worker")
+
+
+def _refusal(frame: bytes) -> tuple[int, str]:
+    error = unpack_map(frame).get("error")
+    if not isinstance(error, dict):
+        raise ProtocolError("a DISCONNECT reason must be an error body")
+    code, message = error.get("code"), error.get("message")
+    if not isinstance(code, int) or isinstance(code, bool) or not isinstance(message, str):
+        raise ProtocolError("a DISCONNECT reason needs an integer code and a message")
+    return code, message
 
 
 @dataclass(slots=True)

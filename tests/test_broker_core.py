@@ -66,8 +66,13 @@ def unreachable(core: BrokerCore, identity: bytes, now: float = 0.0) -> list[Out
 
 
 def ready(core: BrokerCore, worker: bytes, service: str = MODEL, now: float = 0.0, **info: Any) -> list[Outgoing]:
-    """READY from ``worker``: plain MDP when no info is given, extended otherwise."""
-    return send(core, worker, p.ready(service, info or None), now)
+    """READY from ``worker``: plain MDP when no info is given, extended otherwise. A registration is answered with
+    a HEARTBEAT before anything else; that answer is checked here and left out of what is returned."""
+    out = send(core, worker, p.ready(service, info or None), now)
+    if worker in core.workers:
+        assert out[0] == (worker, p.heartbeat()), "a registration must be answered at once"
+        return out[1:]
+    return out
 
 
 def xrequest(
@@ -626,6 +631,14 @@ def test_second_ready_disconnects_and_removes() -> None:
     assert core.service_table()[MODEL]["queued"] == 1
 
 
+def test_ready_is_answered_with_a_heartbeat_before_any_request() -> None:
+    core = make_core()
+    xrequest(core, C1, b"r")
+    out = send(core, W1, p.ready(MODEL, {"slots": 1}))
+    assert out[0] == (W1, p.heartbeat())
+    assert len(requests_to(out, W1)) == 1
+
+
 def test_ready_for_mmi_service_disconnects() -> None:
     core = make_core()
     out = ready(core, W1, service="mmi.x")
@@ -633,11 +646,20 @@ def test_ready_for_mmi_service_disconnects() -> None:
     assert core.workers == {} and core.services == {}
 
 
+def test_an_extended_worker_is_told_why_it_was_refused() -> None:
+    core = make_core()
+    (refusal,) = to_worker(ready(core, W1, service="mmi.x", slots=1), W1)
+    assert refusal.command == p.W_DISCONNECT and refusal.refusal is not None
+    code, message = refusal.refusal
+    assert code == p.BAD_REQUEST and "reserved" in message
+
+
 @pytest.mark.parametrize("slots", [0, -1, 1025, "2", 2.0, True, None, [1]])
 def test_invalid_slots_disconnects(slots: Any) -> None:
     core = make_core()
-    out = send(core, W1, p.ready(MODEL, {"slots": slots}))
-    assert out == [(W1, p.disconnect())]
+    (refusal,) = to_worker(send(core, W1, p.ready(MODEL, {"slots": slots})), W1)
+    assert refusal.command == p.W_DISCONNECT and refusal.refusal is not None
+    assert refusal.refusal[0] == p.BAD_REQUEST and "slots" in refusal.refusal[1]
     assert core.workers == {}
 
 

@@ -323,6 +323,7 @@ class BrokerMachine(RuleBasedStateMachine):
                 expires_at=self.now + CONFIG.worker_ttl,
             )
             self.known.add(service)
+            expected.append((identity, p.heartbeat()))
             self._dispatch(service, expected)
         self._check(out, expected)
 

@@ -10,28 +10,65 @@ again from the delivered tokens once credit returns. After ``stall_timeout`` sec
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest, final_body
-from qmesh.worker.http_client import Chunk, CompletionStream, LlamaHttpClient
+from qmesh.worker.http_client import Completion, CompletionChunk
 
-PARTIAL, FINAL, SIDECAR_DOWN = b"P", b"F", b"X"  # what a slot thread tells its worker loop
+SendBody = Callable[[bytes], None]
+# How a slot thread waits for credit: (condition, predicate, timeout) -> the predicate's final value. Tests
+# pass a simulated clock here, so pauses and stalls are driven without sleeping.
+Wait = Callable[[threading.Condition, Callable[[], bool], float], bool]
 
-Send = Callable[[bytes, bytes], None]
+
+def wait_on_condition(condition: threading.Condition, predicate: Callable[[], bool], timeout: float) -> bool:
+    return bool(condition.wait_for(predicate, timeout))
+
+
+class SidecarStream(Protocol):
+    """What a generation reads: ``worker.http_client.CompletionStream``."""
+
+    result: Completion | None
+
+    def __iter__(self) -> Iterator[CompletionChunk]: ...
+
+    def __enter__(self) -> SidecarStream: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Sidecar(Protocol):
+    """What a generation asks of llama-server: ``worker.http_client.LlamaHttpClient``."""
+
+    def apply_template(self, messages: list[dict[str, str]]) -> str: ...
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]: ...
+
+    def generate_stream(self, prompt: str | list[int], **opts: Any) -> SidecarStream: ...
 
 
 class Job:
-    """A request held by a worker thread. ``credit``: chunks the client will still take (None: no limit)."""
+    """A request held by a worker thread, shared by the loop (cancel, grant) and its slot thread (take credit).
 
-    def __init__(self, route_key: bytes, request: GenerationRequest) -> None:
+    ``connection``: the number of the broker connection it came on. ``credit``: chunks the client will still
+    take (None: no flow control).
+    """
+
+    def __init__(
+        self, route_key: bytes, request: GenerationRequest, connection: int, wait: Wait = wait_on_condition
+    ) -> None:
         self.route_key = route_key
         self.request = request
+        self.connection = connection
         self.cancelled = threading.Event()
-        self.stream: CompletionStream | None = None
+        self.stream: SidecarStream | None = None
         self.credit = request.window
         self._credit_changed = threading.Condition()
+        self._wait = wait
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -52,20 +89,24 @@ class Job:
         if self.credit is None:
             return not self.cancelled.is_set()
         with self._credit_changed:
-            if not self._credit_changed.wait_for(lambda: self.credit or self.cancelled.is_set(), timeout):
+            if not self._wait(self._credit_changed, lambda: bool(self.credit) or self.cancelled.is_set(), timeout):
                 return False
             if self.cancelled.is_set():
                 return False
+            assert self.credit is not None
             self.credit -= 1
             return True
 
 
 class Generation:
+    """Runs ``job`` against llama-server: ``send_chunk`` for every PARTIAL body, ``send_final`` once at the end."""
+
     def __init__(
         self,
         job: Job,
-        client: LlamaHttpClient,
-        send: Send,
+        sidecar: Sidecar,
+        send_chunk: SendBody,
+        send_final: SendBody,
         *,
         worker_name: str,
         model: str,
@@ -74,8 +115,9 @@ class Generation:
     ) -> None:
         self.job = job
         self.request = job.request
-        self.client = client
-        self.send = send
+        self.sidecar = sidecar
+        self.send_chunk = send_chunk
+        self.send_final = send_final
         self.worker_name = worker_name
         self.model = model
         self.pause_after = min(pause_after, stall_timeout)
@@ -86,7 +128,10 @@ class Generation:
     def run(self) -> None:
         """Raises SidecarError if llama-server fails; every other ending sends a FINAL."""
         request, job = self.request, self.job
-        text = (request.prompt or "") if request.raw else self.client.apply_template(request.chat_messages())
+        if job.cancelled.is_set():  # cancelled while it waited for a free slot thread
+            self.send_final(p.error_body(p.CANCELLED, "cancelled"))
+            return
+        text = (request.prompt or "") if request.raw else self.sidecar.apply_template(request.chat_messages())
         prompt_tokens: list[int] | None = None  # tokenized only to continue after delivered tokens
         while True:
             remaining = request.max_tokens - len(self.delivered)
@@ -97,13 +142,13 @@ class Generation:
                 prompt: str | list[int] = text
             else:
                 if prompt_tokens is None:
-                    prompt_tokens = self.client.tokenize(text, add_special=True)
+                    prompt_tokens = self.sidecar.tokenize(text, add_special=True)
                 prompt = prompt_tokens + self.delivered
-            stream = self.client.generate_stream(prompt, max_tokens=remaining, **self._options())
+            stream = self.sidecar.generate_stream(prompt, max_tokens=remaining, **self._options())
             job.stream = stream
             held = self._stream(stream)
             if job.cancelled.is_set():
-                self.send(FINAL, p.error_body(p.CANCELLED, "cancelled"))
+                self.send_final(p.error_body(p.CANCELLED, "cancelled"))
                 return
             if held is None:
                 result = stream.result
@@ -115,14 +160,14 @@ class Generation:
             self.pauses += 1
             if not job.take_credit(self.stall_timeout - self.pause_after):
                 if job.cancelled.is_set():
-                    self.send(FINAL, p.error_body(p.CANCELLED, "cancelled"))
+                    self.send_final(p.error_body(p.CANCELLED, "cancelled"))
                 else:
                     message = f"the client took no chunk for {self.stall_timeout:g} s; generation stopped"
-                    self.send(FINAL, p.error_body(p.CLIENT_STALLED, message))
+                    self.send_final(p.error_body(p.CLIENT_STALLED, message))
                 return
             self._deliver(held)
 
-    def _stream(self, stream: CompletionStream) -> Chunk | None:
+    def _stream(self, stream: SidecarStream) -> CompletionChunk | None:
         """Forward chunks while the client has credit. Returns the chunk held back when it pauses, else None."""
         with stream:
             if self.job.cancelled.is_set():
@@ -136,8 +181,8 @@ class Generation:
                 self._deliver(chunk)
         return None
 
-    def _deliver(self, chunk: Chunk) -> None:
-        self.send(PARTIAL, p.pack({"text": chunk.text, "tokens": chunk.token_ids}))
+    def _deliver(self, chunk: CompletionChunk) -> None:
+        self.send_chunk(p.pack({"text": chunk.text, "tokens": chunk.token_ids}))
         self.delivered.extend(chunk.token_ids)
 
     def _final(self, finish_reason: str | None, prompt_tokens: int, timings: dict[str, Any]) -> None:
@@ -151,7 +196,7 @@ class Generation:
             model=self.model,
             timings=timings,
         )
-        self.send(FINAL, summary)
+        self.send_final(summary)
 
     def _options(self) -> dict[str, Any]:
         request = self.request

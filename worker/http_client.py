@@ -27,12 +27,12 @@ Prompt = str | list[int]
 
 # llama-server's stop_type -> the reason reported to callers; other values pass through unchanged.
 _STOP_REASONS = {"eos": "stop", "word": "stop", "limit": "length"}
-CANCELLED = "cancelled"
+STOP_CANCELLED = "cancelled"  # stop_reason of a stream closed early
 _HEALTH_TIMEOUT = 5.0  # /health answers at once even while loading; a slower answer means "not healthy"
 
 
 @dataclass
-class Chunk:
+class CompletionChunk:
     """A piece of a streamed completion: its text and the token ids that produced it."""
 
     text: str
@@ -52,7 +52,8 @@ class Completion:
 
 
 class CompletionStream:
-    """Iterates the :class:`Chunk` s of a streamed completion; ``.result`` holds the :class:`Completion` after.
+    """Iterates the chunks (:class:`CompletionChunk`) of a streamed completion; ``.result`` holds the
+    :class:`Completion` after.
 
     Closing the stream early (from any thread) shuts the connection, which is how llama-server learns to stop
     generating and free the slot; ``.result`` then holds what was received, with stop_reason "cancelled", and
@@ -80,13 +81,13 @@ class CompletionStream:
         """The text received so far."""
         return "".join(self._texts)
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def __iter__(self) -> Iterator[CompletionChunk]:
         while self.result is None:
             chunk = self._next_chunk()
             if chunk is not None:
                 yield chunk
 
-    def _next_chunk(self) -> Chunk | None:
+    def _next_chunk(self) -> CompletionChunk | None:
         """Read one event; None for events that carry nothing, the final one, and a read cut by close()."""
         try:
             event = next(self._events)
@@ -117,7 +118,7 @@ class CompletionStream:
             self._response.close()
         if not text and not tokens:
             return None
-        return Chunk(text=text, token_ids=tokens)
+        return CompletionChunk(text=text, token_ids=tokens)
 
     def _finish(self, final: dict[str, Any], stop_reason: str) -> None:
         with self._lock:
@@ -136,7 +137,7 @@ class CompletionStream:
 
     def close(self) -> None:
         """Stop reading; llama-server sees the connection close and stops generating. Idempotent."""
-        self._finish({}, stop_reason=CANCELLED)
+        self._finish({}, stop_reason=STOP_CANCELLED)
         self._closed = True
         # Shutting the socket down wakes a reader blocked in another thread; closing alone would not.
         sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)

@@ -1,0 +1,431 @@
+"""Unit and property tests of the worker's state machine (worker/core.py): no sockets, no threads, no sleeps.
+
+Time is a number passed in; randomness (reconnect jitter) comes from a seeded ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from qmesh.common import protocol as p
+from qmesh.common.bodies import GenerationRequest
+from qmesh.worker.core import (
+    CancelJob,
+    Close,
+    Connect,
+    Effect,
+    Exit,
+    GrantCredit,
+    Phase,
+    Send,
+    SendHeartbeat,
+    StartJob,
+    WorkerConfig,
+    WorkerCore,
+)
+from qmesh.worker.generation import Job
+
+INTERVAL = 1.0
+LIVENESS = 3
+TTL = INTERVAL * LIVENESS
+GRACE = 5.0
+MAX_DELAY = 16.0
+SERVICE = "smollm2-135m"
+
+
+def make_core(seed: int = 0, now: float = 0.0) -> WorkerCore:
+    config = WorkerConfig(
+        broker="tcp://broker:5555",
+        service=SERVICE,
+        slots=2,
+        info={"slots": 2, "name": "host/1/0", "version": 1},
+        heartbeat_interval=INTERVAL,
+        liveness=LIVENESS,
+        grace=GRACE,
+        max_reconnect_delay=MAX_DELAY,
+    )
+    return WorkerCore(config, now, rng=random.Random(seed))
+
+
+def registered_core() -> WorkerCore:
+    core = make_core()
+    core.on_sidecar(True, 0.0)
+    core.on_broker_message(p.heartbeat(), 0.0)
+    assert core.registered
+    return core
+
+
+def request_frames(key: bytes, **fields: Any) -> list[bytes]:
+    return p.worker_request(key, [GenerationRequest(prompt="hi", **fields).to_body()])
+
+
+def sent(effects: list[Effect]) -> list[p.InboundMessage]:
+    """What the effects send to the broker, parsed as the broker would."""
+    return [p.parse_inbound(e.frames) for e in effects if isinstance(e, Send)]
+
+
+def of_type(effects: list[Effect], kind: type) -> list[Any]:
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def started(effects: list[Effect]) -> Job:
+    (start,) = of_type(effects, StartJob)
+    return start.job
+
+
+# ------------------------------------------------------------------------------------------------ registering
+
+
+def test_nothing_is_offered_until_llama_server_is_healthy() -> None:
+    core = make_core()
+    assert core.tick(100.0) == [] and core.next_wakeup() == float("inf")
+    assert core.on_sidecar(False, 100.0) == []
+    out = core.on_sidecar(True, 100.0)
+    assert out[0] == Connect(1)
+    (ready,) = sent(out)
+    assert isinstance(ready, p.WorkerReady) and ready.service == SERVICE and ready.info["slots"] == 2
+
+
+def test_registered_only_once_the_broker_answers() -> None:
+    core = make_core()
+    core.on_sidecar(True, 0.0)
+    assert core.phase is Phase.CONNECTING and not core.registered
+    core.on_broker_message(p.heartbeat(), 0.5)  # the broker answers READY with a HEARTBEAT
+    assert core.registered
+
+
+def test_heartbeats_each_interval_with_the_number_of_busy_slots() -> None:
+    core = registered_core()
+    core.on_broker_message(request_frames(b"k1"), 0.1)
+    assert core.tick(0.9) == []
+    assert core.tick(1.0) == [SendHeartbeat(busy=1, draining=False)]
+    assert core.tick(1.5) == []
+    core.on_broker_message(p.heartbeat(), 1.5)
+    assert core.tick(2.0) == [SendHeartbeat(busy=1, draining=False)]
+
+
+def test_a_broker_that_never_answers_is_retried_with_growing_delays_and_never_called_registered() -> None:
+    core = make_core(seed=7)
+    now = 0.0
+    core.on_sidecar(True, now)
+    attempts = [now]
+    for _ in range(8):
+        now = core.next_wakeup()
+        while core.phase is not Phase.BACKING_OFF:  # heartbeats until the broker's silence ends the attempt
+            core.tick(now)
+            now = core.next_wakeup()
+        out = core.tick(now)
+        assert Connect(core.connection) in out and not core.registered
+        attempts.append(now)
+    waits = [later - earlier - TTL for earlier, later in zip(attempts, attempts[1:], strict=False)]
+    for attempt, wait in enumerate(waits, start=1):
+        nominal = min(INTERVAL * 2 ** (attempt - 1), MAX_DELAY)
+        assert 0.5 * nominal <= wait + 1e-9 <= 1.5 * nominal, (attempt, wait)
+    assert len(set(round(w, 6) for w in waits)) == len(waits), "no jitter"
+
+
+def test_a_refusal_that_cannot_be_fixed_ends_the_worker_with_the_brokers_reason() -> None:
+    core = make_core()
+    core.on_sidecar(True, 0.0)
+    reason = "key worker-gpu1 may not serve 'other' (allowed: smollm2-135m)"
+    out = core.on_broker_message(p.disconnect((p.FORBIDDEN, reason)), 0.1)
+    (exit_,) = of_type(out, Exit)
+    assert exit_.failure is not None and reason in exit_.failure and "tcp://broker:5555" in exit_.failure
+    assert Close(flush=False) in out and not of_type(out, Connect)
+    assert core.stopped
+    assert core.tick(1000.0) == [] and core.on_sidecar(False, 1000.0) == [] and core.on_sidecar(True, 1000.0) == []
+
+
+def test_a_disconnect_before_registration_backs_off_and_one_after_registration_reconnects_at_once() -> None:
+    core = make_core()
+    core.on_sidecar(True, 0.0)
+    out = core.on_broker_message(p.disconnect(), 0.1)
+    assert not of_type(out, Connect) and core.phase is Phase.BACKING_OFF
+    assert core.next_wakeup() >= 0.1 + 0.5 * INTERVAL
+    out = core.tick(core.next_wakeup())
+    assert of_type(out, Connect) == [Connect(2)]
+    core.on_broker_message(p.heartbeat(), 2.0)
+    out = core.on_broker_message(p.disconnect(), 2.5)  # a restarted broker that does not know us
+    assert out[0] == Close(flush=False) and of_type(out, Connect) == [Connect(3)]
+
+
+def test_a_silent_broker_ends_the_connection_and_its_jobs() -> None:
+    core = registered_core()
+    job = started(core.on_broker_message(request_frames(b"k1"), 0.5))
+    out = core.tick(0.5 + TTL)
+    assert out[:2] == [CancelJob(job), Close(flush=False)]
+    assert of_type(out, Connect) == [Connect(2)] and core.jobs == {}
+    assert core.on_job_finished(job, p.pack({"tokens": 1}), 4.0) == []  # its FINAL has no connection to go to
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+def test_a_request_becomes_a_job_of_the_connection_it_came_on() -> None:
+    core = registered_core()
+    job = started(core.on_broker_message(request_frames(b"k1", max_tokens=9), 0.1))
+    assert job.route_key == b"k1" and job.connection == 1 and job.request.max_tokens == 9
+    assert core.jobs == {b"k1": job}
+
+
+def test_a_bad_request_body_is_answered_with_a_400_final() -> None:
+    core = registered_core()
+    out = core.on_broker_message(p.worker_request(b"k1", [p.pack({"prompt": "hi", "bogus": 1})]), 0.1)
+    (final,) = sent(out)
+    assert isinstance(final, p.WorkerFinal) and final.route_key == b"k1"
+    assert p.unpack(final.body[0])["error"]["code"] == p.BAD_REQUEST
+    assert core.jobs == {}
+
+
+def test_cancel_and_credit_reach_the_job_they_name_and_nothing_else() -> None:
+    core = registered_core()
+    job = started(core.on_broker_message(request_frames(b"k1"), 0.1))
+    assert core.on_broker_message(p.worker_credit(b"k1", 5), 0.2) == [GrantCredit(job, 5)]
+    assert core.on_broker_message(p.worker_cancel(b"k1"), 0.3) == [CancelJob(job)]
+    assert core.on_broker_message(p.worker_cancel(b"k2"), 0.3) == []
+    assert core.on_broker_message(p.worker_credit(b"k2", 5), 0.3) == []
+    assert core.jobs == {b"k1": job}  # a cancelled job still owes the broker its FINAL
+
+
+def test_a_finished_job_sends_its_final_once() -> None:
+    core = registered_core()
+    job = started(core.on_broker_message(request_frames(b"k1"), 0.1))
+    body = p.pack({"finish_reason": "stop", "tokens": 3})
+    (final,) = sent(core.on_job_finished(job, body, 0.2))
+    assert isinstance(final, p.WorkerFinal) and final.route_key == b"k1" and final.body == [body]
+    assert core.on_job_finished(job, body, 0.3) == []
+
+
+def test_malformed_broker_messages_are_dropped_but_count_as_signs_of_life() -> None:
+    core = registered_core()
+    assert core.on_broker_message([p.WORKER, b"\x99"], 2.9) == []
+    assert not of_type(core.tick(2.9 + TTL - 0.1), Close)
+
+
+# ------------------------------------------------------------------------------------------------ llama-server
+
+
+def test_llama_server_down_leaves_the_broker_and_hands_back_every_job() -> None:
+    core = registered_core()
+    jobs = [started(core.on_broker_message(request_frames(key), 0.1)) for key in (b"k1", b"k2")]
+    out = core.on_sidecar(False, 0.2)
+    assert of_type(out, CancelJob) == [CancelJob(job) for job in jobs]
+    assert isinstance(sent(out)[-1], p.WorkerDisconnect) and out[-1] == Close(flush=True)
+    assert core.jobs == {} and core.phase is Phase.WAITING_SIDECAR
+    assert core.tick(100.0) == []  # no reconnection, no heartbeat while llama-server is down
+    assert of_type(core.on_sidecar(True, 100.0), Connect) == [Connect(2)]
+
+
+def test_llama_server_failed_for_good_ends_the_worker() -> None:
+    core = registered_core()
+    job = started(core.on_broker_message(request_frames(b"k1"), 0.1))
+    out = core.fail("llama-server failed for good: exit 1", 0.2)
+    assert out[0] == CancelJob(job) and isinstance(sent(out)[0], p.WorkerDisconnect)
+    assert out[-1] == Exit("llama-server failed for good: exit 1") and core.stopped
+
+
+# ------------------------------------------------------------------------------------------------ stopping
+
+
+def test_stop_announces_draining_at_once_and_ends_when_the_last_job_finishes() -> None:
+    core = registered_core()
+    job = started(core.on_broker_message(request_frames(b"k1"), 0.1))
+    out = core.stop(0.2)
+    assert out == [SendHeartbeat(busy=1, draining=True)] and not core.stopped
+    out = core.on_job_finished(job, p.pack({"tokens": 1}), 1.0)
+    assert isinstance(sent(out)[0], p.WorkerFinal) and isinstance(sent(out)[1], p.WorkerDisconnect)
+    assert out[-1] == Exit(None)
+
+
+def test_stop_hands_unfinished_jobs_back_when_the_grace_period_ends() -> None:
+    core = registered_core()
+    job = started(core.on_broker_message(request_frames(b"k1"), 0.1))
+    core.stop(0.2)
+    core.on_broker_message(p.heartbeat(), 0.2 + GRACE - 0.1)
+    out = core.tick(0.2 + GRACE)
+    assert out[0] == CancelJob(job) and isinstance(sent(out)[0], p.WorkerDisconnect) and out[-1] == Exit(None)
+
+
+def test_stop_without_a_connection_ends_at_once() -> None:
+    core = make_core()
+    assert core.stop(0.0) == [Exit(None)]
+
+
+# ------------------------------------------------------------------------------------------------ properties
+
+
+class WorkerCoreMachine(RuleBasedStateMachine):
+    """Random events against the core, checked through a model of the connection it drives.
+
+    Every job must end exactly once: by a FINAL on its own connection, or by being cancelled when that
+    connection closes (the broker then resumes it). Nothing is sent without an open connection; llama-server
+    being down never leaves a job or a connection behind; nothing happens after Exit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = make_core(seed=1)
+        self.now = 0.0
+        self.open: int | None = None  # the connection the effects have opened
+        self.live: dict[bytes, Job] = {}  # jobs started and not yet ended
+        self.ended: list[Job] = []
+        self.exited = False
+        self.keys: dict[int | None, int] = {}  # route keys per connection: a new broker counts from 1 again
+        self.steps = 0
+
+    def apply(self, effects: list[Effect]) -> None:
+        self.steps += 1
+        assert not (self.exited and effects), f"effects after Exit: {effects}"
+        cancelled: set[int] = set()
+        for effect in effects:
+            if isinstance(effect, Connect):
+                assert self.open is None, "a second connection opened over the first"
+                self.open = effect.connection
+            elif isinstance(effect, (Send, SendHeartbeat)):
+                assert self.open is not None, "sent without a connection"
+                if isinstance(effect, Send):
+                    self._check_sent(p.parse_inbound(effect.frames))
+            elif isinstance(effect, Close):
+                assert self.open is not None
+                stranded = [job for job in self.live.values() if id(job) not in cancelled]
+                assert not stranded, "a connection closed with a job that was never told to stop"
+                self.ended.extend(self.live.values())
+                self.live.clear()
+                self.open = None
+            elif isinstance(effect, StartJob):
+                assert effect.job.connection == self.open and effect.job.route_key not in self.live
+                self.live[effect.job.route_key] = effect.job
+            elif isinstance(effect, CancelJob):
+                assert effect.job in self.live.values(), "cancelled a job that is not live"
+                cancelled.add(id(effect.job))
+            elif isinstance(effect, GrantCredit):
+                assert effect.job in self.live.values()
+            elif isinstance(effect, Exit):
+                assert self.open is None, "exited with the connection open"
+                self.exited = True
+
+    def _check_sent(self, message: p.InboundMessage) -> None:
+        if isinstance(message, p.WorkerFinal) and message.route_key in self.live:
+            job = self.live.pop(message.route_key)
+            assert job.connection == self.open
+            self.ended.append(job)
+
+    # ----------------------------------------------------------------------------------------- events
+
+    @initialize()
+    def sidecar_starts(self) -> None:
+        self.apply(self.core.on_sidecar(True, self.now))
+
+    @rule(healthy=st.booleans())
+    def sidecar(self, healthy: bool) -> None:
+        self.apply(self.core.on_sidecar(healthy, self.now))
+        if not healthy:
+            assert self.open is None and not self.live, "llama-server is down but requests are still held"
+
+    @rule(seconds=st.sampled_from([0.0, 0.3, 1.0, 2.9, 3.0, 10.0, 40.0]))
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+        self.apply(self.core.tick(self.now))
+
+    @rule()
+    def broker_heartbeat(self) -> None:
+        self.apply(self.core.on_broker_message(p.heartbeat(), self.now))
+
+    @rule(valid=st.booleans())
+    def broker_request(self, valid: bool) -> None:
+        self.keys[self.open] = self.keys.get(self.open, 0) + 1
+        key = self.keys[self.open].to_bytes(4, "big")
+        frames = request_frames(key) if valid else p.worker_request(key, [p.pack({"nothing": 1})])
+        self.apply(self.core.on_broker_message(frames, self.now))
+
+    @rule(data=st.data(), cancel=st.booleans())
+    def broker_cancel_or_credit(self, data: st.DataObject, cancel: bool) -> None:
+        keys = sorted(self.live) + [b"\xff\xff"]
+        key = data.draw(st.sampled_from(keys))
+        frames = p.worker_cancel(key) if cancel else p.worker_credit(key, 3)
+        self.apply(self.core.on_broker_message(frames, self.now))
+
+    @rule(refusal=st.sampled_from([None, (p.WORKER_FAILED, "busy")]))
+    def broker_disconnect(self, refusal: tuple[int, str] | None) -> None:
+        self.apply(self.core.on_broker_message(p.disconnect(refusal), self.now))
+
+    @rule(frames=st.lists(st.binary(max_size=8), max_size=4))
+    def broker_garbage(self, frames: list[bytes]) -> None:
+        self.apply(self.core.on_broker_message(frames, self.now))
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def slot_finishes(self, data: st.DataObject) -> None:
+        job = data.draw(st.sampled_from(list(self.live.values())))
+        self.apply(self.core.on_job_finished(job, p.pack({"finish_reason": "stop"}), self.now))
+        assert job not in self.live.values()
+
+    @precondition(lambda self: self.ended)
+    @rule(data=st.data())
+    def stale_slot_finishes(self, data: st.DataObject) -> None:
+        job = data.draw(st.sampled_from(self.ended))
+        out = self.core.on_job_finished(job, p.pack({"finish_reason": "stop"}), self.now)
+        assert out == [], "a job that already ended (perhaps under a route key now reused) sent something"
+
+    @rule()
+    def connection_lost(self) -> None:
+        self.apply(self.core.on_connection_lost("queue full", self.now))
+
+    # Stopping ends a run (so does a fatal refusal): only late in one, so that runs first reach the rarer
+    # states (route keys reused by a new connection).
+    @precondition(lambda self: self.steps >= 25)
+    @rule()
+    def stop(self) -> None:
+        self.apply(self.core.stop(self.now))
+
+    @precondition(lambda self: self.steps >= 25)
+    @rule(code=st.sampled_from([p.FORBIDDEN, p.BAD_REQUEST]))
+    def broker_refuses(self, code: int) -> None:
+        self.apply(self.core.on_broker_message(p.disconnect((code, "no")), self.now))
+
+    @precondition(lambda self: self.steps >= 25)
+    @rule()
+    def fail(self) -> None:
+        self.apply(self.core.fail("gone", self.now))
+
+    # ----------------------------------------------------------------------------------------- invariants
+
+    @invariant()
+    def jobs_are_the_live_ones_of_the_open_connection(self) -> None:
+        assert self.core.jobs == self.live, "the core's jobs and the jobs that have not ended differ"
+        assert all(job.connection == self.open for job in self.core.jobs.values())
+        assert (self.open is not None) == (self.core.phase in (Phase.CONNECTING, Phase.REGISTERED))
+        if self.open is not None:
+            assert self.open == self.core.connection
+
+    @invariant()
+    def time_always_moves_on(self) -> None:
+        if not self.core.stopped and self.core.phase is not Phase.WAITING_SIDECAR:
+            assert self.core.next_wakeup() < float("inf"), "nothing would ever wake the loop again"
+
+    @invariant()
+    def exit_is_final(self) -> None:
+        assert self.exited == self.core.stopped
+
+
+TestWorkerCoreMachine = WorkerCoreMachine.TestCase
+TestWorkerCoreMachine.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_backoff_never_drops_below_half_the_nominal_delay(seed: int) -> None:
+    core = make_core(seed=seed)
+    core.on_sidecar(True, 0.0)
+    for attempt in range(1, 12):
+        closed_at = core.broker_expires
+        core.tick(closed_at)
+        nominal = min(INTERVAL * 2 ** (attempt - 1), MAX_DELAY)
+        assert core.reconnect_at - closed_at >= 0.5 * nominal - 1e-9
+        core.tick(core.reconnect_at)
+        assert core.phase is Phase.CONNECTING
