@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import zmq
 
-from meshkit import MODEL, BrokerThread, free_endpoint, wait_for, worker_settings, worker_threads
+from meshkit import MODEL, BrokerThread, worker_settings, worker_threads
+from qmesh.broker.core import Outgoing, Peer
 from qmesh.broker.security import BrokerSecurity, is_loopback
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
 from qmesh.common.errors import BrokerUnreachable, ConfigError
 from qmesh.common.keys import CurveClientKeys, generate_keys, load_keypair, read_allow_list
+from qmesh.testing import free_endpoint, wait_for
 from qmesh.worker.node import WorkerNode
 
 SECRET_PROMPT = "The launch code is swordfish-tango-42."
@@ -150,20 +152,30 @@ def test_an_unlisted_worker_never_gets_a_request(keyring):
             assert client.models() == {}
 
 
-def test_a_worker_key_limited_to_other_models_cannot_register(keyring):
+def test_a_worker_key_limited_to_other_models_stops_with_the_reason_instead_of_retrying(keyring):
     limited, _ = generate_keys(keyring.root / "limited", models=["another-model"])
     shutil.copy(limited, keyring.workers / limited.name)
     with BrokerThread(security=keyring.security()) as broker:
+        assert broker.broker is not None
+        core, from_workers = broker.broker.core, []
+        handle = core.on_message
+
+        def counting(identity: bytes, frames: list[bytes], now: float, peer: Peer | None = None) -> list[Outgoing]:
+            if frames[:1] == [p.WORKER]:
+                from_workers.append(frames[1])
+            return handle(identity, frames, now, peer)
+
+        core.on_message = counting  # every message the broker gets from a worker, counted
         node = WorkerNode(worker_settings(broker.endpoint, slots=1, curve=keyring.keys("limited")))
         node.start()
-        try:
-            with QMeshClient(broker.endpoint, connect_timeout=5, curve=keyring.keys("client")) as client:
-                wait_for(lambda: node.manager is not None and node.manager.state == "ready", 60, "the sidecar")
-                client.poll(1.0)
-                assert MODEL not in client.models()
-        finally:
-            node.stop()
-            node.join(timeout=30)
+        node.join(timeout=60)
+        assert not node.is_alive(), "the refused worker kept trying"
+        assert node.failure is not None
+        assert "key limited may not serve 'smollm2-135m' (allowed: another-model)" in node.failure
+        assert from_workers.count(p.W_READY) == 1, f"registered {from_workers.count(p.W_READY)} times: a storm"
+        assert len(from_workers) <= 3
+        with QMeshClient(broker.endpoint, connect_timeout=5, curve=keyring.keys("client")) as client:
+            assert MODEL not in client.models()
 
 
 def test_a_worker_cannot_answer_someone_elses_request(keyring):

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import psutil
 
-from meshkit import MODEL, BrokerThread, WorkerProcess, wait_for
+from meshkit import MODEL, BrokerThread, WorkerProcess, worker_settings
 from qmesh.client.sdk import QMeshClient
+from qmesh.testing import free_endpoint, pid_alive, wait_for
+from qmesh.worker.node import WorkerNode
 
 HEARTBEAT_MS = 200  # with liveness 3: a dead worker is noticed within 0.6 s of silence
 
 STORY = "Write a long poem about rivers."
 MAX_TOKENS = 120
 LONG_PROMPT = "Summarise this text. " + " ".join(f"Sentence {i} says the sky is blue today." for i in range(150))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _worker(endpoint: str, tmp_path, *args: str) -> WorkerProcess:
@@ -43,7 +41,7 @@ def test_sigkilled_worker_streams_continue_on_another_worker(tmp_path):
             prefilling = client.submit(LONG_PROMPT, model=MODEL, max_tokens=8, temperature=0)
             wait_for(lambda: client.poll(0.05) or prefilling.status.get("state") == "dispatched", 10, "dispatch")
             assert not prefilling.chunks, "the long prompt should still be in prompt evaluation"
-            sidecars = [c.pid for c in psutil.Process(first.process.pid).children(recursive=True)]
+            sidecars = [c.pid for c in psutil.Process(first.pid).children(recursive=True)]
             first.kill()
             seen_at_kill = len(_tokens(streaming))
 
@@ -54,7 +52,7 @@ def test_sigkilled_worker_streams_continue_on_another_worker(tmp_path):
             assert resumed.ok, resumed.error
             assert resumed.failovers == 1
             assert prefilling.result().ok and prefilling.result().failovers == 0
-            wait_for(lambda: not any(_alive(pid) for pid in sidecars), 10, "the dead worker's sidecar to exit")
+            wait_for(lambda: not any(pid_alive(pid) for pid in sidecars), 10, "the dead worker's sidecar to exit")
 
             tokens = _tokens(streaming)
             assert resumed.tokens == len(tokens) <= MAX_TOKENS, "tokens before the seam count against max_tokens"
@@ -76,10 +74,30 @@ def test_sigterm_lets_inflight_requests_finish(tmp_path):
             wait_for(lambda: client.has_model(MODEL), 60, "the worker to register")
             request = client.submit("Describe a cat in three sentences.", model=MODEL, max_tokens=48, temperature=0)
             wait_for(lambda: client.poll(0.05) or request.chunks, 60, "the request to stream")
-            worker.process.terminate()
             result = request.result()
             assert result.ok, result.error
-            assert worker.process.wait(timeout=30) == 0, worker.log()
+            assert worker.terminate(timeout=30) == 0, worker.log()
             wait_for(lambda: not client.has_model(MODEL), 5, "the worker to leave the broker")
         finally:
             worker.kill()
+
+
+def test_a_worker_with_no_broker_to_talk_to_never_claims_to_be_registered(caplog):
+    """It keeps trying, less and less often, and says so; "registered" waits for the broker's answer."""
+    endpoint = free_endpoint()  # nothing listens there
+    node = WorkerNode(worker_settings(endpoint, slots=1, heartbeat=0.1, max_reconnect_delay=0.8))
+    with caplog.at_level(logging.INFO, logger="qmesh.worker"):
+        node.start()
+        try:
+            wait_for(lambda: node.manager is not None and node.manager.state == "ready", 60, "the sidecar")
+            time.sleep(6)  # long enough for the attempts' delays to reach their cap
+            assert not node.registered.is_set()
+        finally:
+            node.stop()
+            node.join(timeout=30)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "registered" in m], messages
+    attempts = [m for m in messages if "connecting to the broker" in m]
+    assert sum("no answer from the broker" in m for m in messages) >= 3
+    # Without backoff (a new attempt after each 0.3 s of silence) there would be ~20 attempts; with it, 6-11.
+    assert 3 <= len(attempts) <= 12, len(attempts)
