@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
-import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,8 +34,8 @@ import psutil
 
 from qmesh.client.sdk import QMeshClient, Request
 from qmesh.common.errors import QMeshError
+from qmesh.testing import Child, WaitTimeout, free_endpoint, qmesh_command, wait_for_workers
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 SUBJECTS = ["a lighthouse", "the moon", "a red fox", "bread", "a glacier", "the river Nile", "chess", "a violin"]
 TASKS = [
@@ -48,60 +45,18 @@ TASKS = [
     "List five facts about {}.",
     "Explain {} to a ten-year-old.",
 ]
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
 
 
 # ---------------------------------------------------------------------------------------------- processes
 
 
-class Child:
-    """A process this run started (in its own session, so Ctrl-C reaches only us); output goes to a log file."""
-
-    def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.popen = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_us,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def sidecars(self) -> list[psutil.Process]:
-        """Its llama-server children (none while it restarts one)."""
-        try:
-            children = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        return [c for c in children if _is_llama(c)]
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-
-def _die_with_us() -> None:
-    """In the child: SIGTERM when this run dies, even by SIGKILL, so that nothing it started outlives it.
-
-    The signal follows the thread that forked, so every process is started from the main thread."""
-    _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+def sidecars(child: Child) -> list[psutil.Process]:
+    """The llama-server children of a worker process (none while it restarts one)."""
+    try:
+        children = psutil.Process(child.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if _is_llama(c)]
 
 
 def _is_llama(process: psutil.Process) -> bool:
@@ -110,14 +65,10 @@ def _is_llama(process: psutil.Process) -> bool:
     return False
 
 
-def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 class Mesh:
-    """The broker and worker processes of the run, restartable one by one, and everything they spawned."""
+    """The broker and worker processes of the run, restartable one by one, and everything they spawned.
+
+    Every process is started from the main thread: their parent-death signal follows the thread that forked."""
 
     def __init__(self, workers: int, heartbeat_ms: int, log_dir: Path) -> None:
         self.endpoint = free_endpoint()
@@ -130,15 +81,7 @@ class Mesh:
 
     def start_broker(self, timeout: float = 10.0) -> Child:
         """Start a broker on the endpoint, retrying while the old one's port is not free yet."""
-        command = [
-            sys.executable,
-            "-m",
-            "qmesh.broker.cli",
-            "--bind",
-            self.endpoint,
-            "--heartbeat-ms",
-            str(self.heartbeat_ms),
-        ]
+        command = qmesh_command("qmesh-broker", "--bind", self.endpoint, "--heartbeat-ms", str(self.heartbeat_ms))
         deadline = time.monotonic() + timeout
         while True:
             broker = Child("broker", command, self.log_dir / f"broker-{next(self._serial)}.log")
@@ -153,28 +96,12 @@ class Mesh:
             time.sleep(0.2)
 
     def start_worker(self, index: int) -> Child:
-        command = [
-            sys.executable,
-            "-m",
-            "qmesh.worker.cli",
-            "--model",
-            MODEL,
-            "--broker",
-            self.endpoint,
-            "--slots",
-            "1",
-            "--threads",
-            "1",
-            "--cpu-threads",
-            "1",
-            "--heartbeat-ms",
-            str(self.heartbeat_ms),
-            "--grace",
-            "5",
-        ]
+        heartbeat = str(self.heartbeat_ms)
+        options = ["--model", MODEL, "--broker", self.endpoint, "--heartbeat-ms", heartbeat, "--grace", "5"]
+        command = qmesh_command("qmesh-worker", *options, "--slots", "1", "--threads", "1", "--cpu-threads", "1")
         home = self.log_dir / f"home-{index}"  # its own persistent worker id, as on its own machine
-        env = {**os.environ, "QMESH_HOME": str(home)}
-        worker = Child(f"worker {index}", command, self.log_dir / f"worker{index}-{next(self._serial)}.log", env)
+        log_path = self.log_dir / f"worker{index}-{next(self._serial)}.log"
+        worker = Child(f"worker {index}", command, log_path, {"QMESH_HOME": str(home)})
         self.workers[index] = worker
         self._remember(worker.pid)
         return worker
@@ -184,7 +111,7 @@ class Mesh:
 
     def remember_sidecars(self) -> None:
         for _, worker in self.live_workers():
-            for sidecar in worker.sidecars():
+            for sidecar in sidecars(worker):
                 self._spawned.setdefault(sidecar.pid, sidecar)
 
     def _remember(self, pid: int) -> None:
@@ -404,18 +331,18 @@ class Chaos:
         return True
 
     def _fire_sidecar(self, streaming: set[int]) -> bool:
-        with_sidecar = [(i, w) for i, w in self.mesh.live_workers() if w.sidecars()]
+        with_sidecar = [(i, w) for i, w in self.mesh.live_workers() if sidecars(w)]
         victim = self._pick(with_sidecar, streaming)
         if victim is None:
             return False
         index, worker = victim
-        sidecars = worker.sidecars()
-        if not sidecars:
+        running = sidecars(worker)
+        if not running:
             return False
         with contextlib.suppress(psutil.Error):
-            sidecars[0].kill()
+            running[0].kill()
         mid = "mid-stream" if worker.pid in streaming else "idle"
-        self.say(f"SIGKILL llama-server pid {sidecars[0].pid} of worker {index} ({mid})")
+        self.say(f"SIGKILL llama-server pid {running[0].pid} of worker {index} ({mid})")
         return True
 
     def _fire_broker(self, streaming: set[int]) -> bool:
@@ -443,16 +370,13 @@ def make_prompts(rng: random.Random, n: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def wait_for_workers(endpoint: str, workers: int, timeout: float) -> bool:
-    """True once ``workers`` workers of the model are registered with the broker."""
-    deadline = time.monotonic() + timeout
-    with QMeshClient(endpoint, connect_timeout=5) as client:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(QMeshError):
-                if client.models().get(MODEL, {}).get("workers", 0) >= workers:
-                    return True
-            time.sleep(0.2)
-    return False
+def all_registered(endpoint: str, workers: int, timeout: float) -> bool:
+    """True once ``workers`` workers of the model are registered with the broker, False if not within ``timeout``."""
+    try:
+        wait_for_workers(endpoint, MODEL, workers, timeout)
+    except WaitTimeout:
+        return False
+    return True
 
 
 def registered_workers(endpoint: str) -> int:
@@ -565,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh.start_broker()
         for index in range(args.workers):
             mesh.start_worker(index)
-        if not wait_for_workers(mesh.endpoint, args.workers, max(1.0, min(180.0, hard_stop - time.monotonic()))):
+        if not all_registered(mesh.endpoint, args.workers, max(1.0, min(180.0, hard_stop - time.monotonic()))):
             print(f"chaos: the workers did not all register; see {log_dir}", file=sys.stderr)
             return 2
         chaos.say(f"{args.workers} workers registered; sending {args.prompts} prompts")
@@ -606,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def after_run(args: argparse.Namespace, mesh: Mesh, traffic: Traffic, hard_stop: float) -> dict[str, str]:
     """Figures taken once the traffic is over: the mesh whole again, and the seams compared with calm runs."""
-    whole = wait_for_workers(mesh.endpoint, args.workers, max(1.0, min(60.0, hard_stop - time.monotonic())))
+    whole = all_registered(mesh.endpoint, args.workers, max(1.0, min(60.0, hard_stop - time.monotonic())))
     extra = {
         "workers registered at end": f"{registered_workers(mesh.endpoint)}/{args.workers}"
         + ("" if whole else " (not all came back)")

@@ -11,7 +11,10 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from . import fakeclient, fakeworker, procs, proxybase
+from qmesh.testing import free_endpoint, wait_for_workers
+from qmesh.testing.fakeworker import FakePlan
+
+from . import fakeclient, procs, proxybase
 from .profiling import PySpy, hot_spots
 from .report import Section, Table
 from .stats import fmt, ratio
@@ -104,12 +107,11 @@ def broker_round(
     profile_dir: Any = None,
     code: Any = None,
 ) -> BrokerRound:
-    endpoint = procs.free_endpoint()
+    endpoint = free_endpoint()
     broker = ps.broker(endpoint, code=code)
     stop = procs.SPAWN.Event()
-    plan = fakeworker.FakePlan(args.workers, args.slots)
-    _, worker_results = ps.function(fakeworker.fake_workers_main, [endpoint], SERVICE, plan, stop)
-    procs.wait_for_workers(endpoint, SERVICE, args.workers, 60, [broker])
+    worker_results = ps.fake_workers([endpoint], SERVICE, FakePlan(args.workers, args.slots), stop)
+    wait_for_workers(endpoint, SERVICE, args.workers, 60, watch=[broker])
     spy = PySpy(broker.pid, profile_dir / "broker.pyspy") if profile_dir is not None else None
     cpu0 = procs.cpu_seconds(broker.pid)
     timeout = 60 + requests * args.chunks / 2000
@@ -130,7 +132,7 @@ def broker_round(
 
 def proxy_round(ps: procs.Processes, messages: int, rate: float) -> ProxyRound:
     """``zmq.proxy`` forwarding ``messages`` chunk-shaped messages at ``rate`` per second (the broker's own)."""
-    frontend, backend = procs.free_endpoint(), procs.free_endpoint()
+    frontend, backend = free_endpoint(), free_endpoint()
     proxy, proxy_results = ps.function(proxybase.proxy_main, frontend, backend)
     proxy_results.get(timeout=30)
     _, consumer_results = ps.function(proxybase.consumer_main, backend, messages)

@@ -19,8 +19,10 @@ from typing import Any
 import zmq
 
 from qmesh.client.sdk import QMeshClient
+from qmesh.testing import free_endpoint, wait_for_workers
+from qmesh.testing.fakeworker import FakePlan
 
-from . import fakeworker, procs
+from . import procs
 from .stats import percentile
 
 SERVICE = "latency-floor"
@@ -30,9 +32,9 @@ SPACING_S = 0.001
 def mesh_round_trip(ps: procs.Processes, endpoint: str, requests: int = 300) -> list[float]:
     """TTFT in ms of ``requests`` one-chunk requests through the broker at ``endpoint`` to an instant fake worker."""
     stop = procs.SPAWN.Event()
-    _, results = ps.function(fakeworker.fake_workers_main, [endpoint], SERVICE, fakeworker.FakePlan(1, 1), stop)
+    results = ps.fake_workers([endpoint], SERVICE, FakePlan(1, 1), stop)
     try:
-        procs.wait_for_workers(endpoint, SERVICE, 1, 60)
+        wait_for_workers(endpoint, SERVICE, 1, 60)
         with QMeshClient(endpoint, timeout=30) as client:
             times = []
             for index in range(requests + 20):
@@ -64,7 +66,7 @@ def _echo_main(endpoint: str, results: Any) -> None:
 
 def zmq_round_trip(ps: procs.Processes, count: int = 1000) -> list[float]:
     """Round trips in ms of one-frame messages between this process and an echo process, over TCP loopback."""
-    endpoint = procs.free_endpoint()
+    endpoint = free_endpoint()
     _, results = ps.function(_echo_main, endpoint)
     results.get(timeout=30)
     context = zmq.Context()

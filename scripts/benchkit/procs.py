@@ -1,6 +1,8 @@
-"""Processes a benchmark starts: the real broker and worker CLIs, helper functions in spawned processes.
+"""Processes a benchmark starts: the real broker and worker CLIs, fake workers and helper functions in spawned
+processes, and how much CPU and memory they use.
 
-Everything started here is stopped by pid when the ``Processes`` stack closes, even after an error.
+Everything started here is stopped by pid when the ``Processes`` stack closes, even after an error; the
+commands are ``qmesh.testing.Child``ren, so they die with the benchmark even when it is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -22,19 +22,14 @@ from typing import Any
 
 import psutil
 
-from qmesh.client.sdk import QMeshClient
+from qmesh.testing import Child, qmesh_command
+from qmesh.testing.fakeworker import FakePlan, FakeStreamingWorker
 
 from .report import ROOT
+from .stats import percentile
 
-PYTHON = sys.executable
 SPAWN = mp.get_context("spawn")  # no zmq context may cross a fork
 _LOG_PROBLEM = re.compile(r"^\S+ [WE] ")  # qmesh.common.logs: "HH:MM:SS W logger: message"
-
-
-def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -111,34 +106,6 @@ class CpuMeter:
         return {name: after[name] - before[name] for name in before}
 
 
-class Child:
-    """A started subprocess with its log file."""
-
-    def __init__(self, name: str, command: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(
-                list(command), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, grace: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-
-
 class Processes(contextlib.ExitStack):
     """Owns a log directory and every process a benchmark starts; closing it stops them all."""
 
@@ -150,7 +117,7 @@ class Processes(contextlib.ExitStack):
 
     def broker(self, endpoint: str, *args: str, code: Path | None = None, name: str = "broker") -> Child:
         """The real ``qmesh-broker``; ``code`` runs another version of it (see ``export_broker``)."""
-        command = [PYTHON, "-m", "qmesh.broker.cli", "--bind", endpoint, "--log-level", "warning", *args]
+        command = qmesh_command("qmesh-broker", "--bind", endpoint, "--log-level", "warning", *args)
         return self.child(name, command, env={"PYTHONPATH": str(code)} if code is not None else None)
 
     def export_broker(self, ref: str) -> Path:
@@ -164,14 +131,19 @@ class Processes(contextlib.ExitStack):
         return root
 
     def worker(self, endpoint: str, *args: str, name: str = "worker") -> Child:
-        command = [PYTHON, "-m", "qmesh.worker.cli", "--broker", endpoint, "--log-level", "warning", *args]
+        command = qmesh_command("qmesh-worker", "--broker", endpoint, "--log-level", "warning", *args)
         return self.child(name, command, env={"QMESH_HOME": str(self.home)})
 
     def child(self, name: str, command: Sequence[str], env: dict[str, str] | None = None) -> Child:
         self._started += 1
-        started = Child(f"{name}-{self._started}", command, self.log_dir, env)
+        numbered = f"{name}-{self._started}"
+        started = Child(numbered, command, self.log_dir / f"{numbered}.log", env)
         self.callback(started.stop)
         return started
+
+    def fake_workers(self, endpoints: list[str], service: str, plan: FakePlan, stop: Any, nice: int = 0) -> Any:
+        """``FakeStreamingWorker`` in a spawned process until ``stop`` is set; returns the queue of its summary."""
+        return self.function(_fake_workers_main, endpoints, service, plan, stop, nice=nice)[1]
 
     def function(self, target: Callable[..., Any], *args: Any, nice: int = 0) -> tuple[mp.Process, Any]:
         """Run ``target(*args, results)`` in a spawned process (at ``nice`` niceness); returns it and the queue it
@@ -185,26 +157,21 @@ class Processes(contextlib.ExitStack):
         return process, results
 
 
+def _fake_workers_main(endpoints: list[str], service: str, plan: FakePlan, stop: Any, results: Any) -> None:
+    """Process entry point: serve until ``stop``, then put the counters (and, when paced, send lateness) on
+    ``results``."""
+    fake = FakeStreamingWorker(endpoints, service, plan)
+    summary = fake.run(stop)
+    if fake.lateness:
+        summary["lateness_ms"] = {q: percentile(fake.lateness, q) * 1000 for q in (50, 99, 100)}
+    results.put(summary)
+
+
 def _end_process(process: mp.Process) -> None:
     process.join(5)
     if process.is_alive() and process.pid is not None:
         os.kill(process.pid, signal.SIGKILL)
         process.join(5)
-
-
-def wait_for_workers(endpoint: str, service: str, count: int, timeout: float, watch: Sequence[Child] = ()) -> None:
-    """Block until ``count`` workers serve ``service``; fail early if a watched process has exited."""
-    deadline = time.monotonic() + timeout
-    with QMeshClient(endpoint, connect_timeout=timeout) as client:
-        while True:
-            for child in watch:
-                if child.popen.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited with {child.popen.returncode}:\n{child.log()[-2000:]}")
-            if client.models().get(service, {}).get("workers", 0) >= count:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{count} worker(s) of {service} did not register within {timeout:g} s")
-            time.sleep(0.1)
 
 
 def warnings_in(child: Child, limit: int = 3) -> tuple[int, list[str]]:

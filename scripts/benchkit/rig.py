@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from qmesh.testing import Child, free_endpoint, wait_for_workers
 from qmesh.worker.binary import find_llama_server
 from qmesh.worker.models import resolve_model
 from qmesh.worker.process import LlamaProcessManager
@@ -61,8 +62,8 @@ def without_port(command: list[str]) -> list[str]:
 @dataclass
 class Rig:
     endpoint: str
-    broker: procs.Child
-    worker: procs.Child
+    broker: Child
+    worker: Child
     direct: LlamaProcessManager
     same_sidecar: bool
     sidecar_command: list[str]
@@ -82,13 +83,13 @@ class Rig:
 
 
 def start(ps: procs.Processes, slots: int, cpu_threads: int) -> Rig:
-    endpoint = procs.free_endpoint()
+    endpoint = free_endpoint()
     broker = ps.broker(endpoint)
     worker = ps.worker(endpoint, *worker_args(slots, cpu_threads))
     direct = direct_manager(slots, cpu_threads)
     ps.callback(direct.stop)
     direct.start()
-    procs.wait_for_workers(endpoint, MODEL, 1, 180, [broker, worker])
+    wait_for_workers(endpoint, MODEL, 1, 180, watch=[broker, worker])
     sidecars = psutil.Process(worker.pid).children(recursive=True)
     theirs = without_port(sidecars[0].cmdline()) if sidecars else []
     ours = without_port(direct.command())

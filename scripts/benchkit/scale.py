@@ -16,7 +16,10 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fakeclient, fakeworker, procs
+from qmesh.testing import free_endpoint, wait_for_workers
+from qmesh.testing.fakeworker import FakePlan
+
+from . import fakeclient, procs
 from .report import Section, Table
 from .stats import fmt, percentile, ratio
 
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
 
 def no_broker(ps: procs.Processes, args: argparse.Namespace, chunks: int, timeout: float) -> Phase:
     """Every slot of every fake worker streams straight to a sink process (a ROUTER), paced the same way."""
-    sinks = [procs.free_endpoint() for _ in range(args.client_procs)]
+    sinks = [free_endpoint() for _ in range(args.client_procs)]
     counts = _split(args.workers, args.worker_procs)
     expected = [sum(len(range(i, n, len(sinks))) for n in counts) * args.slots for i in range(len(sinks))]
     plan = fakeclient.StreamPlan(0, 0, chunks, stall_gap=2 / args.rate, timeout=timeout)
@@ -109,10 +112,8 @@ def no_broker(ps: procs.Processes, args: argparse.Namespace, chunks: int, timeou
     start = time.monotonic()
     worker_queues = []
     for i, count in enumerate(counts):
-        fake = fakeworker.FakePlan(count, args.slots, args.rate, f"direct{i}", direct_chunks=chunks, ramp=args.ramp)
-        worker_queues.append(
-            ps.function(fakeworker.fake_workers_main, sinks, SERVICE, fake, stop, nice=args.generator_nice)[1]
-        )
+        fake = FakePlan(count, args.slots, args.rate, f"direct{i}", direct_chunks=chunks, ramp=args.ramp)
+        worker_queues.append(ps.fake_workers(sinks, SERVICE, fake, stop, nice=args.generator_nice))
     clients = [q.get(timeout=timeout + 30) for q in sink_queues]
     wall = time.monotonic() - start
     stop.set()
@@ -123,16 +124,14 @@ def no_broker(ps: procs.Processes, args: argparse.Namespace, chunks: int, timeou
 
 
 def through_broker(ps: procs.Processes, args: argparse.Namespace, chunks: int, timeout: float) -> Phase:
-    endpoint = procs.free_endpoint()
+    endpoint = free_endpoint()
     broker = ps.broker(endpoint)
     stop = procs.SPAWN.Event()
     worker_queues = []
     for i, count in enumerate(_split(args.workers, args.worker_procs)):
-        fake = fakeworker.FakePlan(count, args.slots, args.rate, f"sim{i}")
-        worker_queues.append(
-            ps.function(fakeworker.fake_workers_main, [endpoint], SERVICE, fake, stop, nice=args.generator_nice)[1]
-        )
-    procs.wait_for_workers(endpoint, SERVICE, args.workers, 120, [broker])
+        fake = FakePlan(count, args.slots, args.rate, f"sim{i}")
+        worker_queues.append(ps.fake_workers([endpoint], SERVICE, fake, stop, nice=args.generator_nice))
+    wait_for_workers(endpoint, SERVICE, args.workers, 120, watch=[broker])
     rss_idle = procs.tree_rss(broker.pid)[0]
     cpu0 = procs.cpu_seconds(broker.pid)
     start = time.monotonic()

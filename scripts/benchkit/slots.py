@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from qmesh.testing import free_endpoint, wait_for_workers
+
 from . import procs, rig
 from .report import Section, Table
 from .stats import LoadResult, fmt, median, percentile
@@ -65,14 +67,14 @@ def run(args: argparse.Namespace, command: str) -> Section:
     }
     all_configs = configs()
     with procs.Processes() as ps:
-        endpoint = procs.free_endpoint()
+        endpoint = free_endpoint()
         broker = ps.broker(endpoint)
         workers = []
         for c in all_configs:
             args_ = rig.worker_args(c.slots, c.cpu_threads(), threads=c.threads, name=c.service)
             workers.append(ps.worker(endpoint, *args_, name=c.service))
         for c in all_configs:
-            procs.wait_for_workers(endpoint, c.service, c.threads, 180, [broker, *workers])
+            wait_for_workers(endpoint, c.service, c.threads, 180, watch=[broker, *workers])
         loads = {c.service: MeshLoad(endpoint, c.service, c.concurrency) for c in all_configs}
         offset = 0
         try:

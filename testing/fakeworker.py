@@ -1,8 +1,10 @@
 """``FakeStreamingWorker``: many simulated QMesh workers (one DEALER each) in one process, and no llama-server.
 
-Each registers like a real worker (READY with slots), heartbeats with a load frame, honours the client's credit
-window and CANCEL, and answers a request with ``max_tokens`` PARTIALs and a FINAL. With ``rate`` 0 it streams as
-fast as credit allows (broker capacity); with a rate it paces each stream and puts the send time (monotonic,
+A fake backend, for where a fake is the point: the broker's capacity, scale and flow control, with generation
+taken out of the picture (``scripts/bench capacity``, ``scale``, the latency floor; the ``fake_workers`` fixture
+of the tests). Each registers like a real worker (READY with slots), heartbeats with a load frame, honours the
+client's credit window and CANCEL, and answers a request with ``max_tokens`` PARTIALs and a FINAL. With ``rate``
+0 it streams as fast as credit allows; with a rate it paces each stream and puts the send time (monotonic,
 comparable across processes on Linux) in every chunk body, so a client can tell its added inter-token latency.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +22,6 @@ import zmq
 from qmesh.common import protocol as p
 from qmesh.common.bodies import BadRequest, GenerationRequest, final_body
 
-from .stats import percentile
-
-HEARTBEAT_S = 2.5
 TICK_S = 0.001  # paced mode sends what is due once a millisecond: polling hundreds of sockets costs time
 BATCH = 2000  # chunks sent between two looks at the sockets in streaming-as-fast-as-possible mode
 
@@ -47,6 +47,7 @@ class FakePlan:
     name: str = "fake"
     direct_chunks: int = 0  # no-broker baseline: every slot streams this many chunks straight to a sink
     ramp: float = 0.0  # no-broker baseline: seconds over which those streams start
+    heartbeat: float = 2.5  # seconds between two heartbeats of one fake worker: the broker's own interval
 
 
 class FakeStreamingWorker:
@@ -56,6 +57,7 @@ class FakeStreamingWorker:
         self.service = service
         self.interval = 1.0 / plan.rate if plan.rate > 0 else 0.0
         self.name = plan.name
+        self.heartbeat = plan.heartbeat
         self.direct = plan.direct_chunks > 0
         self.context = zmq.Context()
         self.context.set(zmq.MAX_SOCKETS, plan.count + 64)
@@ -85,7 +87,9 @@ class FakeStreamingWorker:
             self.counts["ready"] += 1
 
     def run(self, stop: Any) -> dict[str, Any]:
-        """Serve until ``stop`` (an Event) is set; returns counters and, when paced, send lateness."""
+        """Serve until ``stop`` (an Event) is set; returns the counters and the CPU time used.
+
+        In paced mode ``lateness`` then holds how late each chunk was sent (actual - scheduled, seconds)."""
         epoch = time.monotonic()
         cpu = time.process_time()
         try:
@@ -107,10 +111,7 @@ class FakeStreamingWorker:
                     socket.send_multipart(p.disconnect(), zmq.NOBLOCK)
                 socket.close(linger=0)
             self.context.term()
-        summary: dict[str, Any] = {**self.counts, "cpu": time.process_time() - cpu}
-        if self.lateness:
-            summary["lateness_ms"] = {q: percentile(self.lateness, q) * 1000 for q in (50, 99, 100)}
-        return summary
+        return {**self.counts, "cpu": time.process_time() - cpu}
 
     def _send_due(self, now: float) -> None:
         sent = 0
@@ -150,8 +151,8 @@ class FakeStreamingWorker:
         self.counts["sent"] += 1
 
     def _heartbeat(self, elapsed: float) -> None:
-        """Each worker heartbeats every HEARTBEAT_S on its own phase, as independent workers would (no bursts)."""
-        due = int(elapsed * len(self.sockets) / HEARTBEAT_S) + 1
+        """Each worker heartbeats every ``heartbeat`` s on its own phase, as independent workers would (no bursts)."""
+        due = int(elapsed * len(self.sockets) / self.heartbeat) + 1
         if due <= self.counts["heartbeats"]:
             return
         beat = p.heartbeat({"health": 1.0, "busy": len(self.jobs), "cpu": 0.0, "memory": 0.0, "draining": False})
@@ -200,6 +201,28 @@ class FakeStreamingWorker:
         heapq.heappush(self.schedule, (job.next_at, job.key))
 
 
-def fake_workers_main(endpoints: list[str], service: str, plan: FakePlan, stop: Any, results: Any) -> None:
-    """Process entry point: serve until ``stop``, then put the summary on ``results``."""
-    results.put(FakeStreamingWorker(endpoints, service, plan).run(stop))
+class FakeWorkersThread(threading.Thread):
+    """``FakeStreamingWorker`` run in a thread of this process (made there too: its zmq sockets stay in it)."""
+
+    def __init__(self, endpoint: str, service: str, plan: FakePlan) -> None:
+        super().__init__(name=f"fake-workers-{plan.name}", daemon=True)
+        self.endpoint, self.service, self.plan = endpoint, service, plan
+        self._stop_event = threading.Event()
+        self._summary: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._summary = FakeStreamingWorker([self.endpoint], self.service, self.plan).run(self._stop_event)
+        except BaseException as exc:  # re-raised by stop(), in the thread that owns the test
+            self._error = exc
+
+    def stop(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Stop serving (each fake sends DISCONNECT) and return the counters; an error of the thread is raised."""
+        self._stop_event.set()
+        self.join(timeout)
+        if self._error is not None:
+            raise self._error
+        if self._summary is None:
+            raise TimeoutError(f"the fake workers did not stop within {timeout:g} s")
+        return self._summary
