@@ -1,46 +1,29 @@
-"""Test helpers that run real meshes on loopback: a broker thread, worker threads or processes, the CLI."""
+"""Test helpers that run real meshes on loopback: a broker thread, worker threads or processes, the CLI.
+
+Built on the shared harness ``qmesh.testing`` (endpoints, child processes, waits); what is here is only for tests.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker
 from qmesh.broker.security import BrokerSecurity
-from qmesh.client.sdk import QMeshClient
 from qmesh.common.keys import CurveClientKeys
+from qmesh.testing import ROOT, Child, free_endpoint, qmesh_command, wait_for, wait_for_workers
 from qmesh.worker.binary import find_llama_server
 from qmesh.worker.models import resolve_model
 from qmesh.worker.node import WorkerNode, WorkerSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 FAST = BrokerConfig(heartbeat_interval=0.2, liveness=3, max_queue=100, queue_timeout=30.0)
-
-
-def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 class BrokerThread:
@@ -113,8 +96,7 @@ def worker_threads(
     for node in nodes:
         node.start()
     try:
-        with QMeshClient(endpoint, connect_timeout=5, curve=watcher_curve) as client:
-            wait_for(lambda: client.models().get(MODEL, {}).get("workers", 0) >= count, 60, f"{count} worker(s)")
+        wait_for_workers(endpoint, MODEL, count, 60, curve=watcher_curve)
         yield nodes
     finally:
         for node in nodes:
@@ -123,41 +105,20 @@ def worker_threads(
             node.join(timeout=30)
 
 
-class WorkerProcess:
-    """``qmesh-worker`` as a real process (for tests that kill it)."""
+class WorkerProcess(Child):
+    """``qmesh-worker`` as a real process (for tests that kill it), serving MODEL with one thread by default."""
 
     def __init__(self, endpoint: str, *args: str, log_dir: Path) -> None:
-        self.log_path = log_dir / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
-        command = [sys.executable, "-m", "qmesh.worker.cli", "--model", MODEL, "--broker", endpoint, "--threads", "1"]
-        command += args  # a later --threads in args wins
-        env = {**os.environ, "QMESH_HOME": str(log_dir / "home")}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def terminate(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        # a later --threads in args wins
+        command = qmesh_command("qmesh-worker", "--model", MODEL, "--broker", endpoint, "--threads", "1", *args)
+        log_path = log_dir / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
+        super().__init__("qmesh-worker", command, log_path, {"QMESH_HOME": str(log_dir / "home")})
 
 
 def run_cli(*args: str, stdin: str = "", timeout: float = 120, env: dict[str, str] | None = None):
     """Run a QMesh command (``qmesh-client`` ...) as a real process; returns the CompletedProcess."""
-    module = {
-        "qmesh-client": "qmesh.client.cli",
-        "qmesh-worker": "qmesh.worker.cli",
-        "qmesh-broker": "qmesh.broker.cli",
-    }
-    command = [sys.executable, "-m", module[args[0]], *args[1:]]
     return subprocess.run(
-        command,
+        qmesh_command(*args),
         input=stdin,
         capture_output=True,
         text=True,

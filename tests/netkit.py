@@ -15,7 +15,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from qmesh.testing import ROOT, Child
+
 SUBNET = "10.231"
 
 
@@ -116,61 +116,26 @@ class Network:
         self.namespaces.clear()
 
 
-class HostProcess:
-    """A process run inside a namespace, its output in a log file; ``stop()`` is bounded and always reaps it."""
+class HostProcess(Child):
+    """A process run inside a namespace (``ip netns exec`` execs, so it keeps the pid), its output in a log file."""
 
     def __init__(self, namespace: Namespace, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                namespace.exec(*argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.wait(timeout=10)
+        super().__init__(log_path.stem, namespace.exec(*argv), log_path, env)
 
 
-class JsonLines:
+class JsonLines(Child):
     """A client program run inside a namespace that reports on stdout, one JSON object a line."""
 
     def __init__(self, namespace: Namespace, *args: str, log_path: Path) -> None:
         argv = [sys.executable, str(Path(__file__).resolve()), *args]
-        self.log_path = log_path  # stderr goes to a file, not a pipe: a chatty client can never block on it
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                namespace.exec(*argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                cwd=ROOT,
-                start_new_session=True,
-            )
+        # stderr goes to the log file, not a pipe: a chatty client can never block on it
+        super().__init__("client", namespace.exec(*argv), log_path, stdout_pipe=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
             self._lines.put(line)
         self._lines.put(None)
 
@@ -181,15 +146,9 @@ class JsonLines:
         except queue.Empty:
             raise AssertionError(f"no output from the client within {timeout:g} s") from None
         if line is None:
-            self.process.wait(timeout=5)
-            stderr = self.log_path.read_text(errors="replace")
-            raise AssertionError(f"the client ended (status {self.process.returncode}) early:\n{stderr}")
+            self.popen.wait(timeout=5)
+            raise AssertionError(f"the client ended (status {self.popen.returncode}) early:\n{self.log()}")
         return json.loads(line)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
 
 
 def run_json(namespace: Namespace, *args: str, timeout: float = 30) -> Any:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meshkit import ROOT
+from qmesh.testing import ROOT
 
 
 def test_capacity_benchmark_routes_every_chunk_and_records_a_section(tmp_path: Path) -> None:

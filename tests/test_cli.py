@@ -12,8 +12,9 @@ import time
 import pytest
 import requests
 
-from meshkit import MODEL, ROOT, BrokerThread, free_endpoint, run_cli, wait_for, worker_threads
+from meshkit import MODEL, BrokerThread, run_cli, worker_threads
 from qmesh.client.cli import Progress
+from qmesh.testing import ROOT, free_endpoint, wait_for
 
 PROMPTS = ["What is two plus two?", "Name a fruit.", "Say hello in French."]
 
@@ -124,6 +125,7 @@ def test_worker_with_a_missing_model_exits_2_with_advice():
     assert "no-such-model" in done.stderr and "scripts/setup" in done.stderr
 
 
+@pytest.mark.sidecar  # scripts/demo starts a real worker, out of sight of conftest's rule
 def test_demo_script_runs_the_main_job_end_to_end():
     done = subprocess.run([str(ROOT / "scripts" / "demo")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

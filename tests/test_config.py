@@ -17,7 +17,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from meshkit import ROOT, free_endpoint
 from qmesh.broker.cli import app as broker_app
 from qmesh.broker.cli import run as broker_run
 from qmesh.client.cli import run as client_run
@@ -25,6 +24,7 @@ from qmesh.client.status import run as status_run
 from qmesh.common.config import config_option, section_defaults
 from qmesh.common.logs import setup_logging
 from qmesh.gateway.cli import run as gateway_run
+from qmesh.testing import ROOT, free_endpoint
 from qmesh.worker.cli import run as worker_run
 
 COMMANDS = {

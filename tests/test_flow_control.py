@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 import requests
 
-from meshkit import MODEL, ROOT, WorkerProcess, free_endpoint, wait_for
+from meshkit import MODEL, WorkerProcess
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
+from qmesh.testing import Child, free_endpoint, qmesh_command, wait_for
 
 WINDOW = 8
 STREAMS = 20
@@ -20,14 +19,13 @@ STALL_SECONDS = 30
 
 
 @pytest.fixture
-def broker_process():
+def broker_process(tmp_path):
     """The broker in its own process, so its memory can be measured."""
     endpoint = free_endpoint()
-    command = [sys.executable, "-m", "qmesh.broker.cli", "--bind", endpoint, "--heartbeat-ms", "300"]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
-    yield endpoint, process
-    process.terminate()
-    process.wait(timeout=10)
+    command = qmesh_command("qmesh-broker", "--bind", endpoint, "--heartbeat-ms", "300")
+    broker = Child("qmesh-broker", command, tmp_path / "broker.log")
+    yield endpoint, broker
+    broker.stop()
 
 
 def _rss_mb(process: psutil.Process) -> float:
@@ -36,7 +34,7 @@ def _rss_mb(process: psutil.Process) -> float:
 
 def _sidecar_ports(worker: WorkerProcess) -> list[int]:
     ports = []
-    for child in psutil.Process(worker.process.pid).children(recursive=True):
+    for child in psutil.Process(worker.pid).children(recursive=True):
         command = child.cmdline()
         if "--port" in command:
             ports.append(int(command[command.index("--port") + 1]))
@@ -67,8 +65,8 @@ def test_a_client_that_stops_reading_pauses_generation_and_memory_stays_flat(bro
 
             # The client now reads nothing.
             time.sleep(5)
-            processes = [psutil.Process(broker.pid), psutil.Process(worker.process.pid)]
-            processes += psutil.Process(worker.process.pid).children(recursive=True)
+            processes = [psutil.Process(broker.pid), psutil.Process(worker.pid)]
+            processes += psutil.Process(worker.pid).children(recursive=True)
             early = [_rss_mb(proc) for proc in processes]
             assert _busy_slots(ports) == 0, "llama-server must pause while the client reads nothing"
             time.sleep(STALL_SECONDS - 5)

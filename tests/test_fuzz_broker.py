@@ -10,9 +10,10 @@ import time
 import psutil
 import zmq
 
-from meshkit import MODEL, ROOT, free_endpoint, wait_for, worker_threads
+from meshkit import MODEL, worker_threads
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
+from qmesh.testing import ROOT, free_endpoint, wait_for
 
 MESSAGES = 30_000
 

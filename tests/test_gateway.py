@@ -21,12 +21,13 @@ import pytest
 import requests
 import uvicorn
 
-from meshkit import FAST, MODEL, ROOT, BrokerThread, wait_for, worker_threads
+from meshkit import FAST, MODEL, BrokerThread, worker_threads
 from qmesh.client.sdk import Result
 from qmesh.common.errors import MeshError
 from qmesh.gateway.app import create_app
 from qmesh.gateway.bridge import Bridge, Generation
 from qmesh.gateway.cli import split_keys
+from qmesh.testing import ROOT, wait_for
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -8,11 +8,12 @@ import pytest
 import requests
 import zmq
 
-from meshkit import MODEL, BrokerThread, free_endpoint, wait_for, worker_threads
+from meshkit import MODEL, BrokerThread, worker_threads
 from qmesh.broker.core import BrokerConfig
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
 from qmesh.common.errors import MeshError
+from qmesh.testing import free_endpoint, wait_for
 
 
 @pytest.fixture(scope="module")

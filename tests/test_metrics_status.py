@@ -15,11 +15,12 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshkit import MODEL, ROOT, free_endpoint, wait_for, worker_threads
+from meshkit import MODEL, worker_threads
 from qmesh.broker.core import BrokerCore, FinishedRequest
 from qmesh.broker.loop import Broker
 from qmesh.broker.metrics import BrokerMetrics
 from qmesh.client.sdk import QMeshClient
+from qmesh.testing import ROOT, free_endpoint, wait_for
 
 
 def free_port() -> int:

@@ -8,15 +8,15 @@ DISCONNECT, just silence, so only heartbeats can tell. Needs root and iproute2; 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from meshkit import MODEL, wait_for
+from meshkit import MODEL
 from netkit import HostProcess, JsonLines, Link, Namespace, Network, netns_unavailable, remove_stale, run_json
+from qmesh.testing import qmesh_command, wait_for
 
 pytestmark = pytest.mark.sidecar
 
@@ -71,7 +71,7 @@ def hosts(net: Network, tmp_path: Path) -> Iterator[Hosts]:
     try:
         hub = net.add_host("hub")
         # The test hosts' own private network: plain TCP on purpose (CURVE is tested in test_security*.py).
-        broker = [sys.executable, "-m", "qmesh.broker.cli", "--bind", f"tcp://0.0.0.0:{PORT}", "--insecure"]
+        broker = qmesh_command("qmesh-broker", "--bind", f"tcp://0.0.0.0:{PORT}", "--insecure")
         started.append(HostProcess(hub, [*broker, "--heartbeat-ms", str(HEARTBEAT_MS)], tmp_path / "broker.log"))
         workers, links = {}, {}
         for key in ("a", "b"):
@@ -88,25 +88,8 @@ def hosts(net: Network, tmp_path: Path) -> Iterator[Hosts]:
 
 
 def _start_worker(host: Namespace, endpoint: str, tmp_path: Path, key: str) -> HostProcess:
-    argv = [
-        sys.executable,
-        "-m",
-        "qmesh.worker.cli",
-        "--model",
-        MODEL,
-        "--broker",
-        endpoint,
-        "--slots",
-        "1",
-        "--threads",
-        "1",
-        "--cpu-threads",
-        "1",
-        "--heartbeat-ms",
-        str(HEARTBEAT_MS),
-        "--grace",
-        "2",
-    ]
+    options = ["--model", MODEL, "--broker", endpoint, "--heartbeat-ms", str(HEARTBEAT_MS), "--grace", "2"]
+    argv = qmesh_command("qmesh-worker", *options, "--slots", "1", "--threads", "1", "--cpu-threads", "1")
     env = {"QMESH_HOME": str(tmp_path / f"home-{key}")}
     return HostProcess(host, argv, tmp_path / f"worker-{key}.log", env)
 
@@ -129,7 +112,7 @@ def test_cut_link_fails_over_mid_stream_then_the_worker_comes_back(hosts: Hosts)
                 seam = event["tokens"]
         result = event
     finally:
-        stream.stop()
+        stream.kill()
     assert result["error"] is None, result["error"]
     assert result["failovers"] == 1
     assert hosts.which(result["worker"]) == second

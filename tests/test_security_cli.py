@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 
-from meshkit import MODEL, ROOT, WorkerProcess, free_endpoint, run_cli, wait_for
+from meshkit import MODEL, WorkerProcess, run_cli
 from qmesh.client.sdk import QMeshClient
 from qmesh.common.keys import CurveClientKeys
+from qmesh.testing import ROOT, Child, free_endpoint, qmesh_command, wait_for
 
 
 def _keys(tmp_path, *names: str) -> None:
@@ -37,12 +38,11 @@ def test_secure_mesh_from_the_command_line_and_key_removal_on_sighup(tmp_path):
     shutil.copy(tmp_path / "worker.key", tmp_path / "workers")
     shutil.copy(tmp_path / "client.key", tmp_path / "clients")
     endpoint = free_endpoint()
-    broker = subprocess.Popen(
-        [sys.executable, "-m", "qmesh.broker.cli", "--bind", endpoint, "--heartbeat-ms", "300",
-         "--curve-secret", str(tmp_path / "broker.key_secret"),
-         "--allow-workers", str(tmp_path / "workers"), "--allow-clients", str(tmp_path / "clients")],
-        cwd=ROOT, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    broker = Child("qmesh-broker", qmesh_command(
+        "qmesh-broker", "--bind", endpoint, "--heartbeat-ms", "300",
+        "--curve-secret", str(tmp_path / "broker.key_secret"),
+        "--allow-workers", str(tmp_path / "workers"), "--allow-clients", str(tmp_path / "clients"),
+    ), tmp_path / "broker.log")  # fmt: skip
     worker = WorkerProcess(
         endpoint, "--slots", "1", "--cpu-threads", "1", "--heartbeat-ms", "300",
         "--curve-secret", str(tmp_path / "worker.key_secret"), "--broker-key", str(tmp_path / "broker.key"),
@@ -63,7 +63,7 @@ def test_secure_mesh_from_the_command_line_and_key_removal_on_sighup(tmp_path):
         assert done.returncode == 1, "a client without keys must not get in"
 
         (tmp_path / "clients" / "client.key").unlink()
-        broker.send_signal(signal.SIGHUP)
+        broker.popen.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         done = run_cli(
             "qmesh-client", "--broker", endpoint, *client_args, "-m", MODEL, "--connect-timeout", "3",
@@ -73,5 +73,4 @@ def test_secure_mesh_from_the_command_line_and_key_removal_on_sighup(tmp_path):
         assert "refused this key" in done.stderr, "a key removed from the list is refused without a restart"
     finally:
         worker.kill()
-        broker.terminate()
-        broker.wait(timeout=10)
+        broker.stop()

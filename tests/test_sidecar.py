@@ -14,13 +14,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from qmesh.common.errors import LlamaServerNotFound, ModelNotFound, SidecarError, SidecarStartError
+from qmesh.testing import pid_alive, wait_for
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.engine import InferenceEngine
 from qmesh.worker.http_client import LlamaHttpClient
@@ -29,22 +28,6 @@ from qmesh.worker.process import LlamaProcessManager
 pytestmark = pytest.mark.sidecar
 
 SMALL = {"ctx_size": 512, "threads": 1}  # for the extra llama-servers some tests start
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie waiting for a reaper no longer counts."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def fake_binary(path: Path, body: str, real: LlamaServerBinary) -> LlamaServerBinary:
@@ -59,7 +42,7 @@ def fake_binary(path: Path, body: str, real: LlamaServerBinary) -> LlamaServerBi
 def test_starts_and_is_healthy(llama_manager: LlamaProcessManager) -> None:
     assert llama_manager.state == "ready"
     assert llama_manager.is_healthy()
-    assert llama_manager.pid is not None and alive(llama_manager.pid)
+    assert llama_manager.pid is not None and pid_alive(llama_manager.pid)
     assert llama_manager.base_url == f"http://127.0.0.1:{llama_manager.port}"
     assert llama_manager.output_tail(), "llama-server's output should be collected"
 
@@ -305,9 +288,9 @@ def test_no_process_left_after_stop(model_path: Path, llama_binary: LlamaServerB
     manager = LlamaProcessManager(model_path, llama_binary, **SMALL)
     manager.start()
     pid = manager.pid
-    assert pid is not None and alive(pid)
+    assert pid is not None and pid_alive(pid)
     manager.stop()
-    assert not alive(pid)
+    assert not pid_alive(pid)
     assert manager.state == "stopped" and manager.pid is None
     manager.stop()  # idempotent
 
@@ -322,7 +305,7 @@ def test_survives_the_thread_that_started_it(model_path: Path, llama_binary: Lla
         pid = manager.pid
         assert pid is not None
         time.sleep(0.5)
-        assert alive(pid) and manager.is_healthy() and manager.restarts == 0
+        assert pid_alive(pid) and manager.is_healthy() and manager.restarts == 0
     finally:
         manager.stop()
 
@@ -349,10 +332,10 @@ def test_no_process_left_after_parent_python_ends(model_path: Path, ending: str)
         assert line.strip().isdigit(), f"the child printed {line!r}"
         pid = int(line)
         if ending == "SIGKILL":
-            assert alive(pid)
+            assert pid_alive(pid)
             parent.kill()
         assert parent.wait(timeout=30) is not None
-        wait_for(lambda: not alive(pid), 15.0, f"llama-server (pid {pid}) to go away after the parent's {ending}")
+        wait_for(lambda: not pid_alive(pid), 15.0, f"llama-server (pid {pid}) to go away after the parent's {ending}")
     finally:
         parent.kill()
         parent.wait()

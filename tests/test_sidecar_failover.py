@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import signal
 
-from meshkit import MODEL, BrokerThread, wait_for, worker_threads
+from meshkit import MODEL, BrokerThread, worker_threads
 from qmesh.client.sdk import QMeshClient
+from qmesh.testing import wait_for
 
 
 def test_sidecar_crash_mid_stream_resumes_after_restart():
