@@ -14,7 +14,6 @@ the broker or the worker buffer without bound.
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import os
 import time
@@ -70,7 +69,7 @@ class Request:
         self.client = client
         self.id = request_id
         self.model = model
-        self.generation = generation
+        self.generation = generation  # as last sent: a resume after a broker restart replaces it
         self.body = generation.to_body()
         self.unacknowledged_chunks = 0  # received but not yet granted back to the worker as credit
         self.resumes = 0  # times this client resumed it after losing the broker
@@ -137,11 +136,13 @@ class Request:
             return self.body
         if not all(chunk.tokens or not chunk.text for chunk in self.chunks):
             return None  # a worker that does not report token ids
+        received = [t for chunk in self.chunks for t in chunk.tokens]
+        # ``generation`` is the request as last sent: its resume tokens are the first ones received (submit sends
+        # none), so it continues after the rest.
+        self.generation = self.generation.resumed_after(received[len(self.generation.resume_tokens) :])
+        self.body = self.generation.to_body()
         self.resumes += 1
-        resumed = copy.copy(self.generation)
-        resumed.resume_tokens = self.generation.resume_tokens + [t for chunk in self.chunks for t in chunk.tokens]
-        resumed.failovers = self.generation.failovers + self.resumes
-        return resumed.to_body()
+        return self.body
 
     def _on_final(self, body: list[bytes]) -> None:
         try:

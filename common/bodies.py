@@ -7,7 +7,7 @@ A request body is one msgpack map (``GenerationRequest``). A worker answers with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qmesh.common import protocol as p
@@ -15,6 +15,7 @@ from qmesh.common import protocol as p
 ROLES = ("system", "user", "assistant")
 MAX_PROMPT_CHARS = 1_000_000
 DEFAULT_MAX_TOKENS = 256
+MAX_FAILOVERS = 1000  # a resume claiming more moves than this is not a real one
 
 
 WIRE_FIELDS = {
@@ -90,6 +91,11 @@ class GenerationRequest:
                 return cls(prompt=_text(b"".join(body).decode("utf-8"), "prompt"))
             except UnicodeDecodeError as exc:
                 raise BadRequest("a plain request body must be a UTF-8 prompt or a msgpack map") from exc
+        return cls.from_fields(fields)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
+        """Check a request body's msgpack map and build the request from it."""
         unknown = set(fields) - WIRE_FIELDS
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
@@ -115,26 +121,30 @@ class GenerationRequest:
             raise BadRequest("'raw' applies to 'prompt' only")
         return request
 
+    def resumed_after(self, delivered_tokens: list[int]) -> GenerationRequest:
+        """This request continued after ``delivered_tokens``, the token ids its stream sent since it was sent: what
+        the broker sends the next worker when one dies mid-stream, and the SDK the broker after a broker restart."""
+        return replace(self, resume_tokens=self.resume_tokens + delivered_tokens, failovers=self.failovers + 1)
+
 
 def resume_body(body: list[bytes], delivered: bytes | bytearray) -> list[bytes] | None:
     """The request body to continue a stream elsewhere after the ``delivered`` PARTIAL bodies (concatenated, as
     the broker keeps them), or None if the stream cannot be resumed (a plain body, or chunks without token ids).
     Used by the broker on failover."""
     try:
-        fields = p.unpack_map(body[0]) if len(body) == 1 else None
-        if fields is None or "prompt" not in fields and "messages" not in fields:
+        if len(body) != 1:
             return None
-        tokens, failovers = _resume(fields.get("resume"))
+        request = GenerationRequest.from_fields(p.unpack_map(body[0]))  # not a map: a plain prompt
+        tokens: list[int] = []
         for chunk in p.unpack_stream(delivered):
             chunk_tokens = chunk.get("tokens") if isinstance(chunk, dict) else None
             if not isinstance(chunk_tokens, list):
                 return None
             tokens.extend(chunk_tokens)
-        fields["resume"] = {"tokens": tokens, "failovers": failovers + 1}
-        _resume(fields["resume"])  # the token ids came from a worker: check them like any resume
+        resumed = request.resumed_after(_token_ids(tokens))  # the token ids came from a worker: check them
     except (p.ProtocolError, BadRequest):
         return None
-    return [p.pack(fields)]
+    return [resumed.to_body()] if resumed.failovers <= MAX_FAILOVERS else None
 
 
 def final_body(**summary: Any) -> bytes:
@@ -198,12 +208,13 @@ def _resume(value: Any) -> tuple[list[int], int]:
         return [], 0
     if not isinstance(value, dict) or set(value) != {"tokens", "failovers"}:
         raise BadRequest("'resume' must be {'tokens': [int], 'failovers': int}")
-    tokens, failovers = value["tokens"], value["failovers"]
-    if not isinstance(tokens, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
-    ):
+    return _token_ids(value["tokens"]), _int(value["failovers"], "resume.failovers", 0, MAX_FAILOVERS)
+
+
+def _token_ids(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
         raise BadRequest("'resume.tokens' must be a list of token ids")
-    return list(tokens), _int(failovers, "resume.failovers", 0, 1000)
+    return list(value)
 
 
 def _stops(value: Any) -> list[str]:

@@ -73,6 +73,14 @@ def test_resume_body_continues_after_every_delivered_token() -> None:
     assert GenerationRequest.from_body(resumed).resume_tokens == [1, 2, 3, 4, 5]
 
 
+def test_a_request_resumed_twice_carries_every_delivered_token() -> None:
+    request = GenerationRequest(prompt="go on", max_tokens=9, stop=["."])
+    twice = request.resumed_after([3]).resumed_after([4, 5])
+    assert (twice.resume_tokens, twice.failovers) == ([3, 4, 5], 2)
+    assert (twice.prompt, twice.max_tokens, twice.stop) == ("go on", 9, ["."])
+    assert (request.resume_tokens, request.failovers) == ([], 0), "the request resumed is left as it was"
+
+
 @pytest.mark.parametrize(
     "delivered",
     [

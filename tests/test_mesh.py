@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import requests
 import zmq
 
-from meshkit import MODEL, BrokerThread, worker_threads
+from meshkit import FAST, MODEL, BrokerThread, worker_threads
 from qmesh.broker.core import BrokerConfig
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
+from qmesh.common.bodies import final_body
 from qmesh.common.errors import MeshError
 from qmesh.testing import free_endpoint, wait_for
 
@@ -181,6 +183,59 @@ def test_queued_request_survives_a_broker_restart():
         assert result.ok, result.error
         assert result.text.strip()
     finally:
+        broker.stop()
+
+
+def _next_request(worker: zmq.Socket, client: QMeshClient) -> p.BrokerToWorker:
+    """The next request the broker hands ``worker``, pumping the client meanwhile."""
+
+    def arrived() -> p.BrokerToWorker | None:
+        client.poll(0.05)
+        while worker.poll(0):
+            message = p.parse_for_worker(worker.recv_multipart())
+            if message.command == p.W_REQUEST:
+                return message
+        return None
+
+    return wait_for(arrived, 15, "the request to reach the worker")
+
+
+def test_a_stream_resumes_after_each_broker_restart():
+    """The SDK sends what was streaming again after a broker restart, continuing after the tokens it has: each
+    time the body carries every token received so far and one failover more. A scripted worker shows the bodies."""
+    endpoint = free_endpoint()
+    config = replace(FAST, heartbeat_interval=5.0)  # the scripted worker sends no heartbeats
+    broker = BrokerThread(endpoint, config).start()
+    sent: list[int] = []
+    worker = None
+    try:
+        with QMeshClient(endpoint, timeout=60, connect_timeout=10) as client:
+            request = client.submit("Count.", model="scripted", max_tokens=50)
+            for failovers in range(3):  # the first dispatch, then one after each restart
+                if failovers:
+                    worker.close()
+                    broker.stop()
+                    broker = BrokerThread(endpoint, config).start()
+                worker = zmq.Context.instance().socket(zmq.DEALER)
+                worker.linger = 0
+                worker.connect(endpoint)
+                worker.send_multipart(p.ready("scripted", {"slots": 1}))
+                job = _next_request(worker, client)
+                resume = p.unpack_map(job.body[0]).get("resume")
+                assert resume == ({"tokens": sent, "failovers": failovers} if failovers else None)
+                for token in (len(sent) + 1, len(sent) + 2):
+                    worker.send_multipart(
+                        p.worker_reply(False, job.route_key, [p.pack({"text": f"{token} ", "tokens": [token]})])
+                    )
+                    sent.append(token)
+                wait_for(lambda: client.poll(0.05) or len(request.chunks) == len(sent), 10, "the chunks")  # noqa: B023
+            worker.send_multipart(p.worker_reply(True, job.route_key, [final_body(finish_reason="stop", tokens=6)]))
+            result = request.result()
+        assert result.ok, result.error
+        assert result.text == "1 2 3 4 5 6 " and request.resumes == 2
+    finally:
+        if worker is not None:
+            worker.close()
         broker.stop()
 
 
