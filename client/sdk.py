@@ -27,11 +27,10 @@ from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest
+from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import BrokerUnreachable, MeshError, QMeshError
 from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
-
-DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 
 
 @dataclass(slots=True)

@@ -14,8 +14,9 @@ from typing import Any, TextIO
 
 import typer
 
-from qmesh.client.sdk import DEFAULT_BROKER, QMeshClient
+from qmesh.client.sdk import QMeshClient
 from qmesh.common.config import config_option, version_option
+from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
 from qmesh.common.keys import broker_key_option, client_keys_from_options, curve_secret_option
 

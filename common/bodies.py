@@ -15,6 +15,8 @@ from qmesh.common import protocol as p
 ROLES = ("system", "user", "assistant")
 MAX_PROMPT_CHARS = 1_000_000
 DEFAULT_MAX_TOKENS = 256
+MAX_TOKENS_LIMIT = 1_000_000  # the largest max_tokens a request may ask for
+MAX_STOPS = 16
 MAX_FAILOVERS = 1000  # a resume claiming more moves than this is not a real one
 
 
@@ -104,7 +106,7 @@ class GenerationRequest:
             messages=_messages(fields.get("messages")),
             system=_optional(fields, "system", str),
             raw=_optional(fields, "raw", bool) or False,
-            max_tokens=_int(fields.get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", 1, 1_000_000),
+            max_tokens=_int(fields.get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", 1, MAX_TOKENS_LIMIT),
             temperature=_number(fields.get("temperature"), "temperature", 0.0, 10.0),
             seed=_optional(fields, "seed", int),
             top_p=_number(fields.get("top_p"), "top_p", 0.0, 1.0),
@@ -220,6 +222,6 @@ def _token_ids(value: Any) -> list[int]:
 def _stops(value: Any) -> list[str]:
     if value is None:
         return []
-    if not isinstance(value, list) or len(value) > 16 or not all(isinstance(s, str) and s for s in value):
-        raise BadRequest("'stop' must be a list of at most 16 non-empty strings")
+    if not isinstance(value, list) or len(value) > MAX_STOPS or not all(isinstance(s, str) and s for s in value):
+        raise BadRequest(f"'stop' must be a list of at most {MAX_STOPS} non-empty strings")
     return value

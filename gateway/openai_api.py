@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmesh.client.sdk import Result
-from qmesh.common.bodies import DEFAULT_MAX_TOKENS
+from qmesh.common.bodies import DEFAULT_MAX_TOKENS, MAX_STOPS, MAX_TOKENS_LIMIT
 from qmesh.gateway.errors import bad_request
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MAX_STOPS = 16
-MAX_TOKENS = 1_000_000
 
 
 @dataclass(slots=True)
@@ -137,7 +135,7 @@ def _completion(body: dict[str, Any], chat: bool, **prompt: Any) -> Completion:
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     options: dict[str, Any] = {
         **prompt,
-        "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else _int(max_tokens, param, 1, MAX_TOKENS),
+        "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else _int(max_tokens, param, 1, MAX_TOKENS_LIMIT),
         "temperature": _number(body.get("temperature"), "temperature", 0.0, 2.0),
         "top_p": _number(body.get("top_p"), "top_p", 0.0, 1.0),
         "seed": None if body.get("seed") is None else _int(body["seed"], "seed", -(2**63), 2**63 - 1),

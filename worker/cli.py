@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from qmesh.common.config import config_option, version_option
+from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
 from qmesh.common.keys import broker_key_option, client_keys_from_options, curve_secret_option
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
@@ -18,8 +19,6 @@ from qmesh.worker.binary import find_llama_server
 from qmesh.worker.identity import worker_id
 from qmesh.worker.models import resolve_model
 from qmesh.worker.node import WorkerNode, WorkerSettings
-
-DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 
 app = typer.Typer(add_completion=False, help="A QMesh worker: serves one model through the broker.")
 
