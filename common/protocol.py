@@ -24,6 +24,8 @@ from typing import Any
 
 import msgpack
 
+from qmesh.common.errors import QMeshError
+
 CLIENT = b"MDPC02"
 WORKER = b"MDPW02"
 
@@ -67,7 +69,7 @@ MAX_REQUEST_ID_LEN = 64
 MAX_BODY_BYTES = 8 * 1024 * 1024  # also the sockets' MAXMSGSIZE
 
 
-class ProtocolError(ValueError):
+class ProtocolError(QMeshError):
     """A message that does not follow the protocol. The receiver drops it (and logs the reason)."""
 
 
@@ -263,6 +265,8 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
                 raise ProtocolError("HEARTBEAT takes at most one load frame")
             return WorkerHeartbeat(unpack_map(frames[2]) if len(frames) == 3 else {})
         if command == W_DISCONNECT:
+            if len(frames) != 2:
+                raise ProtocolError("DISCONNECT from a worker takes no frames")
             return WorkerDisconnect()
         raise ProtocolError(f"unknown worker command {command!r}")
     raise ProtocolError(f"unknown header {header[:16]!r}")
@@ -400,9 +404,13 @@ def parse_for_client(frames: list[bytes], extended: bool = True) -> BrokerToClie
     command = frames[1]
     if command not in (C_PARTIAL, C_FINAL, C_STATUS):
         raise ProtocolError(f"unexpected command {command!r} for a client")
-    service = frames[2].decode("utf-8", "replace")
+    service = _service(frames[2])
     if not extended and command != C_STATUS:
         return BrokerToClient(command, service, None, frames[3:])
     if len(frames) < 4:
         raise ProtocolError("reply to an extended request lacks its request id")
-    return BrokerToClient(command, service, frames[3], frames[4:])
+    if command == C_STATUS:
+        if len(frames) != 5:
+            raise ProtocolError("STATUS takes a request id and one status frame")
+        unpack_map(frames[4])
+    return BrokerToClient(command, service, _request_id(frames[3]), frames[4:])
