@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qmesh.common import protocol as p
+from qmesh.common.errors import QMeshError
 
 ROLES = ("system", "user", "assistant")
 MAX_PROMPT_CHARS = 1_000_000
@@ -36,7 +37,7 @@ WIRE_FIELDS = {
 }
 
 
-class BadRequest(ValueError):
+class BadRequest(QMeshError):
     """A request body a worker cannot serve; it is answered with a 400 error FINAL."""
 
 

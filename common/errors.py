@@ -35,10 +35,6 @@ class SidecarStartError(SidecarError):
     """llama-server did not become healthy (bad model, crash at load, timeout)."""
 
 
-class SidecarCrashed(SidecarError):
-    """llama-server died and was not (or could no longer be) restarted."""
-
-
 class MeshError(QMeshError):
     """A request through the mesh ended in an error reply; ``code`` is one of the protocol's error codes."""
 

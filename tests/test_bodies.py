@@ -6,6 +6,7 @@ import pytest
 
 from qmesh.common import protocol as p
 from qmesh.common.bodies import BadRequest, GenerationRequest, resume_body
+from qmesh.common.errors import QMeshError
 
 
 def test_round_trip_keeps_every_field():
@@ -53,6 +54,13 @@ def test_empty_and_undecodable_bodies_are_refused():
         GenerationRequest.from_body([])
     with pytest.raises(BadRequest, match="UTF-8"):
         GenerationRequest.from_body([b"\xff\xfe\xfd"])
+
+
+def test_bad_bodies_and_messages_raise_qmesh_errors() -> None:
+    with pytest.raises(QMeshError):
+        GenerationRequest.from_body([])
+    with pytest.raises(QMeshError):
+        p.unpack_map(p.pack([1]))
 
 
 # ------------------------------------------------------------------------------------------------ failover resume
