@@ -26,9 +26,9 @@ from starlette.routing import Route
 from qmesh.client.sdk import Result
 from qmesh.common import protocol as p
 from qmesh.common.errors import QMeshError
-from qmesh.gateway.bridge import Bridge, Event, Generation, fetch_models
+from qmesh.gateway.bridge import Bridge, BridgedRequest, Event, fetch_models
 from qmesh.gateway.errors import SERVER, APIError, bad_request, from_mesh, invalid_api_key
-from qmesh.gateway.openai_api import Completion, parse_chat, parse_text
+from qmesh.gateway.openai_api import OpenAIRequest, parse_chat, parse_text
 
 log = logging.getLogger(__name__)
 
@@ -110,39 +110,39 @@ async def _json(request: Request) -> Any:
         raise bad_request(f"the request body is not valid JSON: {exc}") from exc
 
 
-async def _complete(request: Request, bridge: Bridge, completion: Completion) -> Response:
-    generation = bridge.submit(completion.model, **completion.options)
+async def _complete(request: Request, bridge: Bridge, openai_request: OpenAIRequest) -> Response:
+    bridged = bridge.submit(openai_request.model, **openai_request.options)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        first = await _next(generation, watcher)
+        first = await _next(bridged, watcher)
         if isinstance(first, Result) and first.error is not None:
             raise from_mesh(first.error)
-        if completion.stream:
+        if openai_request.stream:
             watcher.cancel()  # from here Starlette's StreamingResponse watches for the disconnect itself
             return StreamingResponse(
-                _sse(bridge, generation, completion, first), media_type="text/event-stream", headers=SSE_HEADERS
+                _sse(bridge, bridged, openai_request, first), media_type="text/event-stream", headers=SSE_HEADERS
             )
         parts: list[str] = []
         event = first
         while isinstance(event, str):
             parts.append(event)
-            event = await _next(generation, watcher)
+            event = await _next(bridged, watcher)
         if event.error is not None:
             raise from_mesh(event.error)
-        return JSONResponse(completion.response("".join(parts), event))
+        return JSONResponse(openai_request.response("".join(parts), event))
     except ClientGone:
-        bridge.cancel(generation)
-        log.info("client went away; cancelled its %s request", completion.model)
+        bridge.cancel(bridged)
+        log.info("client went away; cancelled its %s request", openai_request.model)
         return Response(status_code=499)
     finally:
         watcher.cancel()
 
 
-async def _next(generation: Generation, watcher: asyncio.Future[None]) -> Event:
-    """The next event of a generation, or ClientGone if the client disconnects first."""
-    if not generation.events.empty():
-        return await generation.next()
-    getter = asyncio.ensure_future(generation.next())
+async def _next(bridged: BridgedRequest, watcher: asyncio.Future[None]) -> Event:
+    """The next event of a bridged request, or ClientGone if the client disconnects first."""
+    if not bridged.events.empty():
+        return await bridged.next()
+    getter = asyncio.ensure_future(bridged.next())
     await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
     if getter.done():
         return getter.result()
@@ -156,27 +156,29 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _sse(bridge: Bridge, generation: Generation, completion: Completion, first: Event) -> AsyncIterator[str]:
+async def _sse(
+    bridge: Bridge, bridged: BridgedRequest, openai_request: OpenAIRequest, first: Event
+) -> AsyncIterator[str]:
     """The stream as server-sent events; leaving it early (a disconnect) cancels the generation."""
     try:
-        opening = completion.first_chunk()
+        opening = openai_request.first_chunk()
         if opening is not None:
             yield _data(opening)
         event = first
         while isinstance(event, str):
-            yield _data(completion.chunk(event))
-            event = await generation.next()
+            yield _data(openai_request.chunk(event))
+            event = await bridged.next()
         if event.error is not None:
             yield _data(from_mesh(event.error).body())
         else:
-            yield _data(completion.last_chunk(event))
-            if completion.include_usage:
-                yield _data(completion.usage_chunk(event))
+            yield _data(openai_request.last_chunk(event))
+            if openai_request.include_usage:
+                yield _data(openai_request.usage_chunk(event))
         yield "data: [DONE]\n\n"
     finally:
-        if not generation.finished:
-            bridge.cancel(generation)
-            log.info("client went away mid-stream; cancelled its %s request", completion.model)
+        if not bridged.finished:
+            bridge.cancel(bridged)
+            log.info("client went away mid-stream; cancelled its %s request", openai_request.model)
 
 
 def _data(obj: dict[str, Any]) -> str:

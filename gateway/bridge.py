@@ -38,8 +38,8 @@ Event = str | Result  # a text delta, or the end of the generation (``Result.err
 Command = Callable[[QMeshClient], None]
 
 
-class Generation:
-    """One HTTP request's generation as the event loop sees it: ``await next()`` until a ``Result``."""
+class BridgedRequest:
+    """A request sent through the bridge, as the event loop sees it: ``await next()`` until a ``Result``."""
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -72,7 +72,7 @@ class Bridge:
         self.curve = curve
         self._context = context or zmq.Context.instance()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._active: dict[bytes, Generation] = {}
+        self._active: dict[bytes, BridgedRequest] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._started = threading.Event()
@@ -107,20 +107,20 @@ class Bridge:
         with self._wake_lock:
             self._wake_tx.close(linger=0)
 
-    def submit(self, model: str, **options: Any) -> Generation:
-        """Send a request (``QMeshClient.submit`` options); its events arrive in ``Generation.events``."""
-        generation = Generation(model)
+    def submit(self, model: str, **options: Any) -> BridgedRequest:
+        """Send a request (``QMeshClient.submit`` options); its events arrive in ``BridgedRequest.events``."""
+        bridged = BridgedRequest(model)
         if self._stopping or not self._thread.is_alive():
             error = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
-            generation.events.put_nowait(Result(text="", model=model, error=error))
-            return generation
-        self._call(lambda client: self._submit(client, generation, options))
-        return generation
+            bridged.events.put_nowait(Result(text="", model=model, error=error))
+            return bridged
+        self._call(lambda client: self._submit(client, bridged, options))
+        return bridged
 
-    def cancel(self, generation: Generation) -> None:
+    def cancel(self, bridged: BridgedRequest) -> None:
         """Stop a generation: the broker tells the worker, which frees its llama-server slot."""
-        if not generation.finished:
-            self._call(lambda client: self._cancel(client, generation))
+        if not bridged.finished:
+            self._call(lambda client: self._cancel(client, bridged))
 
     def _call(self, command: Command) -> None:
         self._commands.put(command)
@@ -160,9 +160,9 @@ class Bridge:
             log.exception("gateway bridge crashed")
         finally:
             self._run_commands(client)  # requests submitted while we stopped end with a 499 below
-            for generation in self._active.values():
-                if generation.request is not None and not generation.request.done:
-                    client.cancel(generation.request)
+            for bridged in self._active.values():
+                if bridged.request is not None and not bridged.request.done:
+                    client.cancel(bridged.request)
             self._pump()
             client.close()
             self._wake_rx.close(linger=0)
@@ -180,47 +180,47 @@ class Bridge:
                 return
             command(client)
 
-    def _submit(self, client: QMeshClient, generation: Generation, options: dict[str, Any]) -> None:
+    def _submit(self, client: QMeshClient, bridged: BridgedRequest, options: dict[str, Any]) -> None:
         try:
-            generation.request = client.submit(model=generation.model, **options)
+            bridged.request = client.submit(model=bridged.model, **options)
         except QMeshError as exc:  # the one error submit raises: a body larger than any message the mesh takes
             error = MeshError(p.TOO_LARGE, str(exc))
-            self._deliver([(generation, "", Result(text="", model=generation.model, error=error))])
+            self._deliver([(bridged, "", Result(text="", model=bridged.model, error=error))])
             return
-        self._active[generation.request.id] = generation
+        self._active[bridged.request.id] = bridged
 
-    def _cancel(self, client: QMeshClient, generation: Generation) -> None:
-        request = generation.request
+    def _cancel(self, client: QMeshClient, bridged: BridgedRequest) -> None:
+        request = bridged.request
         if request is not None and self._active.pop(request.id, None) is not None:
             client.cancel(request)
 
     def _pump(self) -> None:
         """Hand every new chunk and result to the event loop in one batch."""
-        batch: list[tuple[Generation, str, Result | None]] = []
-        for request_id, generation in list(self._active.items()):
-            request = generation.request
+        batch: list[tuple[BridgedRequest, str, Result | None]] = []
+        for request_id, bridged in list(self._active.items()):
+            request = bridged.request
             assert request is not None
             text = "".join(chunk.text for chunk in request.new_chunks())
             if request.final is not None:
                 del self._active[request_id]
             if text or request.final is not None:
-                batch.append((generation, text, request.final))
+                batch.append((bridged, text, request.final))
         if batch:
             self._deliver(batch)
 
-    def _deliver(self, batch: list[tuple[Generation, str, Result | None]]) -> None:
+    def _deliver(self, batch: list[tuple[BridgedRequest, str, Result | None]]) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is waiting
             self._loop.call_soon_threadsafe(_put_all, batch)
 
 
-def _put_all(batch: list[tuple[Generation, str, Result | None]]) -> None:
+def _put_all(batch: list[tuple[BridgedRequest, str, Result | None]]) -> None:
     """Runs in the event loop."""
-    for generation, text, final in batch:
+    for bridged, text, final in batch:
         if text:
-            generation.events.put_nowait(text)
+            bridged.events.put_nowait(text)
         if final is not None:
-            generation.events.put_nowait(final)
+            bridged.events.put_nowait(final)
 
 
 async def fetch_models(

@@ -20,7 +20,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 
 @dataclass(slots=True)
-class Completion:
+class OpenAIRequest:
     """A parsed ``/v1/chat/completions`` (``chat``) or ``/v1/completions`` (``text``) request."""
 
     chat: bool
@@ -87,7 +87,7 @@ def _finish_reason(result: Result) -> str:
 # ------------------------------------------------------------------------------------------ parsing
 
 
-def parse_chat(body: Any) -> Completion:
+def parse_chat(body: Any) -> OpenAIRequest:
     body = _object(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -97,10 +97,10 @@ def parse_chat(body: Any) -> Completion:
         raise bad_request("tools and functions are not supported by QMesh", "tools")
     if body.get("logprobs"):
         raise bad_request("logprobs are not supported by QMesh", "logprobs")
-    return _completion(body, chat=True, messages=converted)
+    return _openai_request(body, chat=True, messages=converted)
 
 
-def parse_text(body: Any) -> Completion:
+def parse_text(body: Any) -> OpenAIRequest:
     body = _object(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -113,10 +113,10 @@ def parse_text(body: Any) -> Completion:
         raise bad_request("echo is not supported by QMesh", "echo")
     if body.get("logprobs") is not None:
         raise bad_request("logprobs are not supported by QMesh", "logprobs")
-    return _completion(body, chat=False, prompt=prompt, raw=True)
+    return _openai_request(body, chat=False, prompt=prompt, raw=True)
 
 
-def _completion(body: dict[str, Any], chat: bool, **prompt: Any) -> Completion:
+def _openai_request(body: dict[str, Any], chat: bool, **prompt: Any) -> OpenAIRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' must be a non-empty string", "model")
@@ -144,7 +144,7 @@ def _completion(body: dict[str, Any], chat: bool, **prompt: Any) -> Completion:
     include_usage = stream_options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options")
-    return Completion(chat, model, options, stream=stream, include_usage=include_usage)
+    return OpenAIRequest(chat, model, options, stream=stream, include_usage=include_usage)
 
 
 def _object(body: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from meshkit import FAST, MODEL, BrokerThread, worker_threads
 from qmesh.client.sdk import Result
 from qmesh.common.errors import MeshError
 from qmesh.gateway.app import create_app
-from qmesh.gateway.bridge import Bridge, Generation
+from qmesh.gateway.bridge import Bridge, BridgedRequest
 from qmesh.gateway.cli import split_keys
 from qmesh.testing import ROOT, wait_for
 
@@ -257,14 +257,14 @@ class FailingBridge:
     def stop(self) -> None:
         pass
 
-    def submit(self, model: str, **options: Any) -> Generation:
-        generation = Generation(model)
-        generation.events.put_nowait("Hello")
+    def submit(self, model: str, **options: Any) -> BridgedRequest:
+        bridged = BridgedRequest(model)
+        bridged.events.put_nowait("Hello")
         error = MeshError(502, "worker w1 failed mid-stream (missed heartbeats)")
-        generation.events.put_nowait(Result(text="Hello", model=model, error=error))
-        return generation
+        bridged.events.put_nowait(Result(text="Hello", model=model, error=error))
+        return bridged
 
-    def cancel(self, generation: Generation) -> None:
+    def cancel(self, bridged: BridgedRequest) -> None:
         raise AssertionError("a generation that ended is not cancelled")
 
 
