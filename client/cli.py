@@ -16,10 +16,15 @@ from typing import Any, TextIO
 import typer
 
 from qmesh.client.sdk import QMeshClient, Request, Result
-from qmesh.common.config import config_option, version_option
+from qmesh.common.config import (
+    broker_key_option,
+    client_keys_from_options,
+    config_option,
+    curve_secret_option,
+    version_option,
+)
 from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
-from qmesh.common.keys import broker_key_option, client_keys_from_options, curve_secret_option
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 
 app = typer.Typer(add_completion=False, help="Send prompts from stdin through the QMesh broker.")

@@ -1,4 +1,5 @@
-"""The TOML configuration file, and the options every command shares (``--config``, ``--version``).
+"""The TOML configuration file, and the options commands share (``--config``, ``--version``, and the CURVE keys of
+everything that connects to the broker). Only command-line tools import this module: it needs typer.
 
 Precedence is flag > ``QMESH_*`` environment variable > config file > built-in default. Click gives exactly this
 order to its ``default_map``, so ``--config`` is an eager option whose callback reads the file, checks it
@@ -30,6 +31,7 @@ from typing import Any
 import typer
 
 from qmesh.common.errors import ConfigError
+from qmesh.common.keys import CurveClientKeys
 from qmesh.common.paths import config_dir
 
 if sys.version_info >= (3, 11):
@@ -156,6 +158,27 @@ def version_option() -> Any:
             raise typer.Exit()
 
     return typer.Option(False, "--version", is_eager=True, callback=show, help="Print the version and exit.")
+
+
+def curve_secret_option() -> Any:
+    """``--curve-secret FILE``: this side's key pair (NAME.key_secret); with --broker-key, turns CURVE on."""
+    return typer.Option(
+        None, "--curve-secret", envvar="QMESH_CURVE_SECRET", help="Own CURVE key pair file (NAME.key_secret)."
+    )
+
+
+def broker_key_option() -> Any:
+    """``--broker-key FILE``: the broker's public key (NAME.key)."""
+    return typer.Option(None, "--broker-key", envvar="QMESH_BROKER_KEY", help="The broker's CURVE public key file.")
+
+
+def client_keys_from_options(curve_secret: Path | None, broker_key: Path | None) -> CurveClientKeys | None:
+    """The keys a worker or client uses, or None without CURVE; one option without the other is an error."""
+    if curve_secret is None and broker_key is None:
+        return None
+    if curve_secret is None or broker_key is None:
+        raise ConfigError("--curve-secret and --broker-key go together: give both to use CURVE, or neither")
+    return CurveClientKeys.load(curve_secret, broker_key)
 
 
 def _display(path: Path) -> str:

@@ -12,9 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import typer
 import zmq
 import zmq.auth
 
@@ -152,24 +150,3 @@ def handshake_failure(event: int, broker: str) -> str | None:
             "and this side do not agree on using CURVE"
         )
     return None
-
-
-def curve_secret_option() -> Any:
-    """``--curve-secret FILE``: this side's key pair (NAME.key_secret); with --broker-key, turns CURVE on."""
-    return typer.Option(
-        None, "--curve-secret", envvar="QMESH_CURVE_SECRET", help="Own CURVE key pair file (NAME.key_secret)."
-    )
-
-
-def broker_key_option() -> Any:
-    """``--broker-key FILE``: the broker's public key (NAME.key)."""
-    return typer.Option(None, "--broker-key", envvar="QMESH_BROKER_KEY", help="The broker's CURVE public key file.")
-
-
-def client_keys_from_options(curve_secret: Path | None, broker_key: Path | None) -> CurveClientKeys | None:
-    """The keys a worker or client uses, or None without CURVE; one option without the other is an error."""
-    if curve_secret is None and broker_key is None:
-        return None
-    if curve_secret is None or broker_key is None:
-        raise ConfigError("--curve-secret and --broker-key go together: give both to use CURVE, or neither")
-    return CurveClientKeys.load(curve_secret, broker_key)

@@ -8,10 +8,15 @@ from pathlib import Path
 import typer
 import uvicorn
 
-from qmesh.common.config import config_option, version_option
+from qmesh.common.config import (
+    broker_key_option,
+    client_keys_from_options,
+    config_option,
+    curve_secret_option,
+    version_option,
+)
 from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
-from qmesh.common.keys import broker_key_option, client_keys_from_options, curve_secret_option
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.gateway.app import create_app
 from qmesh.gateway.bridge import Bridge

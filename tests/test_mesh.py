@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -43,6 +45,12 @@ def test_one_prompt_streams_an_answer(client):
     assert result.finish_reason in ("stop", "length")
     assert result.model == MODEL and result.worker
     assert result.ttft_ms is not None and result.ttft_ms > 0
+
+
+def test_the_sdk_imports_no_command_line_framework():
+    """A program using the SDK neither loads nor needs typer: only the command-line tools do."""
+    check = "import qmesh.client.sdk, sys; assert 'typer' not in sys.modules, 'the SDK imported typer'"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
 
 
 def test_new_chunks_hands_out_each_chunk_once(client):
