@@ -567,6 +567,7 @@ class BrokerCore:
         return [b"501"]
 
     def service_table(self) -> dict[str, dict[str, int]]:
+        """Per model: workers, slots, busy, queued, and context (tokens per request) when every worker says."""
         table = {}
         for name, service in sorted(self.services.items()):
             if not service.workers and not service.queue:
@@ -578,6 +579,9 @@ class BrokerCore:
                 "busy": sum(len(w.active) for w in workers),
                 "queued": len(service.queue),
             }
+            contexts = [w.info.get("context") for w in workers]
+            if contexts and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in contexts):
+                table[name]["context"] = min(contexts)  # what fits on whichever worker a request lands on
         return table
 
     def worker_table(self) -> list[dict[str, Any]]:

@@ -35,6 +35,18 @@ class SidecarStartError(SidecarError):
     """llama-server did not become healthy (bad model, crash at load, timeout)."""
 
 
+class PromptTooLong(QMeshError):
+    """The prompt does not fit the model's context: the caller's error, not llama-server's (a 400)."""
+
+    def __init__(self, prompt_tokens: int, context: int) -> None:
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens; the model's context is {context} tokens per request: "
+            "shorten the prompt (or the conversation)"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+
+
 class MeshError(QMeshError):
     """A request through the mesh ended in an error reply; ``code`` is one of the protocol's error codes."""
 

@@ -639,6 +639,15 @@ def test_ready_is_answered_with_a_heartbeat_before_any_request() -> None:
     assert len(requests_to(out, W1)) == 1
 
 
+def test_the_model_table_gives_the_smallest_context_of_its_workers() -> None:
+    core = make_core()
+    ready(core, W1, slots=1, context=2048)
+    ready(core, W2, slots=1, context=1024)
+    assert core.service_table()[MODEL]["context"] == 1024  # a request may land on either
+    ready(core, W3, slots=1)  # a worker that does not say: the limit is unknown
+    assert "context" not in core.service_table()[MODEL]
+
+
 def test_ready_for_mmi_service_disconnects() -> None:
     core = make_core()
     out = ready(core, W1, service="mmi.x")

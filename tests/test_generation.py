@@ -18,6 +18,7 @@ import pytest
 
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest
+from qmesh.common.errors import PromptTooLong
 from qmesh.worker.generation import Generation, Job
 from qmesh.worker.http_client import Completion, CompletionChunk
 
@@ -95,6 +96,7 @@ class ScriptedSidecar:
         self.chunks_made = 0
         self.prompts: list[str | list[int]] = []
         self.streams: list[ScriptedStream] = []
+        self.context: int | None = None  # set: every prompt is too long for it
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
@@ -104,6 +106,8 @@ class ScriptedSidecar:
 
     def generate_stream(self, prompt: str | list[int], **opts: Any) -> ScriptedStream:
         self.prompts.append(prompt)
+        if self.context is not None:
+            raise PromptTooLong(len(PROMPT_TOKENS), self.context)  # what llama-server answers with a 400
         already = 0 if isinstance(prompt, str) else len(prompt) - len(PROMPT_TOKENS)
         tokens = CONTINUATION[already : already + opts["max_tokens"]]
         stream = ScriptedStream(self, tokens, "length" if already + len(tokens) < len(CONTINUATION) else "stop")
@@ -220,3 +224,12 @@ def test_cancel_while_waiting_for_the_client(when: float) -> None:
     assert run.final["error"]["code"] == p.CANCELLED
     assert run.sent[-1][1] == pytest.approx(when)
     assert all(stream.result is not None for stream in run.sidecar.streams)  # no llama-server stream left open
+
+
+def test_a_prompt_longer_than_the_context_is_the_callers_400() -> None:
+    run = Run(max_tokens=10)
+    run.sidecar.context = 2
+    run.run()
+    error = run.final["error"]
+    assert error["code"] == p.BAD_REQUEST
+    assert error["message"].startswith("the prompt is 3 tokens; the model's context is 2 tokens")

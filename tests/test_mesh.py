@@ -100,9 +100,18 @@ def test_bad_request_gets_400(client):
     assert result.error is not None and result.error.code == p.BAD_REQUEST
 
 
+def test_a_prompt_longer_than_the_context_is_a_400_that_gives_both_sizes(client):
+    result = client.submit("word " * 3000, model=MODEL, max_tokens=4).result()
+    assert result.error is not None and result.error.code == p.BAD_REQUEST, result.error
+    message = result.error.message
+    assert "the model's context is 2048 tokens" in message and "the prompt is 30" in message, message
+    assert "http" not in message and "llama-server" not in message  # no internal address, no sidecar blamed
+
+
 def test_mmi_lists_models_and_workers(client):
     models = client.models()
     assert models[MODEL]["workers"] == 1 and models[MODEL]["slots"] == 2
+    assert models[MODEL]["context"] == 2048  # per request: what llama-server gives each of the 2 slots
     workers = client.workers()
     assert workers[0]["service"] == MODEL and workers[0]["info"]["worker_id"] == "0" * 64
     assert client.has_model(MODEL) and not client.has_model("no-such-model")

@@ -75,6 +75,7 @@ def test_metrics_count_requests_tokens_and_latencies(mesh):
     with QMeshClient(endpoint) as client:
         results = [client.submit("Say hi.", model=MODEL, max_tokens=6, temperature=0).result() for _ in range(2)]
         assert client.submit("Hi.", model="no-such-model", max_tokens=4).result().error.code == 404
+        assert client.submit("word " * 3000, model=MODEL, max_tokens=4).result().error.code == 400  # too long
     assert all(r.ok for r in results)
     ok = ("qmesh_requests_total", (("model", MODEL), ("outcome", "ok")))
     running = ("qmesh_requests_running", (("model", MODEL),))
@@ -85,10 +86,12 @@ def test_metrics_count_requests_tokens_and_latencies(mesh):
 
     samples = wait_for(settled, 10, "2 ok requests and none running")
     assert samples["qmesh_requests_total", (("model", "other"), ("outcome", "404"))] == 1, "unknown names are 'other'"
+    assert samples["qmesh_requests_total", (("model", MODEL), ("outcome", "400"))] == 1, "the caller's error, not 502"
     model = (("model", MODEL),)
     assert samples["qmesh_tokens_generated_total", model] == sum(r.tokens for r in results)
-    for histogram in ("queue_wait", "time_to_first_token", "request_duration"):
-        assert samples[f"qmesh_{histogram}_seconds_count", model] == 2
+    counts = {"queue_wait": 3, "time_to_first_token": 2, "request_duration": 3}  # the 400 streamed nothing
+    for histogram, count in counts.items():
+        assert samples[f"qmesh_{histogram}_seconds_count", model] == count
         assert samples[f"qmesh_{histogram}_seconds_sum", model] >= 0
     sums = {name: samples[f"qmesh_{name}_seconds_sum", model] for name in ("time_to_first_token", "request_duration")}
     assert sums["request_duration"] >= sums["time_to_first_token"]

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest, final_body
+from qmesh.common.errors import PromptTooLong
 from qmesh.worker.http_client import Completion, CompletionChunk
 
 SendBody = Callable[[bytes], None]
@@ -126,7 +127,8 @@ class Generation:
         self.pauses = 0
 
     def run(self) -> None:
-        """Raises SidecarError if llama-server fails; every other ending sends a FINAL."""
+        """Raises SidecarError if llama-server fails; every other ending sends a FINAL (a prompt longer than the
+        context: a 400, the caller's error)."""
         request, job = self.request, self.job
         if job.cancelled.is_set():  # cancelled while it waited for a free slot thread
             self.send_final(p.error_body(p.CANCELLED, "cancelled"))
@@ -144,7 +146,11 @@ class Generation:
                 if prompt_tokens is None:
                     prompt_tokens = self.sidecar.tokenize(text, add_special=True)
                 prompt = prompt_tokens + self.delivered
-            stream = self.sidecar.generate_stream(prompt, max_tokens=remaining, **self._options())
+            try:
+                stream = self.sidecar.generate_stream(prompt, max_tokens=remaining, **self._options())
+            except PromptTooLong as exc:
+                self.send_final(p.error_body(p.BAD_REQUEST, str(exc)))
+                return
             job.stream = stream
             held = self._stream(stream)
             if job.cancelled.is_set():

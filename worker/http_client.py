@@ -19,7 +19,7 @@ from typing import Any
 import requests
 import sseclient
 
-from qmesh.common.errors import SidecarError
+from qmesh.common.errors import PromptTooLong, SidecarError
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,10 @@ class LlamaHttpClient:
         """Server properties: ``total_slots``, ``model_path``, ``default_generation_settings``, ..."""
         return self._call("GET", "/props")
 
+    def slot_context(self) -> int:
+        """Tokens of context each slot has (prompt and answer together)."""
+        return int(self.props()["default_generation_settings"]["n_ctx"])
+
     def slots(self) -> list[dict[str, Any]]:
         """One entry per slot, each with ``id`` and ``is_processing``."""
         return self._call("GET", "/slots")
@@ -286,9 +290,14 @@ def _parse_event(data: str, url: str) -> dict[str, Any]:
     return payload
 
 
-def _error_from_body(payload: Any, url: str, status: int | None) -> SidecarError:
-    """llama-server reports failures as ``{"error": {"code", "message", "type"}}``."""
+def _error_from_body(payload: Any, url: str, status: int | None) -> SidecarError | PromptTooLong:
+    """llama-server reports failures as ``{"error": {"code", "message", "type"}}``; a prompt longer than the
+    context is the caller's error, with the counts (``n_prompt_tokens``, ``n_ctx``) in the body."""
     error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict) and error.get("type") == "exceed_context_size_error":
+        prompt_tokens, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+        if isinstance(prompt_tokens, int) and isinstance(context, int):
+            return PromptTooLong(prompt_tokens, context)
     if isinstance(error, dict):
         message = error.get("message") or json.dumps(error)
         status = status or error.get("code")

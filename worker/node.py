@@ -159,6 +159,8 @@ class WorkerNode(threading.Thread):
         try:
             self.manager.start()
             self.watch = SidecarWatch(self.manager)
+            # READY tells the mesh how much fits in one request, as llama-server itself reports it.
+            self.core.config.info["context"] = self.watch.client.slot_context()
             for thread in slot_threads:
                 thread.start()
             self._serve()
