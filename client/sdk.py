@@ -150,9 +150,9 @@ class Request:
             if body:
                 self.chunks.append(Chunk(b"".join(body).decode("utf-8", "replace"), []))
             fields = {}
-        error = fields.get("error")
-        if isinstance(error, dict):
-            self._end(MeshError(int(error.get("code", p.WORKER_FAILED)), str(error.get("message", "unknown error"))))
+        error = _error_in(fields)
+        if error is not None:
+            self._end(error)
             return
         self._end(None, fields)
 
@@ -319,9 +319,16 @@ class QMeshClient:
                 if time.monotonic() >= deadline:
                     raise self._unreachable()
                 self.poll(0.2)
-            return reply
         finally:
             self._mmi.pop(request_id, None)
+        try:
+            fields = p.unpack_map(reply[0]) if len(reply) == 1 else {}
+        except p.ProtocolError:  # not a map: a plain answer such as mmi.service's b"200"
+            fields = {}
+        error = _error_in(fields)
+        if error is not None:  # the broker refused the call (403: this key is not on the client list)
+            raise error
+        return reply
 
     # ------------------------------------------------------------------------------------------ pump
 
@@ -438,6 +445,14 @@ class QMeshClient:
         return BrokerUnreachable(
             f"cannot reach the broker at {self.broker} within {self.connect_timeout:g} s (is qmesh-broker running?)"
         )
+
+
+def _error_in(fields: dict[str, Any]) -> MeshError | None:
+    """The error of an error FINAL, ``{"error": {"code": int, "message": str}}``; None for any other body."""
+    error = fields.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("code"), int):
+        return None
+    return MeshError(error["code"], str(error.get("message", "unknown error")))
 
 
 class Chat:

@@ -14,6 +14,7 @@ SERVER = "server_error"
 # mesh code -> (HTTP status, OpenAI error type, OpenAI error code)
 _BY_MESH_CODE: dict[int, tuple[int, str, str | None]] = {
     p.BAD_REQUEST: (400, INVALID, None),
+    p.FORBIDDEN: (403, "permission_error", "forbidden"),  # the gateway's CURVE key is not on the client list
     p.UNKNOWN_MODEL: (404, INVALID, "model_not_found"),
     p.CLIENT_STALLED: (504, SERVER, "client_stalled"),
     p.TOO_LARGE: (413, INVALID, "request_too_large"),

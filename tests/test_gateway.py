@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,8 +23,10 @@ import requests
 import uvicorn
 
 from meshkit import FAST, MODEL, BrokerThread, worker_threads
+from qmesh.broker.security import BrokerSecurity
 from qmesh.client.sdk import Result
 from qmesh.common.errors import MeshError
+from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.gateway.app import create_app
 from qmesh.gateway.bridge import Bridge, BridgedRequest
 from qmesh.gateway.cli import split_keys
@@ -223,6 +226,30 @@ def _health(url: str) -> bool:
         return requests.get(f"{url}/health", timeout=1).ok
     except requests.ConnectionError:
         return False
+
+
+def test_a_key_the_broker_does_not_list_as_a_client_is_403(tmp_path):
+    """A gateway whose CURVE key was taken off the broker's client list, but is still a key the broker knows (a
+    worker's), gets 403 FINALs from the broker: OpenAI clients see a PermissionDeniedError, not a server error."""
+    broker_public, broker_secret = generate_keys(tmp_path / "broker")
+    allow_workers, allow_clients = tmp_path / "allow-workers", tmp_path / "allow-clients"
+    allow_workers.mkdir()
+    allow_clients.mkdir()
+    shutil.copy(generate_keys(tmp_path / "worker")[0], allow_workers)
+    shutil.copy(generate_keys(tmp_path / "client")[0], allow_clients)
+    security = BrokerSecurity(broker_secret, allow_workers, allow_clients)
+    worker_keys = CurveClientKeys.load(tmp_path / "worker.key_secret", broker_public)
+    with (
+        BrokerThread(security=security) as broker,
+        GatewayThread(Bridge(broker.endpoint, connect_timeout=5, curve=worker_keys)) as front,
+    ):
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            front.client().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+        with pytest.raises(openai.PermissionDeniedError) as listing:
+            front.client().models.list()
+    for refusal in (caught.value, listing.value):
+        assert refusal.status_code == 403 and "allow-list" in refusal.body["message"]
+        assert refusal.body["type"] == "permission_error" and refusal.body["code"] == "forbidden"
 
 
 def test_queue_full_is_503():
