@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qmesh.common.errors import LlamaServerNotFound, ModelNotFound, SidecarError, SidecarStartError
+from qmesh.common.errors import LlamaServerNotFound, ModelNotFound, PromptTooLong, SidecarError, SidecarStartError
 from qmesh.testing import pid_alive, wait_for
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.engine import InferenceEngine
@@ -157,10 +157,16 @@ def test_close_from_another_thread_ends_the_iteration_quietly(engine: InferenceE
 
 
 def test_http_error_body_becomes_sidecar_error(engine: InferenceEngine) -> None:
-    too_long = "word " * 3000  # more tokens than a slot's context holds
     with pytest.raises(SidecarError, match="400") as info:
+        engine.generate("hi", max_tokens=1, temperature="hot")  # llama-server refuses a field of the wrong type
+    assert "temperature" in str(info.value)
+
+
+def test_a_prompt_longer_than_the_context_is_the_callers_error_with_both_sizes(engine: InferenceEngine) -> None:
+    too_long = "word " * 3000  # more tokens than a slot's context holds
+    with pytest.raises(PromptTooLong) as info:
         engine.generate(too_long, max_tokens=1)
-    assert "context" in str(info.value)
+    assert info.value.prompt_tokens > 3000 and info.value.context == engine.client.slot_context()
 
 
 def test_unreachable_server_is_sidecar_error_naming_the_url() -> None:
