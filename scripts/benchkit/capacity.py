@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
     refs: list[BrokerRound] = []
     proxies: list[ProxyRound] = []
     with procs.Processes() as ps:
-        ref_code = ps.export_broker(args.ref) if args.ref else None
+        ref_code = ps.export(args.ref, "broker", "common") if args.ref else None
         for _ in range(args.rounds):
             if ref_code is not None:
                 refs.append(broker_round(ps, args, streams, requests, code=ref_code))

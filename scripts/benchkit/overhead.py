@@ -1,16 +1,21 @@
 """``overhead``: the same streaming load straight to llama-server and through broker + worker, interleaved.
 
-Two identical llama-servers (same binary, model, slots, threads, context): one behind a real broker and worker,
-one used directly over HTTP/SSE. Rounds alternate in ABBA order (direct, mesh, mesh, direct, ...) so both see the
-same machine and a drift in its speed favours neither; never both loads at once. At concurrency 1 and at
+Identical llama-servers (same binary, model, slots, threads, context): one used directly over HTTP/SSE, one behind
+a real broker and worker; with ``--ref REF`` one more, behind the working tree's broker and the worker of git ref
+REF, so that a worker is measured before and after a change in the same run. Loads never overlap, and their order
+rotates and mirrors from one load to the next (ABBA for two paths, ABC CBA BCA ACB CAB BAC for three): every path
+takes every place equally often and a drift in the machine's speed favours none. At concurrency 1 and at
 saturation (concurrency = slots). Each process's CPU per output token shows where the cores went.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import floor, procs, rig
 from .report import Section, Table
@@ -20,186 +25,312 @@ from .streamload import DirectLoad, MeshLoad, prompts
 GOAL_ADDED_TTFT_MS = 1.0
 GOAL_TOKENS_RATIO = 0.98
 
-
-ROLES = ("client (this process)", "broker", "worker (Python)", "worker's llama-server", "direct llama-server")
+DIRECT, MESH, REF = 0, 1, 2  # the paths, in this order: llama-server directly, the working tree's worker, REF's
+CLIENT, BROKER, WORKER, LLAMA = "client (this process)", "broker", "worker (Python)", "llama-server"
+ROLES = (CLIENT, BROKER, WORKER, LLAMA)  # a path's own processes; LLAMA is the direct one or the worker's
+IDLE = "the other paths' processes (idle)"
 QUIET = 0.25  # cores used by other programs below which a round counts as run alone
 
 
+@dataclass(frozen=True)
+class LoadPath:
+    """One way from this process to a llama-server: its name in tables, the processes that serve it, its load."""
+
+    label: str
+    short: str  # its initial, in cells that list every path
+    pids: dict[str, int]  # by role (ROLES)
+    load: Callable[[int], DirectLoad | MeshLoad]  # this path's load at a concurrency
+
+
+def load_paths(r: rig.Rig) -> list[LoadPath]:
+    me = os.getpid()
+    paths = [LoadPath("direct", "d", {CLIENT: me, LLAMA: r.direct_pid()}, functools.partial(DirectLoad, r.base_url))]
+    for mesh, short in zip(r.meshes, "qr", strict=False):
+        pids = {CLIENT: me, BROKER: mesh.broker.pid, WORKER: mesh.worker.pid, LLAMA: mesh.sidecar().pid}
+        paths.append(LoadPath(mesh.label, short, pids, functools.partial(MeshLoad, mesh.endpoint, rig.MODEL)))
+    return paths
+
+
 @dataclass
-class Round:
-    direct: LoadResult
-    mesh: LoadResult
-    direct_other: float  # cores other programs used during the direct half
-    mesh_other: float
+class Leg:
+    """What one path did in a round, or pooled over rounds: its streams, CPU seconds by role (and IDLE: every
+    other path's processes meanwhile), and the most cores other programs used during any of its loads."""
 
-    @property
-    def ratio(self) -> float:
-        return ratio(self.mesh.tokens_per_s(), self.direct.tokens_per_s())
+    result: LoadResult = field(default_factory=LoadResult)
+    cpu: dict[str, float] = field(default_factory=dict)
+    other: float = 0.0
 
-    @property
-    def quiet(self) -> bool:
-        return max(self.direct_other, self.mesh_other) < QUIET
+    def add(self, leg: Leg) -> None:
+        self.result.extend(leg.result)
+        for role, seconds in leg.cpu.items():
+            self.cpu[role] = self.cpu.get(role, 0.0) + seconds
+        self.other = max(self.other, leg.other)
+
+    def ms_per_token(self, *roles: str) -> float:
+        return sum(self.cpu.get(role, 0.0) for role in roles) * 1000 / max(1, self.result.tokens)
 
 
 @dataclass
-class Pair:
-    """Both paths at one concurrency: pooled results and each round's figures."""
+class Series:
+    """Every path at one concurrency: each round's legs, one per path in path order."""
 
     concurrency: int
-    direct: LoadResult = field(default_factory=LoadResult)
-    mesh: LoadResult = field(default_factory=LoadResult)
-    rounds: list[Round] = field(default_factory=list)
-    ttft_pairs: list[tuple[StreamRecord, StreamRecord]] = field(default_factory=list)  # (direct, mesh), same prompt
-    direct_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process role, summed over rounds
-    mesh_cpu: dict[str, float] = field(default_factory=dict)
+    paths: list[LoadPath]
+    rounds: list[list[Leg]] = field(default_factory=list)
 
-    def cpu_table(self) -> Table:
-        """CPU milliseconds per output token of each process, on each path: where the machine's cores went."""
-        table = Table(["process", "direct ms CPU/token", "qmesh ms CPU/token", "qmesh - direct"])
-        per_token = {}
-        for name, result, cpu in (("direct", self.direct, self.direct_cpu), ("mesh", self.mesh, self.mesh_cpu)):
-            per_token[name] = {role: seconds * 1000 / max(1, result.tokens) for role, seconds in cpu.items()}
-        for role in ROLES:
-            d, m = per_token["direct"].get(role, 0.0), per_token["mesh"].get(role, 0.0)
-            table.add(role, fmt(d, 3), fmt(m, 3), fmt(m - d, 3))
-        d, m = sum(per_token["direct"].values()), sum(per_token["mesh"].values())
-        table.add("all", fmt(d, 3), fmt(m, 3), fmt(m - d, 3))
+    def pooled(self, path: int) -> Leg:
+        total = Leg()
+        for legs in self.rounds:
+            total.add(legs[path])
+        return total
+
+    def round_ratios(self, path: int) -> list[float]:
+        return [ratio(legs[path].result.tokens_per_s(), legs[DIRECT].result.tokens_per_s()) for legs in self.rounds]
+
+    def quiet_ratios(self, path: int) -> list[float]:
+        quiet = [max(leg.other for leg in legs) < QUIET for legs in self.rounds]
+        return [r for r, alone in zip(self.round_ratios(path), quiet, strict=True) if alone]
+
+    def paired_ms(self, path: int, measure: Callable[[StreamRecord], float | None]) -> list[float]:
+        """``path`` - direct of ``measure`` for each prompt both answered, in ms. At concurrency 1 only, where each
+        prompt went every way back to back: the k-th record of every leg of a round is the same prompt's."""
+        out = []
+        for legs in self.rounds:
+            for direct, other in zip(legs[DIRECT].result.records, legs[path].result.records, strict=True):
+                a, b = measure(direct), measure(other)
+                if a is not None and b is not None:
+                    out.append((b - a) * 1000)
+        return out
+
+    def comparison(self) -> Table:
+        pooled = [self.pooled(i).result for i in range(len(self.paths))]
+        headers = ["metric", "direct"]
+        for path in self.paths[1:]:
+            headers += [path.label, f"{path.label} - direct", f"{path.label} / direct"]
+        table = Table(headers)
+        measures: list[tuple[str, Callable[[LoadResult], float]]] = [
+            ("TTFT p50 ms", lambda r: percentile(r.ttfts_ms(), 50)),
+            ("TTFT p99 ms", lambda r: percentile(r.ttfts_ms(), 99)),
+            ("ITL p50 ms", lambda r: percentile(r.itls_ms(), 50)),
+            ("ITL p99 ms", lambda r: percentile(r.itls_ms(), 99)),
+            ("output tokens/s", LoadResult.tokens_per_s),
+            ("tokens per request", lambda r: r.tokens / max(1, len(r.records))),
+        ]
+        for name, measure in measures:
+            base, *others = (measure(result) for result in pooled)
+            cells = [fmt(base)]
+            for value in others:
+                cells += [fmt(value), fmt(value - base), fmt(ratio(value, base), 3)]
+            table.add(name, *cells)
+        cells = [f"{len(result.records)} ({result.errors})" for result in pooled]
+        table.add("requests (errors)", cells[0], *(cell for c in cells[1:] for cell in (c, "-", "-")))
         return table
 
     def round_table(self) -> Table:
-        headers = ["round", "direct tok/s", "qmesh tok/s", "qmesh / direct", "TTFT p50 ms (d / q)"]
-        table = Table([*headers, "other programs' cores (d / q)"])
-        for i, r in enumerate(self.rounds, 1):
-            ttft = f"{fmt(percentile(r.direct.ttfts_ms(), 50))} / {fmt(percentile(r.mesh.ttfts_ms(), 50))}"
-            other = f"{r.direct_other:.2f} / {r.mesh_other:.2f}"
-            table.add(i, fmt(r.direct.tokens_per_s(), 1), fmt(r.mesh.tokens_per_s(), 1), fmt(r.ratio, 3), ttft, other)
+        meshes = self.paths[1:]
+        every, workers = " / ".join(p.short for p in self.paths), " / ".join(p.short for p in meshes)
+        headers = ["round", *(f"{p.label} tok/s" for p in self.paths), *(f"{p.label} / direct" for p in meshes)]
+        headers += [f"TTFT p50 ms ({every})", f"worker ms CPU/token ({workers})", f"other programs' cores ({every})"]
+        table = Table(headers)
+        for i, legs in enumerate(self.rounds, 1):
+            direct = legs[DIRECT].result.tokens_per_s()
+            table.add(
+                i,
+                *(fmt(leg.result.tokens_per_s(), 1) for leg in legs),
+                *(fmt(ratio(leg.result.tokens_per_s(), direct), 3) for leg in legs[1:]),
+                " / ".join(fmt(percentile(leg.result.ttfts_ms(), 50)) for leg in legs),
+                " / ".join(fmt(leg.ms_per_token(WORKER), 3) for leg in legs[1:]),
+                " / ".join(f"{leg.other:.2f}" for leg in legs),
+            )
+        return table
+
+    def cpu_table(self) -> Table:
+        """CPU milliseconds per output token of each process, on each path: where the machine's cores went."""
+        legs = [self.pooled(i) for i in range(len(self.paths))]
+        headers = ["process", "direct ms CPU/token"]
+        for path in self.paths[1:]:
+            headers += [f"{path.label} ms CPU/token", f"{path.label} - direct"]
+        table = Table(headers)
+        for name, roles in [*((role, [role]) for role in (*ROLES, IDLE)), ("all", [*ROLES, IDLE])]:
+            base, *others = (leg.ms_per_token(*roles) for leg in legs)
+            table.add(name, fmt(base, 3), *(cell for value in others for cell in (fmt(value, 3), fmt(value - base, 3))))
         return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=2, help="slots of the worker (one thread) and the direct server")
     parser.add_argument("--cpu-threads", type=int, default=rig.default_cpu_threads(), help="llama-server threads")
-    parser.add_argument("--rounds", type=int, default=8, help="direct/mesh round pairs per concurrency")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per concurrency (each path once or more)")
     parser.add_argument("--requests", type=int, default=4, help="requests per round at concurrency 1")
     parser.add_argument("--max-tokens", type=int, default=96, help="tokens generated per request")
+    parser.add_argument("--ref", default=None, help="also run the worker of this git ref, interleaved (before/after)")
 
 
 def quick(args: argparse.Namespace) -> None:
     args.rounds, args.requests, args.max_tokens = 3, 3, 48
 
 
-def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Pair]:
-    """Rounds in ABBA order at concurrency 1 and at slots; at saturation 2 requests per slot."""
-    pairs = []
+def order(load: int, paths: int) -> list[int]:
+    """The order of the paths for the load-th load: rotated every two loads, mirrored every other one (AB BA BA AB,
+    ABC CBA BCA ACB CAB BAC), so each path takes each place equally often and a steady drift in the machine's speed
+    cancels within every mirrored pair."""
+    start = (load // 2) % paths
+    ring = [*range(start, paths), *range(start)]
+    return ring[::-1] if load % 2 else ring
+
+
+def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Series]:
+    """Rounds at concurrency 1 and at slots (there 2 requests per slot), every path in each, in rotating order."""
+    paths = load_paths(r)
+    meter = procs.CpuMeter({pid for path in paths for pid in path.pids.values()})
+    out = []
     offset = 0
     for concurrency in sorted({1, args.slots}):
-        pair = Pair(concurrency)
-        direct, mesh = DirectLoad(r.base_url, concurrency), MeshLoad(r.endpoint, rig.MODEL, concurrency)
-        meter = procs.CpuMeter(dict(zip(ROLES, r.role_pids(), strict=True)))
+        series = Series(concurrency, paths)
+        loads = [path.load(concurrency) for path in paths]
         try:
             warm = prompts(concurrency, offset=10_000 + concurrency)  # connections, first-request costs
-            direct.run(warm, 8)
-            mesh.run(warm, 8)
+            for load in loads:
+                load.run(warm, 8)
             count = args.requests if concurrency == 1 else max(args.requests, 2 * concurrency)
+            done = 0  # loads run at this concurrency, for their order
             for _ in range(args.rounds):
                 texts = prompts(count, offset)
                 offset += count
-                # At concurrency 1 each prompt goes both ways back to back (a pair per request); at saturation
-                # each path runs the whole round. Either way in ABBA order: a machine whose speed drifts during
-                # the run (turbo, neighbours of a VM) favours neither path.
+                # At concurrency 1 each prompt goes every way back to back (a set per request); at saturation each
+                # path runs the whole round. Either way in rotating order: a machine whose speed drifts during the
+                # run (turbo, neighbours of a VM) favours no path.
                 batches = [[text] for text in texts] if concurrency == 1 else [texts]
-                d, m = LoadResult(), LoadResult()
-                d_other: list[float] = []  # cores other programs used, per half
-                m_other: list[float] = []
-                halves = [(direct, d, d_other, pair.direct_cpu), (mesh, m, m_other, pair.mesh_cpu)]
+                legs = [Leg() for _ in paths]
                 for batch in batches:
-                    flip = (len(pair.rounds) + len(d.records)) % 2 == 1
-                    for load, result, other_cores, cpu_total in reversed(halves) if flip else halves:
-                        other, cpu = procs.OtherLoad(), meter.reading()
-                        result.extend(load.run(batch, args.max_tokens))
-                        other_cores.append(other.cores())
-                        _accumulate(cpu_total, meter.used(cpu, meter.reading()))
-                if concurrency == 1:
-                    pair.ttft_pairs += zip(d.records, m.records, strict=True)
-                pair.direct.extend(d)
-                pair.mesh.extend(m)
-                pair.rounds.append(Round(d, m, max(d_other), max(m_other)))
-                print(f"overhead: concurrency {concurrency}: " + " | ".join(pair.round_table().rows[-1]), flush=True)
+                    for i in order(done, len(paths)):
+                        legs[i].add(_measure(loads[i], paths[i], meter, batch, args.max_tokens))
+                    done += 1
+                series.rounds.append(legs)
+                print(f"overhead: concurrency {concurrency}: " + " | ".join(series.round_table().rows[-1]), flush=True)
         finally:
-            direct.close()
-            mesh.close()
-        pairs.append(pair)
-    return pairs
-
-
-def _paired_ms(
-    pairs: list[tuple[StreamRecord, StreamRecord]], measure: Callable[[StreamRecord], float | None]
-) -> list[float]:
-    """mesh - direct of ``measure`` for each request both paths answered, in ms."""
-    out = []
-    for direct, mesh in pairs:
-        a, b = measure(direct), measure(mesh)
-        if a is not None and b is not None:
-            out.append((b - a) * 1000)
+            for load in loads:
+                load.close()
+        out.append(series)
     return out
 
 
-def _accumulate(total: dict[str, float], used: dict[str, float]) -> None:
-    for role, seconds in used.items():
-        total[role] = total.get(role, 0.0) + seconds
+def _measure(
+    load: DirectLoad | MeshLoad, path: LoadPath, meter: procs.CpuMeter, batch: list[str], max_tokens: int
+) -> Leg:
+    other, before = procs.OtherLoad(), meter.reading()
+    result = load.run(batch, max_tokens)
+    cores, used = other.cores(), meter.used(before, meter.reading())
+    own = set(path.pids.values())
+    cpu = {role: used[pid] for role, pid in path.pids.items()}
+    cpu[IDLE] = sum(seconds for pid, seconds in used.items() if pid not in own)
+    return Leg(result, cpu, cores)
 
 
-def comparison(pair: Pair) -> Table:
-    d, m = pair.direct, pair.mesh
-    table = Table(["metric", "direct", "qmesh", "qmesh - direct", "qmesh / direct"])
-    rows = [
-        ("TTFT p50 ms", percentile(d.ttfts_ms(), 50), percentile(m.ttfts_ms(), 50)),
-        ("TTFT p99 ms", percentile(d.ttfts_ms(), 99), percentile(m.ttfts_ms(), 99)),
-        ("ITL p50 ms", percentile(d.itls_ms(), 50), percentile(m.itls_ms(), 50)),
-        ("ITL p99 ms", percentile(d.itls_ms(), 99), percentile(m.itls_ms(), 99)),
-        ("output tokens/s", d.tokens_per_s(), m.tokens_per_s()),
-        ("tokens per request", d.tokens / max(1, len(d.records)), m.tokens / max(1, len(m.records))),
-    ]
-    for name, a, b in rows:
-        table.add(name, fmt(a), fmt(b), fmt(b - a), f"{fmt(ratio(b, a), 3)}")
-    table.add("requests (errors)", f"{len(d.records)} ({d.errors})", f"{len(m.records)} ({m.errors})", "-", "-")
-    return table
+def figures(all_series: list[Series], path: int, slots: int) -> dict[str, Any]:
+    """One path's figures against direct: added TTFT at concurrency 1, tokens/s at saturation, CPU per token."""
+    single = next(s for s in all_series if s.concurrency == 1)
+    saturated = next(s for s in all_series if s.concurrency == slots)
+    net = single.paired_ms(path, lambda r: r.ttft_beyond_prompt)
+    raw = single.paired_ms(path, lambda r: r.ttft)
+    ttft_p50 = [percentile(single.pooled(i).result.ttfts_ms(), 50) for i in (DIRECT, path)]
+    out: dict[str, Any] = {
+        "added_ttft_ms": net,
+        "added_ttft_p50_ms": percentile(net, 50),
+        "added_ttft_p50_ms_with_prompt_time": percentile(raw, 50),
+        "added_ttft_ms_with_prompt_time": raw,
+        "added_ttft_p50_ms_pooled": ttft_p50[1] - ttft_p50[0],
+        "tokens_ratio_saturation": ratio(
+            saturated.pooled(path).result.tokens_per_s(), saturated.pooled(DIRECT).result.tokens_per_s()
+        ),
+        "tokens_ratios_saturation": saturated.round_ratios(path),
+        "tokens_ratio_saturation_round_median": median(saturated.round_ratios(path)),
+        "tokens_ratio_saturation_quiet_median": median(saturated.quiet_ratios(path)),
+        "quiet_rounds_saturation": len(saturated.quiet_ratios(path)),
+    }
+    for name, series in (("c1", single), ("saturation", saturated)):
+        out[f"worker_ms_per_token_{name}"] = series.pooled(path).ms_per_token(WORKER)
+        out[f"worker_ms_per_token_{name}_rounds"] = [legs[path].ms_per_token(WORKER) for legs in series.rounds]
+        out[f"llama_server_ms_per_token_{name}"] = series.pooled(path).ms_per_token(LLAMA)
+    return out
 
 
-def goals(pairs: list[Pair], slots: int) -> tuple[list[str], dict[str, float]]:
-    lines, data = [], {}
-    single = next(p for p in pairs if p.concurrency == 1)
-    pooled_added = percentile(single.mesh.ttfts_ms(), 50) - percentile(single.direct.ttfts_ms(), 50)
-    raw = _paired_ms(single.ttft_pairs, lambda r: r.ttft)
-    net = _paired_ms(single.ttft_pairs, lambda r: r.ttft_beyond_prompt)
-    added = percentile(net, 50)
-    data["added_ttft_p50_ms"] = added
-    data["added_ttft_p50_ms_with_prompt_time"] = percentile(raw, 50)
-    data["added_ttft_p50_ms_pooled"] = pooled_added
+def goals(all_series: list[Series], slots: int) -> tuple[list[str], dict[str, Any]]:
+    """The verdicts on the working tree's mesh path, and its figures."""
+    data = figures(all_series, MESH, slots)
+    net, raw = data["added_ttft_ms"], data["added_ttft_ms_with_prompt_time"]
+    added = data["added_ttft_p50_ms"]
     verdict = "met" if added <= GOAL_ADDED_TTFT_MS else "NOT met"
-    lines.append(
+    lines = [
         f"goal: added TTFT p50 at concurrency 1 <= {GOAL_ADDED_TTFT_MS:g} ms: {added:.2f} ms, {verdict}. That is the "
-        f"median of {len(net)} per-request differences (each prompt sent both ways back to back) of TTFT less "
+        f"median of {len(net)} per-request differences (each prompt sent every way back to back) of TTFT less "
         f"llama-server's own prompt time (its timings.prompt_ms), which varies by several ms from request to "
         f"request on either path; p25-p75 {fmt(percentile(net, 25))} to {fmt(percentile(net, 75))} ms. "
         f"With the prompt time left in: median {fmt(percentile(raw, 50))} ms (p25-p75 {fmt(percentile(raw, 25))} "
-        f"to {fmt(percentile(raw, 75))}); difference of the pooled TTFT p50s {pooled_added:.2f} ms"
-    )
-    saturated = next(p for p in pairs if p.concurrency == slots)
-    pooled = ratio(saturated.mesh.tokens_per_s(), saturated.direct.tokens_per_s())
-    ratios = [r.ratio for r in saturated.rounds]
-    quiet = [r.ratio for r in saturated.rounds if r.quiet]
-    data["tokens_ratio_saturation"] = pooled
-    data["tokens_ratio_saturation_round_median"] = median(ratios)
-    data["tokens_ratio_saturation_quiet_median"] = median(quiet)
+        f"to {fmt(percentile(raw, 75))}); difference of the pooled TTFT p50s {data['added_ttft_p50_ms_pooled']:.2f} ms"
+    ]
+    pooled, ratios = data["tokens_ratio_saturation"], data["tokens_ratios_saturation"]
     verdict = "met" if pooled >= GOAL_TOKENS_RATIO else "NOT met"
     lines.append(
         f"goal: tokens/s through QMesh >= {GOAL_TOKENS_RATIO:g}x direct at saturation (concurrency {slots}): "
         f"{pooled:.3f}x pooled, {verdict}; median of the rounds {median(ratios):.3f}x "
-        f"(range {min(ratios):.3f}-{max(ratios):.3f}); median of the {len(quiet)} quiet round(s) "
-        f"(other programs < {QUIET:g} cores) {fmt(median(quiet), 3)}x"
+        f"(range {min(ratios):.3f}-{max(ratios):.3f}); median of the {data['quiet_rounds_saturation']} quiet "
+        f"round(s) (other programs < {QUIET:g} cores) {fmt(data['tokens_ratio_saturation_quiet_median'], 3)}x"
     )
     return lines, data
+
+
+def before_after(all_series: list[Series], ref: str, slots: int) -> tuple[Table, dict[str, Any]]:
+    """The worker of ``ref`` against the working tree's, side by side (same broker code, same run, interleaved).
+
+    Next to each CPU figure, the spread of the per-round figures, and of the per-round differences (each round ran
+    both workers): what a difference must exceed to be more than noise."""
+    before, after = figures(all_series, REF, slots), figures(all_series, MESH, slots)
+    table = Table(["measure", f"worker @ {ref}", "worker (working tree)", "working tree - ref"])
+    for name, series in (("concurrency 1", "c1"), (f"saturation (concurrency {slots})", "saturation")):
+        key = f"worker_ms_per_token_{series}"
+        b, a = before[key], after[key]
+        table.add(
+            f"worker (Python) ms CPU/token, {name}", fmt(b, 3), fmt(a, 3), f"{fmt(a - b, 3)} ({ratio(a, b) - 1:+.1%})"
+        )
+        rounds_b, rounds_a = before[f"{key}_rounds"], after[f"{key}_rounds"]
+        deltas = [y - x for x, y in zip(rounds_b, rounds_a, strict=True)]
+        spreads = _spread(rounds_b), _spread(rounds_a), _spread(deltas)
+        table.add(f"the same per round, {name}: median (range); last column: the rounds' differences", *spreads)
+        key = f"llama_server_ms_per_token_{series}"
+        table.add(
+            f"its llama-server ms CPU/token, {name}",
+            fmt(before[key], 3),
+            fmt(after[key], 3),
+            fmt(after[key] - before[key], 3),
+        )
+    table.add(
+        "tokens/s / direct at saturation, pooled (range of rounds)",
+        _ratio_cell(before),
+        _ratio_cell(after),
+        fmt(after["tokens_ratio_saturation"] - before["tokens_ratio_saturation"], 3),
+    )
+    table.add(
+        "added TTFT p50 ms at concurrency 1 (p25-p75), prompt time netted out",
+        _ttft_cell(before),
+        _ttft_cell(after),
+        fmt(after["added_ttft_p50_ms"] - before["added_ttft_p50_ms"]),
+    )
+    return table, {"ref": ref, **before}
+
+
+def _spread(values: list[float]) -> str:
+    return f"{fmt(median(values), 3)} ({fmt(min(values), 3)} to {fmt(max(values), 3)})" if values else "-"
+
+
+def _ratio_cell(data: dict[str, Any]) -> str:
+    ratios = data["tokens_ratios_saturation"]
+    return f"{fmt(data['tokens_ratio_saturation'], 3)}x ({fmt(min(ratios), 3)}-{fmt(max(ratios), 3)})"
+
+
+def _ttft_cell(data: dict[str, Any]) -> str:
+    net = data["added_ttft_ms"]
+    return f"{fmt(percentile(net, 50))} ({fmt(percentile(net, 25))} to {fmt(percentile(net, 75))})"
 
 
 def run(args: argparse.Namespace, command: str) -> Section:
@@ -213,17 +344,23 @@ def run(args: argparse.Namespace, command: str) -> Section:
         "max_tokens": args.max_tokens,
         "sampling": "greedy, raw prompt",
     }
+    if args.ref:
+        section.settings["also the worker of"] = args.ref
     with procs.Processes() as ps:
-        r = rig.start(ps, args.slots, args.cpu_threads)
-        pairs = interleave(r, args)
-        warnings = procs.warnings_in(r.broker)[0] + procs.warnings_in(r.worker)[0]
-        mesh_floor, zmq_floor = floor.mesh_round_trip(ps, r.endpoint), floor.zmq_round_trip(ps)
-    for pair in pairs:
-        label = "concurrency 1" if pair.concurrency == 1 else f"saturation: concurrency {pair.concurrency} = slots"
-        section.table(label, comparison(pair))
-        section.table(f"{label}, round by round", pair.round_table())
-        section.table(f"{label}, CPU per output token of each process", pair.cpu_table())
-    lines, section.data = goals(pairs, args.slots)
+        r = rig.start(ps, args.slots, args.cpu_threads, args.ref)
+        all_series = interleave(r, args)
+        warnings = sum(procs.warnings_in(child)[0] for child in r.children())
+        mesh_floor, zmq_floor = floor.mesh_round_trip(ps, r.mesh.endpoint), floor.zmq_round_trip(ps)
+    for series in all_series:
+        c = series.concurrency
+        label = "concurrency 1" if c == 1 else f"saturation: concurrency {c} = slots"
+        section.table(label, series.comparison())
+        section.table(f"{label}, round by round", series.round_table())
+        section.table(f"{label}, CPU per output token of each process", series.cpu_table())
+    lines, section.data = goals(all_series, args.slots)
+    if args.ref:
+        table, section.data["ref"] = before_after(all_series, args.ref, args.slots)
+        section.table(f"before/after: the worker of {args.ref} against the working tree's", table)
     table = Table(["what (one request at a time, 1 ms apart)", "ms p50 / p90 / p99", "samples"])
     table.add(
         "mesh round trip: SDK -> broker -> instant fake worker -> SDK, first chunk",
@@ -240,14 +377,21 @@ def run(args: argparse.Namespace, command: str) -> Section:
     section.data["zmq_round_trip_p50_ms"] = percentile(zmq_floor, 50)
     section.notes += lines
     section.notes.append(
-        "both llama-servers run with the same command line but the port: "
-        + ("checked" if r.same_sidecar else "NOT the same, see the worker's")
+        "every llama-server runs with the same command line but the port: "
+        + ("checked" if r.same_sidecar else "NOT the same, see the workers'")
         + f" (`{' '.join(r.sidecar_command[1:])}`)"
     )
     section.notes.append(
-        "the mesh path: SDK -> broker process -> worker process (which streams /completion with the raw prompt "
-        "text) -> llama-server; the direct path: /completion with the same text; rounds in ABBA order"
+        "a mesh path: SDK -> broker process -> worker process (which streams /completion with the raw prompt "
+        "text) -> llama-server; the direct path: /completion with the same text; loads in rotating, mirrored order; "
+        "CPU from the scheduler's per-thread nanosecond counts (procs.cpu_seconds)"
     )
+    if args.ref:
+        section.notes.append(
+            f"the {args.ref} path: the working tree's broker (a second instance) and the worker of {args.ref} "
+            f"(its worker/ and common/ exported by git archive, first on PYTHONPATH); round-by-round tables list "
+            f"each path by its initial (d: direct, q: working tree, r: {args.ref})"
+        )
     if warnings:
-        section.notes.append(f"broker and worker logged {warnings} warning(s)")
+        section.notes.append(f"brokers and workers logged {warnings} warning(s)")
     return section

@@ -12,11 +12,13 @@ import math
 import multiprocessing as mp
 import os
 import re
+import resource
 import signal
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,13 @@ def cpu_seconds(pid: int) -> float:
     """CPU time of one process, all its threads (not its children).
 
     psutil's user + system time ticks in 10 ms steps, too coarse for zmq.proxy's short runs; the scheduler's own
-    nanosecond count in /proc/PID/task/*/schedstat is used when the kernel has it.
+    nanosecond count in /proc/PID/task/*/schedstat is used when the kernel has it. That count covers live threads
+    only, so for this process, whose load threads end with each load, getrusage (microseconds, ended threads
+    included) is used instead.
     """
+    if pid == os.getpid():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
     try:
         total = 0
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -86,24 +93,27 @@ class OtherLoad:
 
 
 class CpuMeter:
-    """CPU seconds (user + system, all threads) that each named process used between two readings."""
+    """CPU seconds (all threads, procs.cpu_seconds) that each process used between two readings.
 
-    def __init__(self, processes: dict[str, int]) -> None:
-        self._processes = {name: psutil.Process(pid) for name, pid in processes.items()}
+    The scheduler's nanosecond count, not psutil's 10 ms ticks: a worker spends ~40 ms of CPU on one 96-token
+    request, so ticks would make a round's CPU per token too coarse to compare two workers round by round.
+    """
 
-    def reading(self) -> dict[str, float]:
+    def __init__(self, pids: Iterable[int]) -> None:
+        self._pids = list(pids)
+
+    def reading(self) -> dict[int, float]:
         out = {}
-        for name, process in self._processes.items():
+        for pid in self._pids:
             try:
-                times = process.cpu_times()
-                out[name] = times.user + times.system
+                out[pid] = cpu_seconds(pid)
             except psutil.Error:
-                out[name] = math.nan
+                out[pid] = math.nan
         return out
 
     @staticmethod
-    def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        return {name: after[name] - before[name] for name in before}
+    def used(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+        return {pid: after[pid] - before[pid] for pid in before}
 
 
 class Processes(contextlib.ExitStack):
@@ -116,23 +126,37 @@ class Processes(contextlib.ExitStack):
         self._started = 0
 
     def broker(self, endpoint: str, *args: str, code: Path | None = None, name: str = "broker") -> Child:
-        """The real ``qmesh-broker``; ``code`` runs another version of it (see ``export_broker``)."""
+        """The real ``qmesh-broker``; ``code`` runs another version of it (see ``export``)."""
         command = qmesh_command("qmesh-broker", "--bind", endpoint, "--log-level", "warning", *args)
-        return self.child(name, command, env={"PYTHONPATH": str(code)} if code is not None else None)
+        return self.child(name, command, env=_code_env(code))
 
-    def export_broker(self, ref: str) -> Path:
-        """``broker/`` and ``common/`` of git ``ref`` as an importable ``qmesh`` tree, to compare against the
-        working tree in the same run. On PYTHONPATH it wins over the editable install; the rest still comes
-        from the working tree."""
-        root = self.log_dir / f"ref-{ref.replace('/', '_')}"
+    def export(self, ref: str, *folders: str) -> Path:
+        """``folders`` (``broker``, ``worker``, ``common``) of git ``ref`` as an importable ``qmesh`` tree, to compare
+        against the working tree in the same run. On PYTHONPATH it wins over the editable install; the rest still
+        comes from the working tree."""
+        root = self.log_dir / f"ref-{ref.replace('/', '_')}-{'-'.join(folders)}"
         (root / "qmesh").mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", ref, "broker", "common"], cwd=ROOT, capture_output=True, check=True)
+        archive = subprocess.run(["git", "archive", ref, *folders], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(root / "qmesh")], input=archive.stdout, check=True)
+        # Checked, not assumed: a package missing from the export would silently import the working tree's.
+        where = "import importlib, sys; print(*(importlib.import_module('qmesh.' + f).__file__ for f in sys.argv[1:]))"
+        found = subprocess.run(
+            [sys.executable, "-c", where, *folders],
+            cwd=ROOT,
+            env={**os.environ, **_code_env(root)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        strays = [path for path in found.stdout.split() if not path.startswith(str(root))]
+        if strays:
+            raise RuntimeError(f"the export of {ref} does not shadow the working tree: {strays}")
         return root
 
-    def worker(self, endpoint: str, *args: str, name: str = "worker") -> Child:
+    def worker(self, endpoint: str, *args: str, name: str = "worker", code: Path | None = None) -> Child:
+        """The real ``qmesh-worker``; ``code`` runs another version of it (see ``export``)."""
         command = qmesh_command("qmesh-worker", "--broker", endpoint, "--log-level", "warning", *args)
-        return self.child(name, command, env={"QMESH_HOME": str(self.home)})
+        return self.child(name, command, env={"QMESH_HOME": str(self.home), **_code_env(code)})
 
     def child(self, name: str, command: Sequence[str], env: dict[str, str] | None = None) -> Child:
         self._started += 1
@@ -155,6 +179,10 @@ class Processes(contextlib.ExitStack):
             psutil.Process(process.pid).nice(nice)
         self.callback(_end_process, process)
         return process, results
+
+
+def _code_env(code: Path | None) -> dict[str, str]:
+    return {"PYTHONPATH": str(code)} if code is not None else {}
 
 
 def _fake_workers_main(endpoints: list[str], service: str, plan: FakePlan, stop: Any, results: Any) -> None:

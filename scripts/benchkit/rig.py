@@ -1,13 +1,16 @@
-"""The overhead rig: a broker and a worker (own processes, the real CLIs) and an identical direct llama-server.
+"""The overhead rig: an identical direct llama-server and one or more mesh paths, each a broker and a worker (own
+processes, the real CLIs) with the worker's own llama-server.
 
-"Identical" is checked, not assumed: the worker's llama-server command line must equal the direct one's but
-for the port.
+"Identical" is checked, not assumed: every worker's llama-server command line must equal the direct one's but for
+the port. A mesh path may run the worker of another git ref (``export`` of its ``worker/`` and ``common/``); its
+broker is always the working tree's, so the two mesh paths differ only in the worker.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -60,11 +63,24 @@ def without_port(command: list[str]) -> list[str]:
 
 
 @dataclass
-class Rig:
+class Mesh:
+    """One mesh path: a broker, a worker of it, and that worker's llama-server."""
+
+    label: str
     endpoint: str
     broker: Child
     worker: Child
+
+    def sidecar(self) -> psutil.Process:
+        children = psutil.Process(self.worker.pid).children(recursive=True)
+        assert children, f"the worker of {self.label} has no llama-server"
+        return children[0]
+
+
+@dataclass
+class Rig:
     direct: LlamaProcessManager
+    meshes: list[Mesh]  # the working tree's worker first, then the ref's, if any
     same_sidecar: bool
     sidecar_command: list[str]
 
@@ -72,25 +88,37 @@ class Rig:
     def base_url(self) -> str:
         return self.direct.base_url
 
-    def role_pids(self) -> list[int]:
-        """This process, the broker, the worker, the worker's llama-server, the direct llama-server."""
-        sidecar = self.sidecar_pids()[0]
+    @property
+    def mesh(self) -> Mesh:
+        """The working tree's mesh path."""
+        return self.meshes[0]
+
+    def direct_pid(self) -> int:
         assert self.direct.pid is not None, "the direct llama-server is not running"
-        return [os.getpid(), self.broker.pid, self.worker.pid, sidecar, self.direct.pid]
+        return self.direct.pid
 
-    def sidecar_pids(self) -> list[int]:
-        return [child.pid for child in psutil.Process(self.worker.pid).children(recursive=True)]
+    def children(self) -> list[Child]:
+        return [child for mesh in self.meshes for child in (mesh.broker, mesh.worker)]
 
 
-def start(ps: procs.Processes, slots: int, cpu_threads: int) -> Rig:
-    endpoint = free_endpoint()
-    broker = ps.broker(endpoint)
-    worker = ps.worker(endpoint, *worker_args(slots, cpu_threads))
+def start(ps: procs.Processes, slots: int, cpu_threads: int, ref: str | None = None) -> Rig:
+    """The direct llama-server and the working tree's mesh path; with ``ref`` also a mesh path whose worker is that
+    git ref's. Each mesh path has a broker of its own, so each worker gets exactly its path's requests."""
+    meshes = [_mesh(ps, "qmesh", slots, cpu_threads, None)]
+    if ref is not None:
+        meshes.append(_mesh(ps, f"qmesh @ {ref}", slots, cpu_threads, ps.export(ref, "worker", "common")))
     direct = direct_manager(slots, cpu_threads)
     ps.callback(direct.stop)
     direct.start()
-    wait_for_workers(endpoint, MODEL, 1, 180, watch=[broker, worker])
-    sidecars = psutil.Process(worker.pid).children(recursive=True)
-    theirs = without_port(sidecars[0].cmdline()) if sidecars else []
+    for mesh in meshes:
+        wait_for_workers(mesh.endpoint, MODEL, 1, 180, watch=[mesh.broker, mesh.worker])
     ours = without_port(direct.command())
-    return Rig(endpoint, broker, worker, direct, theirs == ours, ours)
+    same = all(without_port(mesh.sidecar().cmdline()) == ours for mesh in meshes)
+    return Rig(direct, meshes, same, ours)
+
+
+def _mesh(ps: procs.Processes, label: str, slots: int, cpu_threads: int, code: Path | None) -> Mesh:
+    endpoint = free_endpoint()
+    broker = ps.broker(endpoint)
+    worker = ps.worker(endpoint, *worker_args(slots, cpu_threads), code=code)
+    return Mesh(label, endpoint, broker, worker)

@@ -53,11 +53,12 @@ def run(args: argparse.Namespace, command: str) -> Section:
     loads = load_times(args.loads, args.slots, args.cpu_threads)
     with procs.Processes() as ps:
         r = rig.start(ps, args.slots, args.cpu_threads)
-        pairs = overhead.interleave(r, args)
-        worker_rss, sidecar_rss = procs.tree_rss(r.worker.pid)
-        broker_rss, _ = procs.tree_rss(r.broker.pid)
-    single = next(p for p in pairs if p.concurrency == 1)
-    lines, data = overhead.goals(pairs, args.slots)
+        all_series = overhead.interleave(r, args)
+        worker_rss, sidecar_rss = procs.tree_rss(r.mesh.worker.pid)
+        broker_rss, _ = procs.tree_rss(r.mesh.broker.pid)
+    single = next(s for s in all_series if s.concurrency == 1)
+    direct, mesh = single.pooled(overhead.DIRECT).result, single.pooled(overhead.MESH).result
+    lines, data = overhead.goals(all_series, args.slots)
     table = Table(["metric", "seed project (TinyLlama 1.1B, laptop CPU)", "QMesh here (SmolLM2-135M Q4_1)"])
     table.add(
         "model load time (start to healthy)",
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
     table.add(
         "single-stream tokens/s",
         "56 tok/s",
-        f"direct {fmt(single.direct.tokens_per_s(), 1)}, through the mesh {fmt(single.mesh.tokens_per_s(), 1)}",
+        f"direct {fmt(direct.tokens_per_s(), 1)}, through the mesh {fmt(mesh.tokens_per_s(), 1)}",
     )
     table.add(
         "memory (RSS)",
@@ -83,8 +84,8 @@ def run(args: argparse.Namespace, command: str) -> Section:
     )
     section.table("", table)
     section.notes += [
-        f"TTFT p50 at c=1: direct {fmt(percentile(single.direct.ttfts_ms(), 50))} ms, "
-        f"mesh {fmt(percentile(single.mesh.ttfts_ms(), 50))} ms; a short run of `scripts/bench overhead`",
+        f"TTFT p50 at c=1: direct {fmt(percentile(direct.ttfts_ms(), 50))} ms, "
+        f"mesh {fmt(percentile(mesh.ttfts_ms(), 50))} ms; a short run of `scripts/bench overhead`",
         *lines,
     ]
     section.data = {
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace, command: str) -> Section:
         "worker_rss": worker_rss,
         "sidecar_rss": sidecar_rss,
         "broker_rss": broker_rss,
-        "single_stream_direct": single.direct.tokens_per_s(),
-        "single_stream_mesh": single.mesh.tokens_per_s(),
+        "single_stream_direct": direct.tokens_per_s(),
+        "single_stream_mesh": mesh.tokens_per_s(),
         **data,
     }
     return section
