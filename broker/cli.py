@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import signal
 import sys
@@ -11,12 +12,16 @@ import typer
 
 from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker
+from qmesh.broker.routing import POLICIES, RoutingConfig
 from qmesh.broker.security import BrokerSecurity, is_loopback
 from qmesh.common.config import config_option, version_option
 from qmesh.common.errors import ConfigError, QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+DEFAULT_ROUTING = RoutingConfig()
+Routing = enum.Enum("Routing", {name.replace("-", "_"): name for name in POLICIES}, type=str)  # --routing's choices
 
 app = typer.Typer(add_completion=False, help="The QMesh broker: routes prompts from clients to workers (MDP/0.2).")
 
@@ -48,6 +53,36 @@ def run(
     ),
     max_request_bytes: int = typer.Option(
         1024 * 1024, "--max-request-bytes", envvar="QMESH_MAX_REQUEST_BYTES", min=1024, help="Request size limit (413)."
+    ),
+    routing: Routing = typer.Option(
+        Routing.cache_aware,
+        "--routing",
+        envvar="QMESH_ROUTING",
+        help="Where a request runs: on the llama-server that holds the longest prefix of its conversation unless "
+        "load is imbalanced (cache-aware), or on the least loaded (least-loaded).",
+    ),
+    balance_abs_threshold: float = typer.Option(
+        DEFAULT_ROUTING.balance_abs_threshold,
+        "--balance-abs-threshold",
+        envvar="QMESH_BALANCE_ABS_THRESHOLD",
+        min=0.0,
+        help="cache-aware: load is imbalanced when the best match runs or awaits more than this many requests "
+        "more than the least loaded free worker ...",
+    ),
+    balance_rel_threshold: float = typer.Option(
+        DEFAULT_ROUTING.balance_rel_threshold,
+        "--balance-rel-threshold",
+        envvar="QMESH_BALANCE_REL_THRESHOLD",
+        min=1.0,
+        help="... and more than this many times as many; then the least loaded gets the request.",
+    ),
+    cache_threshold: float = typer.Option(
+        DEFAULT_ROUTING.cache_threshold,
+        "--cache-threshold",
+        envvar="QMESH_CACHE_THRESHOLD",
+        min=0.0,
+        max=1.0,
+        help="cache-aware: the share of a request's prefix a worker must hold to be preferred.",
     ),
     curve_secret: Path = typer.Option(
         None, "--curve-secret", envvar="QMESH_CURVE_SECRET", help="The broker's key pair (NAME.key_secret): CURVE on."
@@ -86,6 +121,7 @@ def run(
         max_client_requests=max_client_requests,
         max_failovers=max_failovers,
         max_request_bytes=max_request_bytes,
+        routing=RoutingConfig(routing.value, balance_abs_threshold, balance_rel_threshold, cache_threshold),
     )
     try:
         security = _security(bind, curve_secret, allow_workers, allow_clients, insecure)

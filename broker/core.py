@@ -13,19 +13,23 @@ places: a service queue (``worker is None``) or one worker's ``active`` set.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
+from qmesh.broker.routing import POLICIES, TOKENS_PER_BLOCK, Candidate, PrefixIndex, RoutingConfig
 from qmesh.common import protocol as p
 from qmesh.common.bodies import resume_body
+from qmesh.common.prefix import split_hashes
 
 log = logging.getLogger(__name__)
 
 Outgoing = tuple[bytes, list[bytes]]
 
 MAX_SLOTS_PER_WORKER = 1024
+MAX_SESSIONS = 100_000  # sessions remembered (least recently used forgotten first)
+DEFAULT_CONTEXT = 2048  # tokens per slot assumed for a worker that does not announce its context
 
 
 @dataclass(slots=True)
@@ -38,6 +42,7 @@ class BrokerConfig:
     max_request_bytes: int = 1024 * 1024  # request body size limit (413)
     max_client_requests: int = 256  # requests in flight per client connection (429)
     heartbeat_batch: int = 64  # heartbeats sent per tick; a larger round is spread over several loop turns
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     @property
     def worker_ttl(self) -> float:
@@ -57,6 +62,9 @@ class WorkerState:
     health: float = 1.0
     draining: bool = False
     load: dict[str, Any] = field(default_factory=dict)
+    prefixes: PrefixIndex = field(default_factory=lambda: PrefixIndex(1))  # what its llama-server has cached
+    prompt_tokens: int = 0  # prompt tokens of the requests it finished, and how many of those came from cache
+    cached_tokens: int = 0
 
     @property
     def free_slots(self) -> int:
@@ -83,6 +91,8 @@ class FinishedRequest:
     ttft: float | None  # seconds from arrival to the first chunk
     duration: float  # seconds from arrival to the end
     chunks: int
+    prompt_tokens: int = 0  # as the worker's FINAL reports them, and how many came from its prompt cache
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -103,6 +113,9 @@ class RequestState:
     # concatenated: about 25 bytes a token instead of ~65 for a list of bytes objects (decoded only on failover)
     partial_prefix: list[bytes] = field(default_factory=list)  # the frames before the body of a PARTIAL to the client
     failovers: int = 0
+    prefix: list[bytes] = field(default_factory=list)  # the routing hint's prefix block hashes
+    session: str | None = None
+    predicted_blocks: int = 0  # prefix blocks the worker it went to was thought to hold
 
 
 @dataclass(slots=True)
@@ -119,6 +132,9 @@ class BrokerCore:
         self.services: dict[str, ServiceState] = {}
         self.client_requests: dict[bytes, dict[bytes | None, set[bytes]]] = {}
         self.known_services: set[str] = set()
+        self.sessions: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (model, session) -> worker
+        self._routing = self.config.routing
+        self._policy = POLICIES[self._routing.policy]
         self.dropped_messages = 0
         self._last_drop_warning = float("-inf")
         self._worker_ttl = self.config.worker_ttl
@@ -307,6 +323,8 @@ class BrokerCore:
             received_at=now,
         )
         request.partial_prefix = p.client_reply(False, service_name, request_id, [])
+        if message.hint is not None:
+            request.prefix, request.session = split_hashes(message.hint.prefix), message.hint.session
         self.requests[key] = request
         self.client_requests.setdefault(client, {}).setdefault(request_id, set()).add(key)
         service.queue.append(key)
@@ -357,7 +375,7 @@ class BrokerCore:
             return
         request.cancelled = True
         self._unindex_client(request)
-        self._record(request, str(p.CANCELLED))
+        self._record(request, str(p.CANCELLED), {})
         if notify_client and body:
             out.append((request.client, p.client_reply(True, request.service, request.request_id, body)))
         worker = self.workers[request.worker]
@@ -384,6 +402,8 @@ class BrokerCore:
             out.append((identity, p.disconnect((p.BAD_REQUEST, refusal) if message.extended else None)))
             return
         name = info.get("name")
+        context = _positive(info.get("context")) or DEFAULT_CONTEXT
+        capacity = _positive(info.get("prefix_capacity")) or slots * context  # tokens its llama-server can hold
         worker = WorkerState(
             identity=identity,
             service=message.service,
@@ -392,6 +412,7 @@ class BrokerCore:
             name=name if isinstance(name, str) and name else identity.hex(),
             info=info,
             expires_at=now + self.config.worker_ttl,
+            prefixes=PrefixIndex(capacity // TOKENS_PER_BLOCK),
         )
         self.workers[identity] = worker
         self.services.setdefault(message.service, ServiceState()).workers[identity] = None
@@ -489,50 +510,104 @@ class BrokerCore:
     # ------------------------------------------------------------------------------------------ dispatch
 
     def _dispatch(self, service_name: str, out: list[Outgoing]) -> None:
-        """Give queued requests to workers with free slots: least loaded first, healthiest on a tie."""
+        """Give queued requests, oldest first, to workers with free slots, as the routing policy places them.
+
+        A request the policy places to wait for a busy worker stays queued (and counts in that worker's load for
+        the requests after it); the ones after it may still start elsewhere.
+        """
         service = self.services.get(service_name)
-        if service is None:
+        if service is None or not service.queue:
             return
-        while service.queue:
-            best: WorkerState | None = None
-            best_rank: tuple[float, float] = (2.0, 0.0)
-            for identity in service.workers:
-                worker = self.workers[identity]
-                if worker.free_slots <= 0:
-                    continue
-                rank = (len(worker.active) / worker.slots, -worker.health)
-                if rank < best_rank:
-                    best, best_rank = worker, rank
-            if best is None:
-                return
-            request = self.requests[service.queue.popleft()]
-            request.worker = best.identity
-            if request.dispatched_at is None:
-                request.dispatched_at = self._now
-            best.active.add(request.key)
-            out.append((best.identity, p.worker_request(request.key, request.body)))
-            if request.request_id is not None:
-                out.append((request.client, p.client_status(service_name, request.request_id, self._status(request))))
+        workers = [w for w in map(self.workers.__getitem__, service.workers) if not w.draining]
+        free = sum(w.free_slots for w in workers)
+        while free > 0 and self._place_one(service, workers, out):
+            free -= 1  # and look again from the oldest: a request that waited may now have a warm worker free
+
+    def _place_one(self, service: ServiceState, workers: list[WorkerState], out: list[Outgoing]) -> bool:
+        """Start the oldest queued request the policy places on a free worker; False if there is none."""
+        waiting: dict[bytes, int] = {}
+        for key in service.queue:
+            request = self.requests[key]
+            placement = self._policy(self._candidates(request, workers, waiting), len(request.prefix), self._routing)
+            if placement is None:
+                return False
+            if placement.wait:
+                waiting[placement.identity] = waiting.get(placement.identity, 0) + 1
+                continue
+            service.queue.remove(key)
+            self._assign(request, self.workers[placement.identity], out)
+            return True
+        return False
+
+    def _candidates(
+        self, request: RequestState, workers: list[WorkerState], waiting: dict[bytes, int]
+    ) -> list[Candidate]:
+        session = self.sessions.get((request.service, request.session)) if request.session is not None else None
+        return [
+            Candidate(
+                w.identity,
+                w.slots,
+                len(w.active),
+                waiting.get(w.identity, 0),
+                w.health,
+                w.prefixes.match(request.prefix) if request.prefix else 0,
+                session=w.identity == session,
+            )
+            for w in workers
+        ]
+
+    def _assign(self, request: RequestState, worker: WorkerState, out: list[Outgoing]) -> None:
+        request.worker = worker.identity
+        if request.dispatched_at is None:
+            request.dispatched_at = self._now
+        worker.active.add(request.key)
+        if request.prefix:  # once it has run there, that llama-server holds the whole prefix
+            request.predicted_blocks = worker.prefixes.match(request.prefix)
+            worker.prefixes.add(request.prefix)
+        if request.session is not None:
+            self.sessions[(request.service, request.session)] = worker.identity
+            self.sessions.move_to_end((request.service, request.session))
+            if len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        out.append((worker.identity, p.worker_request(request.key, request.body)))
+        if request.request_id is not None:
+            out.append((request.client, p.client_status(request.service, request.request_id, self._status(request))))
 
     def _finish(self, request: RequestState, out: list[Outgoing], *body: bytes, notify: bool = True) -> None:
         """Remove a request from every table; send the client its FINAL unless told not to."""
         self.requests.pop(request.key, None)
+        summary = _summary(body)
         if request.worker is not None:
             worker = self.workers.get(request.worker)
             if worker is not None:
                 worker.active.discard(request.key)
+                self._learn(worker, request, summary)
         if not request.cancelled:
             self._unindex_client(request)
-            self._record(request, _outcome(body) if notify else str(p.CANCELLED))
+            self._record(request, _outcome(summary) if notify else str(p.CANCELLED), summary)
         if notify:
             out.append((request.client, p.client_reply(True, request.service, request.request_id, list(body))))
 
-    def _record(self, request: RequestState, outcome: str) -> None:
+    def _learn(self, worker: WorkerState, request: RequestState, summary: dict[str, Any]) -> None:
+        """What the worker's FINAL says of its prompt cache: counted, and a predicted hit that missed shrinks what
+        the broker thinks that llama-server holds (it evicted more than its announced capacity suggests)."""
+        prompt, cached = _prompt_tokens(summary)
+        if not prompt:
+            return
+        worker.prompt_tokens += prompt
+        worker.cached_tokens += cached
+        if request.predicted_blocks and cached < prompt * request.predicted_blocks / len(request.prefix) / 2:
+            worker.prefixes.shrink(0.75)
+
+    def _record(self, request: RequestState, outcome: str, summary: dict[str, Any]) -> None:
         start = request.received_at
         queue_wait = None if request.dispatched_at is None else request.dispatched_at - start
         ttft = None if request.first_chunk_at is None else request.first_chunk_at - start
+        prompt, cached = _prompt_tokens(summary)
         self.finished.append(
-            FinishedRequest(request.service, outcome, queue_wait, ttft, self._now - start, request.chunks)
+            FinishedRequest(
+                request.service, outcome, queue_wait, ttft, self._now - start, request.chunks, prompt, cached
+            )
         )
 
     def _unindex_client(self, request: RequestState) -> None:
@@ -598,6 +673,9 @@ class BrokerCore:
                 "info": w.info,
                 "load": w.load,
                 "last_seen_s": round(max(0.0, self._now - (w.expires_at - ttl)), 3),
+                "prompt_tokens": w.prompt_tokens,
+                "cached_tokens": w.cached_tokens,
+                "cached_prefix_blocks": len(w.prefixes),
             }
             for w in self.workers.values()
         ]
@@ -630,12 +708,29 @@ class BrokerCore:
         assert indexed == live, "client index out of sync"
 
 
-def _outcome(body: tuple[bytes, ...]) -> str:
-    """'ok', or the code of an error FINAL (a plain MDP body counts as ok)."""
+def _summary(body: tuple[bytes, ...]) -> dict[str, Any]:
+    """A FINAL's body as a map: a worker's summary or an error; empty for a plain MDP body."""
     if len(body) != 1:
-        return "ok"
+        return {}
     try:
-        error = p.unpack_map(body[0]).get("error")
+        return p.unpack_map(body[0])
     except p.ProtocolError:
-        return "ok"
+        return {}
+
+
+def _outcome(summary: dict[str, Any]) -> str:
+    """'ok', or the code of an error FINAL (a plain MDP body counts as ok)."""
+    error = summary.get("error")
     return str(error.get("code", "error")) if isinstance(error, dict) else "ok"
+
+
+def _prompt_tokens(summary: dict[str, Any]) -> tuple[int, int]:
+    """(prompt tokens, of which from the prompt cache) as a worker's summary reports them; (0, 0) if it does not."""
+    prompt, cached = summary.get("prompt_tokens"), summary.get("cached_tokens", 0)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, cached)):
+        return 0, 0
+    return prompt, min(cached, prompt)
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

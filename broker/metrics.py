@@ -39,6 +39,13 @@ class BrokerMetrics:
         self.tokens = Counter(
             "qmesh_tokens_generated", "Tokens streamed to clients (a chunk is a token).", ["model"], registry=r
         )
+        self.prompt_tokens = Counter(
+            "qmesh_prompt_tokens",
+            "Prompt tokens of the requests that ended: cached=true came from the llama-server's prompt cache, "
+            "cached=false were evaluated.",
+            ["model", "cached"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "qmesh_queue_wait_seconds",
             "Time from arrival to dispatch to a worker.",
@@ -96,6 +103,9 @@ class BrokerMetrics:
             self.requests.labels(model, record.outcome).inc()
             if record.chunks:
                 self.tokens.labels(model).inc(record.chunks)
+            if record.prompt_tokens:
+                self.prompt_tokens.labels(model, "true").inc(record.cached_tokens)
+                self.prompt_tokens.labels(model, "false").inc(record.prompt_tokens - record.cached_tokens)
             if record.queue_wait is not None:
                 self.queue_wait.labels(model).observe(record.queue_wait)
             if record.ttft is not None:

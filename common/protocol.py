@@ -25,6 +25,8 @@ from typing import Any
 import msgpack
 
 from qmesh.common.errors import QMeshError
+from qmesh.common.prefix import HASH_BYTES as PREFIX_HASH_BYTES
+from qmesh.common.prefix import MAX_BLOCKS as MAX_PREFIX_BLOCKS
 
 CLIENT = b"MDPC02"
 WORKER = b"MDPW02"
@@ -35,6 +37,7 @@ C_PARTIAL = b"\x02"
 C_FINAL = b"\x03"
 # QMesh client extensions (never sent to or expected from a plain MDP client)
 C_XREQUEST = b"\x11"  # client -> broker: service, request-id, body...
+C_HINTED_REQUEST = b"\x16"  # client -> broker: service, request-id, msgpack routing hint, body...
 C_STATUS = b"\x12"  # broker -> client: service, request-id, msgpack status (queued position, dispatched)
 C_CANCEL = b"\x14"  # client -> broker: request-id
 C_CREDIT = b"\x15"  # client -> broker: request-id, credit (4-byte big-endian chunk count)
@@ -66,7 +69,9 @@ QUEUE_TIMEOUT = 504
 
 MAX_SERVICE_LEN = 255
 MAX_REQUEST_ID_LEN = 64
+MAX_SESSION_LEN = 128
 MAX_BODY_BYTES = 8 * 1024 * 1024  # also the sockets' MAXMSGSIZE
+MAX_HINT_BYTES = PREFIX_HASH_BYTES * MAX_PREFIX_BLOCKS
 
 
 class ProtocolError(QMeshError):
@@ -135,6 +140,15 @@ def error_body(code: int, message: str) -> bytes:
 # ------------------------------------------------------------------------------------------------ messages
 
 
+@dataclass(slots=True, frozen=True)
+class RoutingHint:
+    """Where a request would best run: the chained hashes of its conversation's prefix blocks
+    (``common.prefix``), and the session it belongs to, if the client names one."""
+
+    prefix: bytes = b""
+    session: str | None = None
+
+
 @dataclass(slots=True)
 class ClientRequest:
     """A request from a client. ``request_id`` is None for a plain MDP ``REQUEST``."""
@@ -142,6 +156,7 @@ class ClientRequest:
     service: str
     request_id: bytes | None
     body: list[bytes]
+    hint: RoutingHint | None = None
 
 
 @dataclass(slots=True)
@@ -216,6 +231,22 @@ def _credit(frame: bytes) -> int:
     return int.from_bytes(frame, "big")
 
 
+def _hint(frame: bytes) -> RoutingHint:
+    fields = unpack_map(frame)
+    if not fields or set(fields) - {"prefix", "session"}:
+        raise ProtocolError("a routing hint has 'prefix' and/or 'session' and nothing else")
+    prefix, session = fields.get("prefix", b""), fields.get("session")
+    if not isinstance(prefix, bytes) or len(prefix) % PREFIX_HASH_BYTES or len(prefix) > MAX_HINT_BYTES:
+        raise ProtocolError(f"a hint's prefix is up to {MAX_HINT_BYTES} bytes of {PREFIX_HASH_BYTES}-byte hashes")
+    if session is not None and (
+        not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_LEN or not session.isprintable()
+    ):
+        raise ProtocolError(f"a hint's session is 1-{MAX_SESSION_LEN} printable characters")
+    if not prefix and session is None:
+        raise ProtocolError("an empty routing hint")
+    return RoutingHint(prefix, session)
+
+
 def _reply_envelope(frames: list[bytes], command: str) -> tuple[bytes, list[bytes]]:
     if len(frames) < 4 or frames[3] != b"":
         raise ProtocolError(f"worker {command} needs route key, empty frame and body")
@@ -241,6 +272,10 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
             if len(frames) < 4:
                 raise ProtocolError("XREQUEST needs service and request id frames")
             return ClientRequest(_service(frames[2]), _request_id(frames[3]), frames[4:])
+        if command == C_HINTED_REQUEST:
+            if len(frames) < 5:
+                raise ProtocolError("a hinted request needs service, request id and hint frames")
+            return ClientRequest(_service(frames[2]), _request_id(frames[3]), frames[5:], _hint(frames[4]))
         if command == C_CANCEL:
             if len(frames) != 3:
                 raise ProtocolError("CANCEL takes exactly one request id frame")
@@ -326,10 +361,18 @@ def worker_reply(final: bool, route_key: bytes, body: list[bytes]) -> list[bytes
     return [WORKER, W_FINAL if final else W_PARTIAL, route_key, b"", *body]
 
 
-def client_request(service: str, body: list[bytes], request_id: bytes | None = None) -> list[bytes]:
+def client_request(
+    service: str, body: list[bytes], request_id: bytes | None = None, hint: RoutingHint | None = None
+) -> list[bytes]:
+    """REQUEST (no id), XREQUEST (an id) or, with a routing hint that says anything, a hinted request."""
     if request_id is None:
         return [CLIENT, C_REQUEST, service.encode(), *body]
-    return [CLIENT, C_XREQUEST, service.encode(), request_id, *body]
+    if hint is None or not hint.prefix and hint.session is None:
+        return [CLIENT, C_XREQUEST, service.encode(), request_id, *body]
+    fields: dict[str, Any] = {"prefix": hint.prefix} if hint.prefix else {}
+    if hint.session is not None:
+        fields["session"] = hint.session
+    return [CLIENT, C_HINTED_REQUEST, service.encode(), request_id, pack(fields), *body]
 
 
 def client_cancel(request_id: bytes) -> list[bytes]:

@@ -25,14 +25,26 @@ bodies = st.lists(st.binary(max_size=32), max_size=3)
 plain_values = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=10))
 maps = st.dictionaries(st.text(min_size=1, max_size=8), plain_values, min_size=1, max_size=4)
 refusals = st.one_of(st.none(), st.tuples(st.integers(100, 599), st.text(max_size=40)))
+hints = st.one_of(
+    st.none(),
+    st.builds(
+        p.RoutingHint,
+        prefix=st.binary(max_size=5).map(lambda b: b * p.PREFIX_HASH_BYTES),
+        session=st.one_of(
+            st.none(), st.text(st.characters(codec="utf-8", categories=["L", "N"]), min_size=1, max_size=9)
+        ),
+    ),
+)
 
 
 # ------------------------------------------------------------------------------ client -> broker, worker -> broker
 
 
-@given(service=services, body=bodies, request_id=st.one_of(st.none(), request_ids))
-def test_client_request(service: str, body: list[bytes], request_id: bytes | None) -> None:
-    assert p.parse_inbound(p.client_request(service, body, request_id)) == p.ClientRequest(service, request_id, body)
+@given(service=services, body=bodies, request_id=st.one_of(st.none(), request_ids), hint=hints)
+def test_client_request(service: str, body: list[bytes], request_id: bytes | None, hint: p.RoutingHint | None) -> None:
+    frames = p.client_request(service, body, request_id, hint)
+    sent = hint if request_id is not None and hint is not None and (hint.prefix or hint.session) else None
+    assert p.parse_inbound(frames) == p.ClientRequest(service, request_id, body, sent)
 
 
 @given(request_id=request_ids, credit=credits)
@@ -96,7 +108,7 @@ def test_client_status(service: str, request_id: bytes, status: dict[str, Any]) 
 
 def _rebuild_inbound(message: p.InboundMessage) -> list[bytes]:
     if isinstance(message, p.ClientRequest):
-        return p.client_request(message.service, message.body, message.request_id)
+        return p.client_request(message.service, message.body, message.request_id, message.hint)
     if isinstance(message, p.ClientCancel):
         return p.client_cancel(message.request_id)
     if isinstance(message, p.ClientCredit):
@@ -129,7 +141,7 @@ def _rebuild_for_client(message: p.BrokerToClient) -> list[bytes]:
 
 
 _valid = st.one_of(
-    st.builds(p.client_request, services, bodies, st.one_of(st.none(), request_ids)),
+    st.builds(p.client_request, services, bodies, st.one_of(st.none(), request_ids), hints),
     st.builds(p.client_cancel, request_ids),
     st.builds(p.client_credit, request_ids, credits),
     st.builds(p.ready, services, st.one_of(st.none(), maps)),

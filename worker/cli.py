@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import typer
 
 from qmesh.common.config import (
@@ -51,6 +52,15 @@ def run(
     ),
     ctx_size: int = typer.Option(2048, "--ctx-size", envvar="QMESH_CTX_SIZE", min=128, help="Context tokens per slot."),
     gpu_layers: int = typer.Option(0, "--gpu-layers", envvar="QMESH_GPU_LAYERS", min=0, help="Layers to offload."),
+    cache_ram: int = typer.Option(
+        None,
+        "--cache-ram",
+        envvar="QMESH_CACHE_RAM",
+        min=0,
+        help="MiB of host memory per llama-server for prompts that left its slots, so a conversation that comes "
+        "back is not evaluated again (default: a quarter of the memory available at start, shared by the "
+        "threads, at most 8192; 0: none).",
+    ),
     cpu_threads: int = typer.Option(
         None,
         "--cpu-threads",
@@ -102,6 +112,7 @@ def run(
         ctx_size=ctx_size,
         gpu_layers=gpu_layers,
         cpu_threads=cpu_threads or max(1, (os.cpu_count() or 1) // threads),
+        cache_ram=default_cache_ram(threads) if cache_ram is None else cache_ram,
         heartbeat_interval=heartbeat_ms / 1000,
         liveness=liveness,
         grace=grace,
@@ -126,6 +137,13 @@ def run(
     for failure in failures:
         typer.echo(f"qmesh-worker: {failure}", err=True)
     raise typer.Exit(1 if failures else 0)
+
+
+def default_cache_ram(threads: int) -> int:
+    """What the machine can spare for prompt caches: a quarter of the memory available now, split between the
+    worker's llama-servers, at most llama-server's own default (8192 MiB) each. llama-server takes it as used."""
+    spare = psutil.virtual_memory().available // 4 // 2**20
+    return min(8192, spare // threads)
 
 
 def main() -> None:

@@ -196,6 +196,7 @@ class Generation:
             finish_reason=finish_reason,
             tokens=len(self.delivered),
             prompt_tokens=prompt_tokens,
+            cached_tokens=int(timings.get("cache_n", 0)),  # prompt tokens llama-server took from its cache
             failovers=self.request.failovers,
             pauses=self.pauses,
             worker=self.worker_name,

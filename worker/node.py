@@ -37,6 +37,7 @@ from qmesh.worker.core import (
     WorkerCore,
 )
 from qmesh.worker.generation import Generation, Job
+from qmesh.worker.gguf import kv_bytes_per_token
 from qmesh.worker.http_client import LlamaHttpClient
 from qmesh.worker.link import BrokerLink, Wakeup
 from qmesh.worker.models import ModelFile
@@ -68,6 +69,14 @@ class WorkerSettings:
     worker_id: str = ""
     max_reconnect_delay: float = 30.0
     curve: CurveClientKeys | None = None  # own key pair and the broker's public key, when the broker uses CURVE
+    cache_ram: int = 0  # MiB of host memory for llama-server's prompt cache (0: none)
+
+
+def prefix_capacity(settings: WorkerSettings, context: int) -> int:
+    """Prompt tokens llama-server keeps: its slots' contexts plus what ``cache_ram`` holds of this model's KV."""
+    per_token = kv_bytes_per_token(settings.model.path) if settings.cache_ram > 0 else None
+    cached = settings.cache_ram * 2**20 // per_token if per_token else 0
+    return settings.slots * context + cached
 
 
 class SidecarWatch:
@@ -151,6 +160,7 @@ class WorkerNode(threading.Thread):
             threads=s.cpu_threads,
             load_timeout=s.load_timeout,
             max_restarts=s.max_restarts,
+            extra_args=("--cache-ram", str(s.cache_ram)),
         )
         self._wakeup.open()
         slot_threads = [
@@ -159,8 +169,11 @@ class WorkerNode(threading.Thread):
         try:
             self.manager.start()
             self.watch = SidecarWatch(self.manager)
-            # READY tells the mesh how much fits in one request, as llama-server itself reports it.
-            self.core.config.info["context"] = self.watch.client.slot_context()
+            # READY tells the mesh how much fits in one request, as llama-server itself reports it, and how many
+            # prompt tokens its slots and its host-memory prompt cache hold (what the broker's prefix index tracks).
+            context = self.watch.client.slot_context()
+            self.core.config.info["context"] = context
+            self.core.config.info["prefix_capacity"] = prefix_capacity(s, context)
             for thread in slot_threads:
                 thread.start()
             self._serve()
