@@ -6,6 +6,10 @@ calling ``poll()`` receives whatever the broker sent and files it under its requ
 When the connection to the broker drops (a broker restart), every request in flight is sent again once the
 connection is back: from the start if nothing had arrived, else resumed after the tokens already received.
 
+A broker whose handshake refuses this client (no key, a key not on its list, a wrong broker key) ends every
+request and MMI call with ``BrokerUnreachable`` as soon as ZeroMQ reports it, within milliseconds; a broker that
+is not there is waited for ``connect_timeout``.
+
 Flow control: each request lets the worker send ``window`` chunks ahead; the client grants more as it reads
 them off the socket (in ``poll``). A program that stops polling therefore pauses generation instead of making
 the broker or the worker buffer without bound.
@@ -18,7 +22,7 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +61,26 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(slots=True)
+class MMICall:
+    """A question to the broker's service discovery (8/MMI) in flight; ``poll`` settles it with an answer or an
+    error (the broker's error FINAL, or BrokerUnreachable)."""
+
+    service: str
+    sent_at: float
+    done: bool = False
+    answer: Any = None
+    error: QMeshError | None = None
+
+
+# How each MMI service's FINAL body reads (docs/PROTOCOL.md, section 6).
+_MMI_ANSWERS: dict[str, Callable[[list[bytes]], Any]] = {
+    "mmi.services": lambda body: p.unpack_map(body[0] if body else b""),
+    "mmi.workers": lambda body: p.unpack(body[0] if body else b""),
+    "mmi.service": lambda body: body[:1] == [b"200"],
+}
 
 
 class Request:
@@ -196,10 +220,11 @@ class QMeshClient:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
         self._requests: dict[bytes, Request] = {}
-        self._mmi: dict[bytes, list[bytes] | None] = {}
+        self._mmi: dict[bytes, MMICall] = {}
+        self._curve = curve is not None
         self._connected = False
         self._ever_connected = False
-        self._handshake_error: str | None = None
+        self._handshake_error: str | None = None  # why the last handshake failed, until one succeeds
         self._opened_at = time.monotonic()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -267,6 +292,10 @@ class QMeshClient:
         if len(request.body) > p.MAX_BODY_BYTES:
             size = len(request.body)
             raise QMeshError(f"the request is {size} bytes; the largest message the mesh takes is {p.MAX_BODY_BYTES}")
+        refusal = self._refusal()
+        if refusal is not None:  # the broker will not let this client in: nothing to send it to
+            request._end(refusal)
+            return request
         self._requests[request_id] = request
         self._send(p.client_request(model, [request.body], request_id))
         return request
@@ -301,34 +330,33 @@ class QMeshClient:
 
     def models(self) -> dict[str, dict[str, int]]:
         """Models served right now: ``{name: {"workers", "slots", "busy", "queued"}}``."""
-        return p.unpack_map(self._mmi_call("mmi.services")[0])
+        return self._wait(self._ask("mmi.services"))
 
     def workers(self) -> list[dict[str, Any]]:
-        return p.unpack(self._mmi_call("mmi.workers")[0])
+        return self._wait(self._ask("mmi.workers"))
 
     def has_model(self, model: str) -> bool:
-        return self._mmi_call("mmi.service", model.encode())[0] == b"200"
+        return self._wait(self._ask("mmi.service", model.encode()))
 
-    def _mmi_call(self, service: str, *body: bytes) -> list[bytes]:
+    def _ask(self, service: str, *body: bytes) -> MMICall:
+        """Send an MMI request and return at once; ``poll`` settles the call."""
+        call = MMICall(service, time.monotonic())
+        refusal = self._refusal()
+        if refusal is not None:
+            call.done, call.error = True, refusal
+            return call
         request_id = self._prefix + next(self._ids).to_bytes(8, "big")
-        self._mmi[request_id] = None
+        self._mmi[request_id] = call
         self._send(p.client_request(service, list(body), request_id))
-        deadline = time.monotonic() + self.connect_timeout
-        try:
-            while (reply := self._mmi[request_id]) is None:
-                if time.monotonic() >= deadline:
-                    raise self._unreachable()
-                self.poll(0.2)
-        finally:
-            self._mmi.pop(request_id, None)
-        try:
-            fields = p.unpack_map(reply[0]) if len(reply) == 1 else {}
-        except p.ProtocolError:  # not a map: a plain answer such as mmi.service's b"200"
-            fields = {}
-        error = _error_in(fields)
-        if error is not None:  # the broker refused the call (403: this key is not on the client list)
-            raise error
-        return reply
+        return call
+
+    def _wait(self, call: MMICall) -> Any:
+        """The call's answer once it is settled; raises its error (BrokerUnreachable, or the broker's 403)."""
+        while not call.done:
+            self.poll(0.2)
+        if call.error is not None:
+            raise call.error
+        return call.answer
 
     # ------------------------------------------------------------------------------------------ pump
 
@@ -383,8 +411,9 @@ class QMeshClient:
             reply = p.parse_for_client(frames)
         except p.ProtocolError:
             return
-        if reply.request_id in self._mmi:
-            self._mmi[reply.request_id] = reply.body
+        call = self._mmi.pop(reply.request_id or b"", None)
+        if call is not None:
+            _settle(call, reply.body)
             return
         request = self._requests.get(reply.request_id or b"")
         if request is None:
@@ -402,9 +431,10 @@ class QMeshClient:
     def _drain_monitor(self) -> None:
         while True:
             try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+                message = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self._ever_connected:
                     self._send_again()
@@ -413,7 +443,8 @@ class QMeshClient:
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected = False
             else:
-                self._handshake_error = handshake_failure(event, self.broker) or self._handshake_error
+                failure = handshake_failure(event, self.broker, message["value"], self._curve)
+                self._handshake_error = failure or self._handshake_error
 
     def _send_again(self) -> None:
         """After a reconnection the broker may have lost everything: send each request again, resuming streams."""
@@ -426,25 +457,51 @@ class QMeshClient:
             self._send(p.client_request(request.model, [body], request.id))
 
     def _expire(self, now: float) -> None:
+        refusal = self._refusal()
         for request in list(self._requests.values()):
-            if not request.acknowledged and now - request.sent_at >= self.connect_timeout and not self._connected:
+            if refusal is not None:
+                request._end(refusal)
+            elif not request.acknowledged and now - request.sent_at >= self.connect_timeout and not self._connected:
                 self._send(p.client_cancel(request.id))
-                error = self._unreachable()
-                request._end(MeshError(p.QUEUE_TIMEOUT, str(error)))
+                request._end(self._unreachable())
             elif now >= request.deadline:
                 self._send(p.client_cancel(request.id))
                 request._end(
                     MeshError(p.QUEUE_TIMEOUT, f"no complete answer within {request.deadline - request.sent_at:g} s")
                 )
+        for request_id, call in list(self._mmi.items()):
+            if refusal is not None or now - call.sent_at >= self.connect_timeout:
+                del self._mmi[request_id]
+                call.done, call.error = True, refusal or self._unreachable()
+
+    def _refusal(self) -> BrokerUnreachable | None:
+        """The broker's handshake refused this client (a key it does not list, a wrong broker key, CURVE on one
+        side only): final until a handshake succeeds, so everything fails at once rather than at a timeout."""
+        if self._connected or self._handshake_error is None:
+            return None
+        return BrokerUnreachable(self._handshake_error)
 
     def _unreachable(self) -> BrokerUnreachable:
-        if self._handshake_error is not None:
-            return BrokerUnreachable(self._handshake_error)
         if self._ever_connected:
             return BrokerUnreachable(f"the broker at {self.broker} did not answer within {self.connect_timeout:g} s")
         return BrokerUnreachable(
             f"cannot reach the broker at {self.broker} within {self.connect_timeout:g} s (is qmesh-broker running?)"
         )
+
+
+def _settle(call: MMICall, body: list[bytes]) -> None:
+    """File the broker's FINAL to an MMI call: its answer, or the error the broker sent instead (403)."""
+    call.done = True
+    try:
+        fields = p.unpack_map(body[0]) if len(body) == 1 else {}
+    except p.ProtocolError:  # not a map: a plain answer such as mmi.service's b"200"
+        fields = {}
+    call.error = _error_in(fields)
+    if call.error is None:
+        try:
+            call.answer = _MMI_ANSWERS[call.service](body)
+        except p.ProtocolError as exc:
+            call.error = exc
 
 
 def _error_in(fields: dict[str, Any]) -> MeshError | None:

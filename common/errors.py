@@ -56,5 +56,11 @@ class MeshError(QMeshError):
         self.message = message
 
 
-class BrokerUnreachable(QMeshError):
-    """The broker did not answer within the timeout."""
+class BrokerUnreachable(MeshError):
+    """The broker cannot be reached: nothing accepts the connection, its handshake refused this side's keys, or it
+    did not answer in time. MMI calls raise it; a request it ends carries it as its error, with code 504 (the
+    request got no answer), so a caller that sorts errors by code needs nothing new."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(504, message)  # protocol.QUEUE_TIMEOUT (protocol imports this module)
+        self.args = (message,)  # printed by the commands as is: the code means nothing to a person

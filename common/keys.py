@@ -140,11 +140,24 @@ HANDSHAKE_EVENTS = (
 )
 
 
-def handshake_failure(event: int, broker: str) -> str | None:
-    """What a failed handshake with the broker means, for the person running the command; None if it did not fail."""
+def handshake_failure(event: int, broker: str, value: int = 0, curve: bool | None = None) -> str | None:
+    """What a failed handshake with the broker means, for the person running the command; None if it did not fail.
+
+    ``value`` is the monitor event's value and ``curve`` whether this side uses keys: with both, a mechanism
+    mismatch (one side uses CURVE, the other not) says which side lacks what.
+    """
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"the broker at {broker} refused this key: it is not on the broker's allow-list"
-    if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # the broker could not read our HELLO and hung up
+        return (
+            f"the secure handshake with the broker at {broker} failed: wrong --broker-key (it must be this "
+            "broker's public key file)"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH and curve is False:
+            return f"the broker at {broker} requires CURVE keys: give --curve-secret and --broker-key"
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH and curve:
+            return f"the broker at {broker} does not use CURVE: connect without --curve-secret and --broker-key"
         return (
             f"the secure handshake with the broker at {broker} failed: wrong --broker-key, or the broker "
             "and this side do not agree on using CURVE"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import select
 import shutil
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +142,36 @@ def test_keys_on_and_off_the_lists(keyring):
         lost = QMeshClient(broker.endpoint, connect_timeout=2, curve=keyring.keys("client", wrong))
         with lost, pytest.raises(BrokerUnreachable, match="wrong --broker-key"):
             lost.models()
+
+
+REFUSALS = {  # how a client gets the broker wrong, and what it is told
+    "no key": "the broker at .* requires CURVE keys",
+    "unlisted key": "refused this key: it is not on the broker's allow-list",
+    "wrong broker key": "wrong --broker-key",
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_client_the_broker_refuses_learns_it_at_once(keyring, case):
+    """ZeroMQ reports each refusal as a handshake event within milliseconds (no key: a mechanism mismatch; an
+    unlisted key: the ZAP handler's 400; a wrong broker key: no detail, retried); none may wait connect_timeout."""
+    _, wrong = generate_keys(keyring.root / "not-the-broker")
+    keys = {"no key": None, "unlisted key": keyring.keys("stranger"), "wrong broker key": keyring.keys("client", wrong)}
+    with BrokerThread(security=keyring.security()) as broker:
+        with QMeshClient(broker.endpoint, connect_timeout=10, curve=keys[case]) as client:
+            start = time.monotonic()
+            request = client.submit("Say hi.", model=MODEL, max_tokens=4)  # in flight when the handshake fails
+            result = request.result()
+            assert isinstance(result.error, BrokerUnreachable), result.error
+            assert re.search(REFUSALS[case], result.error.message), result.error.message
+            with pytest.raises(BrokerUnreachable, match=REFUSALS[case]):
+                client.models()
+            assert time.monotonic() - start < 2, "the refusal waited for the connect timeout"
+        with QMeshClient(broker.endpoint, connect_timeout=10, curve=keys[case]) as client:
+            start = time.monotonic()
+            with pytest.raises(BrokerUnreachable, match=REFUSALS[case]):
+                client.models()  # the first thing asked, before anything else is in flight
+            assert time.monotonic() - start < 2, "the refusal waited for the connect timeout"
 
 
 def test_an_unlisted_worker_never_gets_a_request(keyring):
