@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -32,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest
 from qmesh.common.endpoints import DEFAULT_BROKER
-from qmesh.common.errors import BrokerUnreachable, MeshError, QMeshError
+from qmesh.common.errors import BrokerUnreachable, ConfigError, MeshError, QMeshError
 from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
 
@@ -200,7 +201,12 @@ class Request:
 
 
 class QMeshClient:
-    """A connection to the broker. ``timeout`` bounds each request from send to FINAL."""
+    """A connection to the broker. ``timeout`` bounds each request from send to FINAL.
+
+    CURVE (a broker with keys): ``curve_secret`` and ``broker_key`` are the files ``--curve-secret`` and
+    ``--broker-key`` take (this side's ``NAME.key_secret``, the broker's ``NAME.key``); ``curve`` is the same keys
+    already loaded.
+    """
 
     def __init__(
         self,
@@ -210,8 +216,16 @@ class QMeshClient:
         connect_timeout: float = 10.0,
         window: int = 64,
         curve: CurveClientKeys | None = None,
+        curve_secret: str | Path | None = None,
+        broker_key: str | Path | None = None,
         context: zmq.Context | None = None,
     ) -> None:
+        if curve_secret is not None or broker_key is not None:
+            if curve is not None:
+                raise ConfigError("give either curve= or curve_secret= and broker_key=, not both")
+            if curve_secret is None or broker_key is None:
+                raise ConfigError("curve_secret and broker_key go together: both key files for CURVE, or neither")
+            curve = CurveClientKeys.load(curve_secret, broker_key)
         self.broker = broker
         self.timeout = timeout
         self.window = window

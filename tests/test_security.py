@@ -174,6 +174,26 @@ def test_a_client_the_broker_refuses_learns_it_at_once(keyring, case):
             assert time.monotonic() - start < 2, "the refusal waited for the connect timeout"
 
 
+def test_the_sdk_takes_the_key_files_the_commands_take(keyring):
+    """``curve_secret=`` and ``broker_key=`` are the files of ``--curve-secret`` and ``--broker-key``."""
+    secret, broker_key = keyring.root / "client.key_secret", keyring.broker_public
+    with (
+        BrokerThread(security=keyring.security()) as broker,
+        QMeshClient(broker.endpoint, curve_secret=secret, broker_key=str(broker_key)) as client,
+    ):
+        assert client.models() == {}
+    endpoint = free_endpoint()
+    with pytest.raises(ConfigError, match="curve_secret and broker_key go together"):
+        QMeshClient(endpoint, curve_secret=secret)
+    with pytest.raises(ConfigError, match="curve_secret and broker_key go together"):
+        QMeshClient(endpoint, broker_key=broker_key)
+    with pytest.raises(ConfigError, match="either curve= or curve_secret= and broker_key="):
+        QMeshClient(endpoint, curve=keyring.keys("client"), curve_secret=secret, broker_key=broker_key)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        secret.chmod(0o644)
+        QMeshClient(endpoint, curve_secret=secret, broker_key=broker_key)
+
+
 def test_an_unlisted_worker_never_gets_a_request(keyring):
     with BrokerThread(security=keyring.security()) as broker:
         node = WorkerNode(worker_settings(broker.endpoint, slots=1, curve=keyring.keys("stranger")))
