@@ -7,7 +7,7 @@ against the command's own signature (names, types, ranges) and installs the comm
 before any other option is resolved.
 
 The file (``--config``, ``$QMESH_CONFIG``, else ``config_dir()/qmesh.toml`` when it exists) has one table per
-command; keys are option names with ``_`` or ``-``::
+command; keys are option names with ``_`` or ``-``, and a repeatable option takes a list or one value::
 
     [broker]
     bind = "tcp://0.0.0.0:5555"
@@ -15,7 +15,7 @@ command; keys are option names with ``_`` or ``-``::
 
     [gateway]
     broker = "tcp://10.0.0.1:5555"
-    api_keys = ["sk-one", "sk-two"]
+    api_key = ["sk-one", "sk-two"]
 """
 
 from __future__ import annotations
@@ -41,10 +41,21 @@ else:  # pragma: no cover - Python 3.10
 
 SECTIONS = ("broker", "worker", "client", "gateway", "status")
 NOT_IN_FILE = {"config", "version"}  # options that make no sense in the file itself
+# Old key names still read, per table. deploy/qmesh.toml showed [gateway] api_keys before the key took the option's
+# name (--api-key), so a file copied from it keeps working.
+OLD_NAMES = {"gateway": {"api_keys": "api_key"}}
 
 
 def default_config_path() -> Path:
     return config_dir() / "qmesh.toml"
+
+
+def in_config_dir(name: str) -> str:
+    """Where ``config_dir() / name`` is, in the words --help and the README use: one place, picked by variables."""
+    return (
+        f"$QMESH_HOME/config/{name} if QMESH_HOME is set, otherwise $XDG_CONFIG_HOME/qmesh/{name} "
+        f"(~/.config/qmesh/{name} without XDG_CONFIG_HOME)"
+    )
 
 
 def qmesh_version() -> str:
@@ -83,12 +94,19 @@ def section_defaults(path: Path, section: str, command: typing.Callable[..., Any
         for name, parameter in inspect.signature(command).parameters.items()
         if name not in NOT_IN_FILE
     }
+    old_names = OLD_NAMES.get(section, {})
+    given = {key.replace("-", "_") for key in table}
+    for old, new in old_names.items():
+        if old in given and new in given:
+            raise ConfigError(f"{path}: [{section}] {old} is the old name of {new}: give only {new}")
     defaults: dict[str, Any] = {}
     for key, value in table.items():
-        name = key.replace("-", "_")
+        name = old_names.get(key.replace("-", "_"), key.replace("-", "_"))
         if name not in options:
             known = ", ".join(sorted(options))
             raise ConfigError(f"{path}: [{section}] unknown key '{key}' (known keys: {known})")
+        if typing.get_origin(hints[name]) is list and not isinstance(value, list):
+            value = [value]  # one value of a repeatable option, as on the command line: api_key = "sk-one"
         problem = _check(value, hints[name], options[name])
         if problem:
             raise ConfigError(f"{path}: [{section}] {key}: {problem}")
@@ -147,7 +165,8 @@ def config_option(section: str) -> Any:
         envvar="QMESH_CONFIG",
         is_eager=True,
         callback=load,
-        help=f"TOML config file whose '{section}' table sets defaults (default: {_display(default_config_path())}).",
+        help=f"TOML config file whose '{section}' table sets defaults. Default, read if it exists: "
+        f"{in_config_dir('qmesh.toml')}.",
     )
 
 
@@ -179,9 +198,3 @@ def client_keys_from_options(curve_secret: Path | None, broker_key: Path | None)
     if curve_secret is None or broker_key is None:
         raise ConfigError("--curve-secret and --broker-key go together: give both to use CURVE, or neither")
     return CurveClientKeys.load(curve_secret, broker_key)
-
-
-def _display(path: Path) -> str:
-    home = str(Path.home())
-    text = str(path)
-    return "~" + text[len(home) :] if text.startswith(home + "/") else text

@@ -8,16 +8,24 @@ from typing import Annotated
 
 import typer
 
+from qmesh.common.config import in_config_dir, version_option
 from qmesh.common.errors import ConfigError
 from qmesh.common.paths import config_dir
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="CurveZMQ keys for a secure QMesh.")
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+@app.callback()
+def options(version: bool = version_option()) -> None:
+    """CurveZMQ keys for a secure QMesh."""
 
 
 @app.command()
 def generate(
     name: str = typer.Argument(
-        ..., help="PATH/NAME, or just NAME for the user's config directory (keys/NAME.key and keys/NAME.key_secret)."
+        ...,
+        help="PATH/NAME (writes PATH/NAME.key and PATH/NAME.key_secret), or just NAME for "
+        f"{in_config_dir('keys/NAME')}.",
     ),
     models: str = typer.Option(
         None, "--models", help="Comma-separated models a worker key may serve (written into the key files)."
@@ -40,6 +48,9 @@ def show(path: Annotated[Path, typer.Argument(help="A NAME.key or NAME.key_secre
     """Print the public key in a key file."""
     from qmesh.common.keys import load_public_key
 
+    if not path.exists():  # pyzmq would call it an "invalid certificate file"
+        typer.echo(f"qmesh-keys: {path}: no such key file", err=True)
+        raise typer.Exit(1)
     try:
         typer.echo(load_public_key(path).decode())
     except ConfigError as exc:

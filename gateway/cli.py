@@ -38,11 +38,12 @@ def run(
     broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
-    api_keys: list[str] = typer.Option(  # noqa: B008 (typer declares options in defaults)
+    api_key: list[str] = typer.Option(  # noqa: B008 (typer declares options in defaults)
         None,
         "--api-key",
         envvar="QMESH_API_KEYS",
-        help="Accept only requests with 'Authorization: Bearer KEY'; repeat for several keys (env: comma-separated).",
+        help="Accept only requests with 'Authorization: Bearer KEY'; repeat for several keys (env: comma-separated; "
+        "config file: api_key = a list or one string).",
     ),
     timeout: float = typer.Option(
         300.0, "--timeout", envvar="QMESH_GATEWAY_TIMEOUT", min=0.1, help="Seconds a request may take in all."
@@ -64,7 +65,7 @@ def run(
     bridge = Bridge(broker, timeout=timeout, connect_timeout=connect_timeout, curve=curve)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(bridge, split_keys(api_keys)),
+            create_app(bridge, split_keys(api_key)),
             host=host,
             port=port,
             log_config=None,  # keep our handlers: --log-format applies to uvicorn's records too

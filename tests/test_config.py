@@ -8,23 +8,27 @@ import io
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import requests
 import typer
 from typer.testing import CliRunner
 
+from meshkit import BrokerThread
 from qmesh.broker.cli import app as broker_app
 from qmesh.broker.cli import run as broker_run
 from qmesh.client.cli import run as client_run
 from qmesh.client.status import run as status_run
 from qmesh.common.config import config_option, section_defaults
+from qmesh.common.errors import ConfigError
 from qmesh.common.logs import setup_logging
 from qmesh.gateway.cli import run as gateway_run
-from qmesh.testing import ROOT, free_endpoint
+from qmesh.testing import ROOT, Child, free_endpoint, wait_for
 from qmesh.worker.cli import run as worker_run
 
 COMMANDS = {
@@ -142,15 +146,103 @@ def _app(function) -> typer.Typer:
     return app
 
 
+def test_help_names_the_default_config_file_the_code_reads(tmp_path):
+    """Every command's --help names the same default places, and each is the file read in its situation."""
+    places = ("$QMESH_HOME/config/qmesh.toml", "$XDG_CONFIG_HOME/qmesh/qmesh.toml", "~/.config/qmesh/qmesh.toml")
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{place}`" in readme for place in places), "the README tells the same story"
+    for name, (_, function) in COMMANDS.items():
+        text = " ".join(CliRunner().invoke(_app(function), ["--help"], env={"COLUMNS": "400"}).output.split())
+        for place in places:
+            assert place in text, f"{name} --help does not name {place}"
+    qmesh_home, xdg, home = tmp_path / "qmesh-home", tmp_path / "xdg", tmp_path / "home"
+    for path, broker in [
+        (qmesh_home / "config", "tcp://qmesh-home:1"),
+        (xdg / "qmesh", "tcp://xdg:1"),
+        (home / ".config" / "qmesh", "tcp://home:1"),
+    ]:
+        path.mkdir(parents=True)
+        (path / "qmesh.toml").write_text(f'[client]\nbroker = "{broker}"\n')
+    env = {"QMESH_HOME": str(qmesh_home), "XDG_CONFIG_HOME": str(xdg), "HOME": str(home), "QMESH_CONFIG": None}
+    assert resolved(env=env)["broker"] == "tcp://qmesh-home:1", "QMESH_HOME wins over XDG_CONFIG_HOME"
+    assert resolved(env={**env, "QMESH_HOME": None})["broker"] == "tcp://xdg:1"
+    assert resolved(env={**env, "QMESH_HOME": None, "XDG_CONFIG_HOME": None})["broker"] == "tcp://home:1"
+    (qmesh_home / "config" / "qmesh.toml").unlink()
+    assert resolved(env=env)["broker"] == "tcp://default:1", "with QMESH_HOME set, only its file is read"
+
+
+@pytest.mark.parametrize(
+    ("line", "keys"),
+    [
+        ('api_key = "sk-one"', ["sk-one"]),
+        ('api-key = ["sk-one", "sk-two"]', ["sk-one", "sk-two"]),
+        ('api_keys = ["sk-old"]', ["sk-old"]),  # its old name, in deploy/qmesh.toml before: still read
+    ],
+)
+def test_the_gateway_api_key_is_a_list_or_one_string_under_the_option_name(tmp_path, line, keys):
+    path = tmp_path / "qmesh.toml"
+    path.write_text(f"[gateway]\n{line}\n")
+    assert section_defaults(path, "gateway", gateway_run) == {"api_key": keys}
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ("api_key = 3", "[gateway] api_key: expected a string, got integer 3"),
+        ('api_key = "a"\napi_keys = ["b"]', "[gateway] api_keys is the old name of api_key: give only api_key"),
+    ],
+)
+def test_a_bad_gateway_api_key_is_named(tmp_path, lines, expected):
+    path = tmp_path / "qmesh.toml"
+    path.write_text(f"[gateway]\n{lines}\n")
+    with pytest.raises(ConfigError) as caught:
+        section_defaults(path, "gateway", gateway_run)
+    assert str(caught.value) == f"{path}: {expected}"
+
+
+def test_the_gateway_command_takes_its_api_key_from_the_config_file(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with BrokerThread() as broker:
+        config = tmp_path / "qmesh.toml"
+        config.write_text(f'[gateway]\nbroker = "{broker.endpoint}"\nport = {port}\napi_key = "sk-file"\n')
+        command = [sys.executable, "-m", "qmesh.gateway", "--config", str(config)]
+        gateway = Child("qmesh-gateway", command, tmp_path / "gateway.log", {"QMESH_HOME": str(tmp_path)})
+        try:
+            wait_for(lambda: _answers(f"{url}/health"), 20, "the gateway to serve")
+            assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
+            wrong = requests.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-other"}, timeout=10)
+            assert wrong.status_code == 401
+            right = requests.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-file"}, timeout=10)
+            assert right.status_code == 200 and right.json()["data"] == []  # no worker yet: no model
+        finally:
+            gateway.stop()
+    assert "Application shutdown complete" in gateway.log(), gateway.log_tail()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.ConnectionError:
+        return False
+
+
+def test_gateway_help_names_the_config_key_of_api_key():
+    text = " ".join(CliRunner().invoke(_app(gateway_run), ["--help"], env={"COLUMNS": "400"}).output.split())
+    assert "api_key" in text and "a list or one string" in text
+
+
 def test_the_example_config_in_deploy_is_valid_for_every_command():
     example = ROOT / "deploy" / "qmesh.toml"
     for name, (_, function) in COMMANDS.items():
         assert section_defaults(example, name.removeprefix("qmesh-"), function), f"no [{name}] table"
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted([*COMMANDS, "qmesh-keys"]))
 def test_version_on_every_command(command):
-    module = COMMANDS[command][0]
+    module = COMMANDS[command][0] if command in COMMANDS else "qmesh.common.keys_cli"
     done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"qmesh {version('qmesh')}\n"
