@@ -347,6 +347,8 @@ class JsonlPrinter:
             "model": result.model,
             "worker": result.worker,
             "tokens": result.tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "cached_tokens": result.cached_tokens,
             "ttft_ms": None if result.ttft_ms is None else round(result.ttft_ms, 2),
             "finish_reason": result.finish_reason,
             "failovers": result.failovers,

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import BrokerUnreachable, ConfigError, MeshError, QMeshError
 from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
+from qmesh.common.prefix import conversation_text, prefix_hashes
 
 
 @dataclass(slots=True)
@@ -53,6 +55,7 @@ class Result:
     worker: str | None = None
     tokens: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # of the prompt tokens, how many llama-server took from its prompt cache
     finish_reason: str | None = None
     ttft_ms: float | None = None
     error: MeshError | None = None
@@ -88,12 +91,19 @@ class Request:
     """One request in flight. Iterate it for its chunks; ``result()`` waits for the end."""
 
     def __init__(
-        self, client: QMeshClient, request_id: bytes, model: str, generation: GenerationRequest, timeout: float
+        self,
+        client: QMeshClient,
+        request_id: bytes,
+        model: str,
+        generation: GenerationRequest,
+        timeout: float,
+        hint: p.RoutingHint | None = None,
     ) -> None:
         self.client = client
         self.id = request_id
         self.model = model
         self.generation = generation  # as last sent: a resume after a broker restart replaces it
+        self.hint = hint  # where it would best run (sent again with every resend)
         self.body = generation.to_body()
         self.unacknowledged_chunks = 0  # received but not yet granted back to the worker as credit
         self.resumes = 0  # times this client resumed it after losing the broker
@@ -191,6 +201,7 @@ class Request:
             worker=summary.get("worker") or self.status.get("worker"),
             tokens=tokens if isinstance(tokens, int) else sum(len(c.tokens) for c in self.chunks),
             prompt_tokens=summary.get("prompt_tokens"),
+            cached_tokens=summary.get("cached_tokens"),
             finish_reason=summary.get("finish_reason"),
             ttft_ms=ttft,
             error=error,
@@ -286,8 +297,13 @@ class QMeshClient:
         stop: list[str] | None = None,
         raw: bool = False,
         timeout: float | None = None,
+        session: str | None = None,
     ) -> Request:
-        """Send a request and return at once; iterate the Request or call ``result()``."""
+        """Send a request and return at once; iterate the Request or call ``result()``.
+
+        ``session`` names a conversation: the broker keeps its requests on one llama-server while load allows.
+        Every request also carries its prompt's prefix hashes, so a conversation's next turn goes where its
+        beginning is cached even without a session."""
         generation = GenerationRequest(
             prompt=prompt,
             messages=messages,
@@ -302,7 +318,8 @@ class QMeshClient:
             window=self.window,
         )
         request_id = self._prefix + next(self._ids).to_bytes(8, "big")
-        request = Request(self, request_id, model, generation, self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        request = Request(self, request_id, model, generation, timeout, routing_hint(generation, session))
         if len(request.body) > p.MAX_BODY_BYTES:
             size = len(request.body)
             raise QMeshError(f"the request is {size} bytes; the largest message the mesh takes is {p.MAX_BODY_BYTES}")
@@ -311,7 +328,7 @@ class QMeshClient:
             request._end(refusal)
             return request
         self._requests[request_id] = request
-        self._send(p.client_request(model, [request.body], request_id))
+        self._send(p.client_request(model, [request.body], request_id, request.hint))
         return request
 
     def stream(self, prompt: str | None = None, **options: Any) -> Iterator[Chunk]:
@@ -468,7 +485,7 @@ class QMeshClient:
                 request._end(MeshError(p.WORKER_FAILED, "the connection to the broker was lost mid-stream"))
                 continue
             request.status, request.unacknowledged_chunks = {}, 0
-            self._send(p.client_request(request.model, [body], request.id))
+            self._send(p.client_request(request.model, [body], request.id, request.hint))
 
     def _expire(self, now: float) -> None:
         refusal = self._refusal()
@@ -527,17 +544,20 @@ def _error_in(fields: dict[str, Any]) -> MeshError | None:
 
 
 class Chat:
-    """A conversation: each ``send`` carries the whole history, and the answer joins it once complete."""
+    """A conversation: each ``send`` carries the whole history, and the answer joins it once complete. It is a
+    session of its own (``session``), so its turns stay on the llama-server that holds the history."""
 
     def __init__(self, client: QMeshClient, model: str, system: str | None = None) -> None:
         self.client = client
         self.model = model
         self.system = system
         self.history: list[dict[str, str]] = []
+        self.session = uuid.uuid4().hex
 
     def send(self, message: str, **options: Any) -> Iterator[Chunk]:
         messages = [*self.history, {"role": "user", "content": message}]
         parts: list[str] = []
+        options.setdefault("session", self.session)
         for chunk in self.client.stream(model=self.model, messages=messages, system=self.system, **options):
             parts.append(chunk.text)
             yield chunk
@@ -545,3 +565,9 @@ class Chat:
 
     def ask(self, message: str, **options: Any) -> str:
         return "".join(chunk.text for chunk in self.send(message, **options))
+
+
+def routing_hint(generation: GenerationRequest, session: str | None = None) -> p.RoutingHint:
+    """What the broker routes by: the prefix hashes of the conversation (or of a raw prompt) and the session."""
+    text = (generation.prompt or "") if generation.raw else conversation_text(generation.chat_messages())
+    return p.RoutingHint(prefix_hashes(text), session)

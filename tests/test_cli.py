@@ -124,6 +124,14 @@ def test_batch_answers_in_input_order_as_jsonl(endpoint):
         assert record["error"] is None and record["text"].strip()
         assert record["model"] == MODEL and record["worker"]
         assert record["tokens"] > 0 and record["ttft_ms"] > 0 and record["finish_reason"] in ("stop", "length")
+        assert record["prompt_tokens"] > 0 and 0 <= record["cached_tokens"] <= record["prompt_tokens"]
+
+
+def test_jsonl_reports_the_prompt_tokens_that_came_from_the_cache(endpoint):
+    question = "Read this and say ok. " + "The cat sat on the mat. " * 30
+    done = client(endpoint, "--jsonl", "-c", "1", "--max-tokens", "2", stdin=f"{question}\n{question}\n")
+    first, second = (json.loads(line) for line in done.stdout.splitlines())
+    assert second["cached_tokens"] > first["cached_tokens"] and second["cached_tokens"] > 150
 
 
 def test_text_output_is_the_answers_separated_by_blank_lines(endpoint):
