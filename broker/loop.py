@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -46,6 +48,10 @@ class Broker:
         self._context = context or zmq.Context.instance()
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
+        # A byte on this pair wakes the poll, so a reload does not wait for the next timer (up to a heartbeat).
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
         self.security = security
         self.socket = self._context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -69,18 +75,26 @@ class Broker:
         self._stop.set()
 
     def reload_keys(self) -> None:
-        """Re-read the allow-lists at the next wake-up (SIGHUP); safe to call from a signal handler."""
+        """Re-read the allow-lists at once (SIGHUP); safe to call from a signal handler or from another thread."""
         self._reload_requested.set()
+        with contextlib.suppress(OSError):  # full: a wake-up is already pending; closed: the loop has ended
+            self._wake_writer.send(b"\0")
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._wake_reader, zmq.POLLIN)
         log.info("broker listening on %s", self.endpoint)
         try:
             while not self._stop.is_set():
                 timeout = (self.core.next_wakeup() - time.monotonic()) * 1000
-                if poller.poll(min(MAX_POLL_MS, max(0, timeout))):
+                ready = dict(poller.poll(min(MAX_POLL_MS, max(0, timeout))))
+                if self.socket in ready:
                     self._drain()
+                if self._wake_reader.fileno() in ready:  # pyzmq names a plain socket by its descriptor
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_reader.recv(4096)
+                    self._reload_keys_if_needed()
                 now = time.monotonic()
                 if now >= self.core.next_wakeup():
                     self._send(self.core.tick(now), now)
@@ -89,6 +103,8 @@ class Broker:
                     self.metrics.update(self.core, now)  # once per wake-up, not per message
         finally:
             self.socket.close(linger=0)
+            self._wake_reader.close()
+            self._wake_writer.close()
             if self.security is not None:
                 self.security.stop()
             log.info("broker stopped")

@@ -11,6 +11,8 @@ import time
 
 from meshkit import MODEL, WorkerProcess, run_cli
 from qmesh.client.sdk import QMeshClient
+from qmesh.common import protocol as p
+from qmesh.common.errors import MeshError
 from qmesh.common.keys import CurveClientKeys
 from qmesh.testing import ROOT, Child, free_endpoint, qmesh_command, wait_for
 
@@ -74,3 +76,45 @@ def test_secure_mesh_from_the_command_line_and_key_removal_on_sighup(tmp_path):
     finally:
         worker.kill()
         broker.stop()
+
+
+def test_sighup_admits_and_revokes_a_key_at_once(tmp_path):
+    """The broker's timers are 10 s apart here: a reload that waited for them would take seconds, not at once."""
+    _keys(tmp_path, "broker", "client")
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "clients").mkdir()
+    listed, unlisted = tmp_path / "clients" / "client.key", tmp_path / "client.key"
+    shutil.copy(unlisted, listed)
+    endpoint = free_endpoint()
+    broker = Child("qmesh-broker", qmesh_command(
+        "qmesh-broker", "--bind", endpoint, "--heartbeat-ms", "10000",
+        "--curve-secret", str(tmp_path / "broker.key_secret"),
+        "--allow-workers", str(tmp_path / "workers"), "--allow-clients", str(tmp_path / "clients"),
+    ), tmp_path / "broker.log")  # fmt: skip
+    keys = CurveClientKeys.load(tmp_path / "client.key_secret", tmp_path / "broker.key")
+
+    def allowed(client: QMeshClient) -> bool:
+        try:
+            client.models()
+        except MeshError as exc:
+            assert exc.code == p.FORBIDDEN, exc
+            return False
+        return True
+
+    try:
+        with QMeshClient(endpoint, connect_timeout=20, curve=keys) as client:  # one connection, open throughout
+            assert allowed(client)
+            for admit in (False, True, False):
+                if admit:
+                    shutil.copy(unlisted, listed)
+                else:
+                    listed.unlink()
+                broker.popen.send_signal(signal.SIGHUP)
+                signalled = time.monotonic()
+                change = "admitted" if admit else "revoked"
+                wait_for(lambda admit=admit: allowed(client) is admit, 5, f"the key to be {change}")
+                took = time.monotonic() - signalled
+                assert took < 0.5, f"{change} {took:.2f} s after SIGHUP"
+    finally:
+        broker.stop()
+    assert broker.popen.returncode == 0, broker.log_tail()
