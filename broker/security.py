@@ -15,11 +15,9 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from qmesh.broker.core import Peer
-from qmesh.common.keys import load_keypair, read_allow_list
+from qmesh.common.keys import key_fingerprint, load_keypair, read_allow_list
 
 log = logging.getLogger(__name__)
-
-NOBODY = Peer("unlisted", worker=False, client=False, models=frozenset())
 
 
 class BrokerSecurity:
@@ -67,11 +65,16 @@ class BrokerSecurity:
         """ZAP: admit a connection whose key is on either list."""
         allowed = key.decode() in self._peers
         if not allowed:
-            log.warning("refused a connection from an unlisted key %s", key.decode())
+            log.warning("refused a connection from key %s, which is on no allow-list", key_fingerprint(key))
         return allowed
 
     def peer(self, user_id: str) -> Peer:
-        return self._peers.get(user_id, NOBODY)
+        """What the key ``user_id`` may do; a key no list has (any more) may do nothing, and is named by its
+        fingerprint."""
+        listed = self._peers.get(user_id)
+        if listed is None:
+            return Peer(key_fingerprint(user_id), worker=False, client=False, models=frozenset())
+        return listed
 
     def _directory_stamp(self) -> tuple[float, ...]:
         stamps = []

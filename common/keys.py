@@ -50,6 +50,12 @@ class CurveClientKeys:
         socket.curve_serverkey = self.broker_public
 
 
+def key_fingerprint(public: bytes | str) -> str:
+    """How the broker names a key that is on no list: the first 8 characters of its z85 public key, which its owner
+    finds at the start of the ``public-key`` line of its key files."""
+    return (public.decode() if isinstance(public, bytes) else public)[:8]
+
+
 def generate_keys(prefix: str | Path, models: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``PREFIX.key`` and ``PREFIX.key_secret`` (0600); refuse to overwrite existing keys."""
     prefix = Path(prefix)

@@ -19,7 +19,7 @@ from qmesh.broker.core import Outgoing, Peer
 from qmesh.broker.security import BrokerSecurity, is_loopback
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
-from qmesh.common.errors import BrokerUnreachable, ConfigError
+from qmesh.common.errors import BrokerUnreachable, ConfigError, MeshError
 from qmesh.common.keys import CurveClientKeys, generate_keys, load_keypair, read_allow_list
 from qmesh.testing import free_endpoint, wait_for
 from qmesh.worker.node import WorkerNode
@@ -266,6 +266,28 @@ def test_removing_a_key_takes_effect_without_a_restart(keyring):
             lambda: (r := client.submit("Say hi.", model=MODEL, max_tokens=4).result()).error and r, 10, "refusal"
         )
         assert result.error.code == p.FORBIDDEN
+
+
+def test_the_broker_names_an_unlisted_key_by_its_fingerprint(keyring, caplog):
+    """A revoked client and a stranger are named in the broker's log by the first 8 characters of their public keys,
+    which their owners find in their key files."""
+    revoked, stranger = (load_keypair(keyring.root / f"{name}.key_secret").public for name in ("client", "stranger"))
+    with (
+        BrokerThread(security=keyring.security()) as broker,
+        QMeshClient(broker.endpoint, curve=keyring.keys("client")) as client,
+    ):
+        assert client.models() == {}
+        (keyring.clients / "client.key").unlink()
+        broker.broker.reload_keys()
+        with pytest.raises(MeshError) as refusal:
+            wait_for(lambda: client.models() is None, 2, "the revoked key to be refused")
+        assert refusal.value.code == p.FORBIDDEN
+        with QMeshClient(broker.endpoint, curve=keyring.keys("stranger")) as outsider, pytest.raises(BrokerUnreachable):
+            outsider.models()
+    log = caplog.text
+    assert f"refused a client message from key {revoked[:8].decode()}, which is not on the client list" in log, log
+    assert f"refused a connection from key {stranger[:8].decode()}, which is on no allow-list" in log, log
+    assert "unlisted" not in log and revoked.decode() not in log and stranger.decode() not in log, log
 
 
 def test_key_files(tmp_path):
