@@ -8,7 +8,8 @@ connection is back: from the start if nothing had arrived, else resumed after th
 
 A broker whose handshake refuses this client (no key, a key not on its list, a wrong broker key) ends every
 request and MMI call with ``BrokerUnreachable`` as soon as ZeroMQ reports it, within milliseconds; a broker that
-is not there is waited for ``connect_timeout``.
+is not there is waited for ``connect_timeout`` (it may be starting or restarting). ``known_unreachable`` tells a
+caller that would rather not wait (the gateway) when the client already knows it has no broker.
 
 Flow control: each request lets the worker send ``window`` chunks ahead; the client grants more as it reads
 them off the socket (in ``poll``). A program that stops polling therefore pauses generation instead of making
@@ -250,13 +251,16 @@ class QMeshClient:
         self._connected = False
         self._ever_connected = False
         self._handshake_error: str | None = None  # why the last handshake failed, until one succeeds
+        self._lost: str | None = None  # why there is no connection, once an attempt failed or the connection dropped
         self._opened_at = time.monotonic()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
         if curve is not None:
             curve.apply(self._socket)
-        self._monitor = self._socket.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._socket.get_monitor_socket(
+            HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
         try:
             self._socket.connect(broker)
         except zmq.ZMQError as exc:
@@ -361,7 +365,11 @@ class QMeshClient:
 
     def models(self) -> dict[str, dict[str, int]]:
         """Models served right now: ``{name: {"workers", "slots", "busy", "queued"}}``."""
-        return self._wait(self._ask("mmi.services"))
+        return self._wait(self.refresh_models())
+
+    def refresh_models(self) -> MMICall:
+        """Ask for the model table without waiting: ``poll`` settles the call (``answer``: what ``models`` returns)."""
+        return self._ask("mmi.services")
 
     def workers(self) -> list[dict[str, Any]]:
         return self._wait(self._ask("mmi.workers"))
@@ -470,9 +478,12 @@ class QMeshClient:
                 if self._ever_connected:
                     self._send_again()
                 self._connected = self._ever_connected = True
-                self._handshake_error = None
+                self._handshake_error = self._lost = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected = False
+                self._lost = f"cannot reach the broker at {self.broker}: the connection was lost"
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                self._lost = f"cannot reach the broker at {self.broker}: connecting failed (is qmesh-broker running?)"
             else:
                 failure = handshake_failure(event, self.broker, message["value"], self._curve)
                 self._handshake_error = failure or self._handshake_error
@@ -504,6 +515,15 @@ class QMeshClient:
             if refusal is not None or now - call.sent_at >= self.connect_timeout:
                 del self._mmi[request_id]
                 call.done, call.error = True, refusal or self._unreachable()
+
+    def known_unreachable(self) -> BrokerUnreachable | None:
+        """Why the broker cannot be reached right now, when this client already knows: its handshake refused this
+        client, the last connection attempt failed, or the connection was lost. None while connected, and while the
+        first attempt is still under way (a slow network: only ``connect_timeout`` tells)."""
+        if self._connected:
+            return None
+        reason = self._handshake_error or self._lost
+        return None if reason is None else BrokerUnreachable(reason)
 
     def _refusal(self) -> BrokerUnreachable | None:
         """The broker's handshake refused this client (a key it does not list, a wrong broker key, CURVE on one

@@ -25,8 +25,8 @@ from starlette.routing import Route
 
 from qmesh.client.sdk import Result
 from qmesh.common import protocol as p
-from qmesh.common.errors import MeshError, QMeshError
-from qmesh.gateway.bridge import Bridge, BridgedRequest, Event, fetch_models
+from qmesh.common.errors import MeshError
+from qmesh.gateway.bridge import Bridge, BridgedRequest, Event
 from qmesh.gateway.errors import SERVER, APIError, bad_request, from_mesh, invalid_api_key
 from qmesh.gateway.openai_api import OpenAIRequest, parse_chat, parse_text
 
@@ -56,11 +56,9 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
     async def list_models(request: Request) -> Response:
         authorize(request)
         try:
-            served = await fetch_models(bridge.broker, bridge.connect_timeout, bridge.curve)
-        except MeshError as exc:  # the broker answered with an error (403: the gateway's key is not a client key)
+            served = await bridge.models()
+        except MeshError as exc:  # no broker (503), or its refusal (403: the gateway's key is not a client key)
             raise from_mesh(exc) from exc
-        except QMeshError as exc:
-            raise APIError(503, str(exc), SERVER, None, "broker_unreachable") from exc
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "qmesh"}
             for name, service in sorted(served.items())

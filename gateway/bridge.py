@@ -7,6 +7,10 @@ cancel is acted on at once instead of at the next poll timeout. After each wake-
 chunks and finished results of all its requests to the event loop in one ``call_soon_threadsafe`` batch, where
 they land in each request's ``asyncio.Queue``.
 
+A request (or a model listing) that arrives while the bridge knows it has no broker (a refused or lost connection,
+a refused handshake) fails at once with BrokerUnreachable, a 503: HTTP clients retry a 503 themselves. Requests
+already in flight keep what the SDK gives them (streams resume after a broker restart).
+
 Flow control: the SDK grants the worker credit as chunks reach this thread, not as the HTTP client reads
 them, so a slow HTTP client costs the gateway at most one answer's text in memory (bounded by max_tokens).
 """
@@ -24,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from qmesh.client.sdk import QMeshClient, Request, Result
+from qmesh.client.sdk import MMICall, QMeshClient, Request, Result
 from qmesh.common import protocol as p
 from qmesh.common.errors import MeshError, QMeshError
 from qmesh.common.keys import CurveClientKeys
@@ -36,6 +40,7 @@ _ids = itertools.count()
 
 Event = str | Result  # a text delta, or the end of the generation (``Result.error`` set if it failed)
 Command = Callable[[QMeshClient], None]
+ModelTable = dict[str, dict[str, Any]]
 
 
 class BridgedRequest:
@@ -73,6 +78,7 @@ class Bridge:
         self._context = context or zmq.Context.instance()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._active: dict[bytes, BridgedRequest] = {}
+        self._listings: list[tuple[MMICall, asyncio.Future[ModelTable]]] = []  # model listings awaiting the broker
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._started = threading.Event()
@@ -116,6 +122,15 @@ class Bridge:
             return bridged
         self._call(lambda client: self._submit(client, bridged, options))
         return bridged
+
+    async def models(self) -> ModelTable:
+        """The broker's model table (``QMeshClient.models``), asked on the bridge's connection. Raises
+        BrokerUnreachable, or the broker's MeshError (403: the gateway's key is not on the client list)."""
+        if self._stopping or not self._thread.is_alive():
+            raise MeshError(p.QUEUE_FULL, "the gateway is shutting down")
+        listing: asyncio.Future[ModelTable] = asyncio.get_running_loop().create_future()
+        self._call(lambda client: self._list_models(client, listing))
+        return await listing
 
     def cancel(self, bridged: BridgedRequest) -> None:
         """Stop a generation: the broker tells the worker, which frees its llama-server slot."""
@@ -163,6 +178,8 @@ class Bridge:
             for bridged in self._active.values():
                 if bridged.request is not None and not bridged.request.done:
                     client.cancel(bridged.request)
+            shutdown = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
+            self._listings = [(_failed_listing(shutdown), listing) for _, listing in self._listings]
             self._pump()
             client.close()
             self._wake_rx.close(linger=0)
@@ -181,6 +198,10 @@ class Bridge:
             command(client)
 
     def _submit(self, client: QMeshClient, bridged: BridgedRequest, options: dict[str, Any]) -> None:
+        unreachable = client.known_unreachable()
+        if unreachable is not None:
+            self._deliver([(bridged, "", Result(text="", model=bridged.model, error=unreachable))])
+            return
         try:
             bridged.request = client.submit(model=bridged.model, **options)
         except QMeshError as exc:  # the one error submit raises: a body larger than any message the mesh takes
@@ -194,8 +215,21 @@ class Bridge:
         if request is not None and self._active.pop(request.id, None) is not None:
             client.cancel(request)
 
+    def _list_models(self, client: QMeshClient, listing: asyncio.Future[ModelTable]) -> None:
+        unreachable = client.known_unreachable()
+        if unreachable is None:
+            self._listings.append((client.refresh_models(), listing))
+        else:
+            self._listings.append((_failed_listing(unreachable), listing))
+
     def _pump(self) -> None:
-        """Hand every new chunk and result to the event loop in one batch."""
+        """Hand every settled model listing to the event loop, and every new chunk and result in one batch."""
+        settled = [(call, listing) for call, listing in self._listings if call.done]
+        if settled:
+            self._listings = [entry for entry in self._listings if not entry[0].done]
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is waiting
+                self._loop.call_soon_threadsafe(_settle_all, settled)
         batch: list[tuple[BridgedRequest, str, Result | None]] = []
         for request_id, bridged in list(self._active.items()):
             request = bridged.request
@@ -214,6 +248,22 @@ class Bridge:
             self._loop.call_soon_threadsafe(_put_all, batch)
 
 
+def _failed_listing(error: MeshError) -> MMICall:
+    """A model listing that ends without asking the broker."""
+    return MMICall("mmi.services", 0.0, done=True, error=error)
+
+
+def _settle_all(settled: list[tuple[MMICall, asyncio.Future[ModelTable]]]) -> None:
+    """Runs in the event loop."""
+    for call, listing in settled:
+        if listing.done():  # the HTTP client went away
+            continue
+        if call.error is not None:
+            listing.set_exception(call.error)
+        else:
+            listing.set_result(call.answer)
+
+
 def _put_all(batch: list[tuple[BridgedRequest, str, Result | None]]) -> None:
     """Runs in the event loop."""
     for bridged, text, final in batch:
@@ -221,15 +271,3 @@ def _put_all(batch: list[tuple[BridgedRequest, str, Result | None]]) -> None:
             bridged.events.put_nowait(text)
         if final is not None:
             bridged.events.put_nowait(final)
-
-
-async def fetch_models(
-    broker: str, connect_timeout: float, curve: CurveClientKeys | None = None
-) -> dict[str, dict[str, int]]:
-    """``mmi.services`` on a short-lived connection of its own, so a slow answer never stalls the bridge."""
-
-    def call() -> dict[str, dict[str, int]]:
-        with QMeshClient(broker, connect_timeout=connect_timeout, curve=curve) as client:
-            return client.models()
-
-    return await asyncio.to_thread(call)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from qmesh.common import protocol as p
-from qmesh.common.errors import MeshError
+from qmesh.common.errors import BrokerUnreachable, MeshError
 
 INVALID = "invalid_request_error"
 SERVER = "server_error"
@@ -48,6 +48,8 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 def from_mesh(error: MeshError) -> APIError:
+    if isinstance(error, BrokerUnreachable):  # the gateway's own trouble, not a request's: whatever its code
+        return APIError(503, error.message, SERVER, None, "broker_unreachable")
     status, type_, code = _BY_MESH_CODE.get(error.code, (500, SERVER, None))
     param = "model" if error.code == p.UNKNOWN_MODEL else None
     return APIError(status, error.message, type_, param, code)

@@ -30,7 +30,7 @@ from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.gateway.app import create_app
 from qmesh.gateway.bridge import Bridge, BridgedRequest
 from qmesh.gateway.cli import split_keys
-from qmesh.testing import ROOT, wait_for
+from qmesh.testing import ROOT, free_endpoint, wait_for
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -273,10 +273,43 @@ def test_queue_timeout_is_504():
     assert caught.value.status_code == 504 and caught.value.body["code"] == "queue_timeout"
 
 
+def _broker_unreachable_everywhere(front: GatewayThread) -> None:
+    """Each endpoint answers 503 broker_unreachable within a second or two, never after the connect timeout."""
+    api = front.client()
+    calls = {
+        "chat": lambda: api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4),
+        "chat stream": lambda: api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, stream=True),
+        "text": lambda: api.completions.create(model=MODEL, prompt="Hello", max_tokens=4),
+        "models": lambda: api.models.list(),
+    }
+    for name, call in calls.items():
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:
+            call()
+        took = time.monotonic() - start
+        assert caught.value.status_code == 503 and caught.value.body["code"] == "broker_unreachable", name
+        assert caught.value.body["type"] == "server_error" and "cannot reach the broker" in caught.value.message, name
+        assert took < 2, f"{name}: {took:.1f} s; the gateway knew it had no broker"
+
+
+def test_no_broker_is_503_broker_unreachable_at_once():
+    with GatewayThread(Bridge(free_endpoint(), connect_timeout=10)) as front:
+        _broker_unreachable_everywhere(front)
+
+
+def test_a_lost_broker_is_503_broker_unreachable_at_once():
+    broker = BrokerThread().start()
+    try:
+        with GatewayThread(Bridge(broker.endpoint, connect_timeout=10)) as front:
+            assert front.client().models.list().data == []  # connected: a mesh without workers
+            broker.stop()
+            _broker_unreachable_everywhere(front)
+    finally:
+        broker.stop()
+
+
 class FailingBridge:
     """A bridge whose generation streams one chunk and then fails, as when a worker dies mid-stream."""
-
-    broker, connect_timeout = "tcp://127.0.0.1:1", 1.0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         pass
