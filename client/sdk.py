@@ -247,6 +247,7 @@ class QMeshClient:
         self._prefix = os.urandom(4)
         self._requests: dict[bytes, Request] = {}
         self._mmi: dict[bytes, MMICall] = {}
+        self._served: dict[str, dict[str, Any]] = {}  # the last model table the broker sent (mmi.services)
         self._curve = curve is not None
         self._connected = False
         self._ever_connected = False
@@ -331,6 +332,14 @@ class QMeshClient:
         if refusal is not None:  # the broker will not let this client in: nothing to send it to
             request._end(refusal)
             return request
+        context = self._served.get(model, {}).get("context")
+        if isinstance(context, int) and max_tokens > context:  # could never fit: no need for a trip to a worker
+            message = (
+                f"max_tokens is {max_tokens}, but {model} has a context of {context} tokens per request, prompt "
+                "and answer together: ask for fewer tokens"
+            )
+            request._end(MeshError(p.BAD_REQUEST, message))
+            return request
         self._requests[request_id] = request
         self._send(p.client_request(model, [request.body], request_id, request.hint))
         return request
@@ -364,11 +373,14 @@ class QMeshClient:
     # ------------------------------------------------------------------------------------------ MMI
 
     def models(self) -> dict[str, dict[str, int]]:
-        """Models served right now: ``{name: {"workers", "slots", "busy", "queued"}}``."""
+        """Models served right now: ``{name: {"workers", "slots", "busy", "queued"[, "context"]}}``. ``context``
+        (tokens per request, when every worker of the model announces it) is kept: ``submit`` refuses at once a
+        ``max_tokens`` larger than the context in the last table it got."""
         return self._wait(self.refresh_models())
 
     def refresh_models(self) -> MMICall:
-        """Ask for the model table without waiting: ``poll`` settles the call (``answer``: what ``models`` returns)."""
+        """Ask for the model table without waiting: ``poll`` settles the call (``answer``: what ``models`` returns)
+        and keeps the table for ``submit``. A program that never calls ``models`` can keep it fresh this way."""
         return self._ask("mmi.services")
 
     def workers(self) -> list[dict[str, Any]]:
@@ -453,6 +465,8 @@ class QMeshClient:
         call = self._mmi.pop(reply.request_id or b"", None)
         if call is not None:
             _settle(call, reply.body)
+            if call.service == "mmi.services" and call.error is None:
+                self._served = call.answer
             return
         request = self._requests.get(reply.request_id or b"")
         if request is None:

@@ -28,7 +28,7 @@ from qmesh.common.errors import QMeshError
 app = typer.Typer(add_completion=False, help="Show the mesh's workers and queues (like 'ollama ps').")
 
 WORKER_COLUMNS = ("NAME", "HOST", "MODEL", "SLOTS", "TOK/S", "CPU", "MEM", "LAST SEEN", "STATE")
-MODEL_COLUMNS = ("MODEL", "WORKERS", "SLOTS", "BUSY", "QUEUED")
+MODEL_COLUMNS = ("MODEL", "WORKERS", "SLOTS", "BUSY", "QUEUED", "CONTEXT")
 
 
 def snapshot(client: QMeshClient) -> dict[str, Any]:
@@ -83,7 +83,14 @@ def render(snap: dict[str, Any]) -> str:
     if snap["models"]:
         lines.append("")
         rows = [
-            (name, str(m.get("workers", 0)), str(m.get("slots", 0)), str(m.get("busy", 0)), str(m.get("queued", 0)))
+            (
+                name,
+                str(m.get("workers", 0)),
+                str(m.get("slots", 0)),
+                str(m.get("busy", 0)),
+                str(m.get("queued", 0)),
+                _number(m.get("context"), "{}"),  # tokens per request; unknown while a worker does not announce it
+            )
             for name, m in sorted(snap["models"].items())
         ]
         lines += _table(MODEL_COLUMNS, rows)

@@ -59,11 +59,7 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
             served = await bridge.models()
         except MeshError as exc:  # no broker (503), or its refusal (403: the gateway's key is not a client key)
             raise from_mesh(exc) from exc
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "qmesh"}
-            for name, service in sorted(served.items())
-            if service.get("workers")
-        ]
+        data = [_model_object(name, service) for name, service in sorted(served.items()) if service.get("workers")]
         return JSONResponse({"object": "list", "data": data})
 
     async def chat_completions(request: Request) -> Response:
@@ -93,6 +89,15 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
     ]
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+
+
+def _model_object(name: str, service: dict[str, Any]) -> dict[str, Any]:
+    """One model of ``/v1/models``, with ``context_length`` (tokens per request, prompt and answer together; the
+    field vLLM and OpenRouter use) when its workers announce it."""
+    model: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "qmesh"}
+    if "context" in service:
+        model["context_length"] = service["context"]
+    return model
 
 
 async def _json(request: Request) -> Any:

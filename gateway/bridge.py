@@ -7,6 +7,9 @@ cancel is acted on at once instead of at the next poll timeout. After each wake-
 chunks and finished results of all its requests to the event loop in one ``call_soon_threadsafe`` batch, where
 they land in each request's ``asyncio.Queue``.
 
+Every few seconds the bridge asks the broker for its model table without waiting for the answer, so the SDK knows
+each model's context and refuses at once (400) a request whose max_tokens cannot fit.
+
 A request (or a model listing) that arrives while the bridge knows it has no broker (a refused or lost connection,
 a refused handshake) fails at once with BrokerUnreachable, a 503: HTTP clients retry a 503 themselves. Requests
 already in flight keep what the SDK gives them (streams resume after a broker restart).
@@ -23,6 +26,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +40,7 @@ from qmesh.common.keys import CurveClientKeys
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # upper bound between deadline checks and stop checks when nothing arrives
+MODELS_REFRESH_SECONDS = 2.0  # how old the model table (each model's context) may get before it is asked again
 _ids = itertools.count()
 
 Event = str | Result  # a text delta, or the end of the generation (``Result.error`` set if it failed)
@@ -79,6 +84,8 @@ class Bridge:
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._active: dict[bytes, BridgedRequest] = {}
         self._listings: list[tuple[MMICall, asyncio.Future[ModelTable]]] = []  # model listings awaiting the broker
+        self._refresh: MMICall | None = None  # the bridge's own last question for the model table
+        self._next_refresh = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._started = threading.Event()
@@ -170,6 +177,7 @@ class Bridge:
                 client.poll(POLL_SECONDS)
                 self._drain_wake()
                 self._run_commands(client)
+                self._refresh_models(client)
                 self._pump()
         except Exception:  # a bug: fail what is in flight rather than leave HTTP requests hanging
             log.exception("gateway bridge crashed")
@@ -214,6 +222,16 @@ class Bridge:
         request = bridged.request
         if request is not None and self._active.pop(request.id, None) is not None:
             client.cancel(request)
+
+    def _refresh_models(self, client: QMeshClient) -> None:
+        """Ask for the model table again when it is due and the last question is settled; never waits. Not while
+        the broker is known to be unreachable: the question would only wait in the socket's queue."""
+        now = time.monotonic()
+        if now < self._next_refresh or (self._refresh is not None and not self._refresh.done):
+            return
+        if client.known_unreachable() is None:
+            self._refresh = client.refresh_models()
+            self._next_refresh = now + MODELS_REFRESH_SECONDS
 
     def _list_models(self, client: QMeshClient, listing: asyncio.Future[ModelTable]) -> None:
         unreachable = client.known_unreachable()

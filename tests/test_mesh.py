@@ -108,6 +108,15 @@ def test_a_prompt_longer_than_the_context_is_a_400_that_gives_both_sizes(client)
     assert "http" not in message and "llama-server" not in message  # no internal address, no sidecar blamed
 
 
+def test_max_tokens_beyond_the_context_is_a_400_before_it_is_sent(client):
+    assert client.models()[MODEL]["context"] == 2048  # the SDK keeps the table of its last models() call
+    start = time.monotonic()
+    result = client.submit("Say hi.", model=MODEL, max_tokens=5000).result()
+    assert time.monotonic() - start < 0.2, "refused by the SDK, not after a trip to a worker"
+    assert result.error is not None and result.error.code == p.BAD_REQUEST, result.error
+    assert "5000" in result.error.message and "2048" in result.error.message, result.error.message
+
+
 def test_mmi_lists_models_and_workers(client):
     models = client.models()
     assert models[MODEL]["workers"] == 1 and models[MODEL]["slots"] == 2

@@ -165,8 +165,8 @@ def test_status_table_shows_each_worker_and_the_queue_per_model(mesh):
     header, worker, blank, model_header, model = done.stdout.splitlines()
     assert header.split() == ["NAME", "HOST", "MODEL", "SLOTS", "TOK/S", "CPU", "MEM", "LAST", "SEEN", "STATE"]
     assert f" {socket.gethostname()} " in worker and MODEL in worker and "/2 " in worker and worker.endswith("ready")
-    assert blank == "" and model_header.split() == ["MODEL", "WORKERS", "SLOTS", "BUSY", "QUEUED"]
-    assert model.split() == [MODEL, "1", "2", "0", "0"]
+    assert blank == "" and model_header.split() == ["MODEL", "WORKERS", "SLOTS", "BUSY", "QUEUED", "CONTEXT"]
+    assert model.split() == [MODEL, "1", "2", "0", "0", "2048"]
 
 
 def test_status_json_has_load_and_last_heartbeat(mesh):
