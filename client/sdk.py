@@ -252,8 +252,7 @@ class QMeshClient:
         self._connected = False
         self._ever_connected = False
         self._handshake_error: str | None = None  # why the last handshake failed, until one succeeds
-        self._lost: str | None = None  # why there is no connection, once an attempt failed or the connection dropped
-        self._opened_at = time.monotonic()
+        self._no_connection: str | None = None  # why, once an attempt to connect failed or the connection dropped
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
@@ -492,12 +491,14 @@ class QMeshClient:
                 if self._ever_connected:
                     self._send_again()
                 self._connected = self._ever_connected = True
-                self._handshake_error = self._lost = None
+                self._handshake_error = self._no_connection = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected = False
-                self._lost = f"cannot reach the broker at {self.broker}: the connection was lost"
+                self._no_connection = f"cannot reach the broker at {self.broker}: the connection was lost"
             elif event == zmq.EVENT_CONNECT_RETRIED:
-                self._lost = f"cannot reach the broker at {self.broker}: connecting failed (is qmesh-broker running?)"
+                self._no_connection = (
+                    f"cannot reach the broker at {self.broker}: connecting failed (is qmesh-broker running?)"
+                )
             else:
                 failure = handshake_failure(event, self.broker, message["value"], self._curve)
                 self._handshake_error = failure or self._handshake_error
@@ -536,7 +537,7 @@ class QMeshClient:
         first attempt is still under way (a slow network: only ``connect_timeout`` tells)."""
         if self._connected:
             return None
-        reason = self._handshake_error or self._lost
+        reason = self._handshake_error or self._no_connection
         return None if reason is None else BrokerUnreachable(reason)
 
     def _refusal(self) -> BrokerUnreachable | None:
