@@ -294,7 +294,7 @@ def test_queue_timeout_is_504():
     assert caught.value.status_code == 504 and caught.value.body["code"] == "queue_timeout"
 
 
-def _broker_unreachable_everywhere(front: GatewayThread) -> None:
+def _broker_unreachable_everywhere(front: GatewayThread, reason: str = "cannot reach the broker") -> None:
     """Each endpoint answers 503 broker_unreachable within a second or two, never after the connect timeout."""
     api = front.client()
     calls = {
@@ -309,7 +309,7 @@ def _broker_unreachable_everywhere(front: GatewayThread) -> None:
             call()
         took = time.monotonic() - start
         assert caught.value.status_code == 503 and caught.value.body["code"] == "broker_unreachable", name
-        assert caught.value.body["type"] == "server_error" and "cannot reach the broker" in caught.value.message, name
+        assert caught.value.body["type"] == "server_error" and reason in caught.value.message, name
         assert took < 2, f"{name}: {took:.1f} s; the gateway knew it had no broker"
 
 
@@ -327,6 +327,20 @@ def test_a_lost_broker_is_503_broker_unreachable_at_once():
             _broker_unreachable_everywhere(front)
     finally:
         broker.stop()
+
+
+def test_a_key_the_broker_refuses_at_the_handshake_is_503_at_once(tmp_path):
+    broker_public, broker_secret = generate_keys(tmp_path / "broker")
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "clients").mkdir()
+    generate_keys(tmp_path / "gateway")  # on no list
+    security = BrokerSecurity(broker_secret, tmp_path / "workers", tmp_path / "clients")
+    keys = CurveClientKeys.load(tmp_path / "gateway.key_secret", broker_public)
+    with (
+        BrokerThread(security=security) as broker,
+        GatewayThread(Bridge(broker.endpoint, connect_timeout=10, curve=keys)) as front,
+    ):
+        _broker_unreachable_everywhere(front, "refused this key: it is not on the broker's allow-list")
 
 
 class FailingBridge:
