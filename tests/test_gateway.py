@@ -391,7 +391,7 @@ def _post(port: int, body: dict[str, Any]) -> http.client.HTTPConnection:
 def test_a_client_that_disconnects_mid_stream_frees_the_slot(mesh):
     broker, node, front = mesh
     # A long answer, cut short: it would take minutes to finish on its own.
-    connection = _post(front.port, {"model": MODEL, "messages": CHAT, "max_tokens": 3000, "stream": True})
+    connection = _post(front.port, {"model": MODEL, "messages": CHAT, "max_tokens": 2000, "stream": True})
     response = connection.getresponse()
     assert response.status == 200
     while b'"content":"' not in (line := response.readline()) or b'"content":""' in line:
@@ -404,7 +404,7 @@ def test_a_client_that_disconnects_mid_stream_frees_the_slot(mesh):
 
 def test_a_client_that_disconnects_while_waiting_for_a_whole_answer_frees_the_slot(mesh):
     broker, node, front = mesh
-    connection = _post(front.port, {"model": MODEL, "messages": CHAT, "max_tokens": 3000})
+    connection = _post(front.port, {"model": MODEL, "messages": CHAT, "max_tokens": 2000})
     wait_for(lambda: slots_busy(node), 20, "the generation to start")
     connection.close()
     wait_for(lambda: not slots_busy(node), 10, "llama-server's slot to be freed")

@@ -112,7 +112,7 @@ def test_running_requests_and_busy_workers_are_gauged_while_they_run(mesh):
         return samples.get(("qmesh_requests_running", (("model", MODEL),))), busy
 
     with QMeshClient(endpoint) as client:
-        long_ones = [client.submit("Write a long story.", model=MODEL, max_tokens=3000) for _ in range(2)]
+        long_ones = [client.submit("Write a long story.", model=MODEL, max_tokens=2000) for _ in range(2)]
         deadline, seen = time.monotonic() + 30, gauges()
         while time.monotonic() < deadline and seen != (2, 1):
             client.poll(0.1)
