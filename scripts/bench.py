@@ -5,6 +5,7 @@ scripts/bench capacity   # broker chunks/s and CPU per message with fake workers
 scripts/bench scale      # 1,000 simulated workers, 2,000 paced streams: added inter-token latency
 scripts/bench slots      # tokens/s of one worker with 1, 2, 4 slots and of two 1-slot workers
 scripts/bench seed       # the seed project's table: load time, tokens/s, memory, mesh overhead
+scripts/bench prefix     # cache-aware against least-loaded routing: multi-turn chats, a shared system prompt
 scripts/bench all --quick
 """
 
@@ -15,11 +16,18 @@ import signal
 import sys
 from pathlib import Path
 
-from benchkit import capacity, overhead, scale, seed, slots
+from benchkit import capacity, overhead, prefix, scale, seed, slots
 from benchkit.procs import OtherLoad
 from benchkit.report import DEFAULT_RECORD, command_line, publish
 
-BENCHMARKS = {"overhead": overhead, "capacity": capacity, "scale": scale, "slots": slots, "seed": seed}
+BENCHMARKS = {
+    "overhead": overhead,
+    "capacity": capacity,
+    "scale": scale,
+    "slots": slots,
+    "seed": seed,
+    "prefix": prefix,
+}
 
 
 def parser() -> argparse.ArgumentParser:

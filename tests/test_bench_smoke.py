@@ -1,4 +1,5 @@
-"""The benchmark harness works end to end: ``scripts/bench capacity`` with tiny counts. Behaviour, not timings."""
+"""The benchmark harness works end to end: ``scripts/bench capacity`` and ``prefix`` with tiny counts. Behaviour, not
+timings."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from qmesh.testing import ROOT
 
@@ -26,3 +29,29 @@ def test_capacity_benchmark_routes_every_chunk_and_records_a_section(tmp_path: P
     assert "### capacity: " in section
     assert "- command: `scripts/bench capacity --workers 1" in section
     assert "| CPU us per routed message" in section
+
+
+@pytest.mark.sidecar  # the benchmark's workers start real llama-servers, out of sight of conftest's rule
+def test_prefix_benchmark_runs_both_policies_and_keeps_chats_on_their_cache(tmp_path: Path) -> None:
+    record, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "prefix", "--quick"]
+    command += ["--record", str(record), "--json", str(figures)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    data = json.loads(figures.read_text())["prefix"]
+    for workload, requests in (("chat", 3 * 2), ("shared", 4), ("control", 3)):  # --quick's counts, one round
+        for policy in ("least-loaded", "cache-aware"):
+            leg = data[workload][policy]
+            assert (leg["requests"], leg["errors"]) == (requests, 0), (workload, policy)
+            assert len(leg["requests_per_server"]) == 4  # 2 worker processes x 2 threads
+            assert sum(leg["requests_per_server"].values()) == requests
+    chat = data["chat"]["cache-aware"]
+    # Its session keeps each conversation on the llama-server that holds its history (never imbalanced with 2 users).
+    assert chat["cached_tokens"]["follow-up"] > chat["prompt_tokens"]["follow-up"] / 2
+    assert data["index_bytes_per_block"] > 8
+    goals = {"follow_up_vs_first", "follow_up_vs_least_loaded", "hit_ratio", "tokens_per_s", "fair_share"}
+    assert set(data["goals"]["met"]) == goals
+    section = record.read_text()
+    assert "### prefix: " in section
+    assert "- command: `scripts/bench prefix --quick" in section
+    assert "goal 1a: " in section and "broker memory per cached prefix entry" in section
