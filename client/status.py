@@ -27,7 +27,7 @@ from qmesh.common.errors import QMeshError
 
 app = typer.Typer(add_completion=False, help="Show the mesh's workers and queues (like 'ollama ps').")
 
-WORKER_COLUMNS = ("NAME", "HOST", "MODEL", "SLOTS", "TOK/S", "CPU", "MEM", "LAST SEEN", "STATE")
+WORKER_COLUMNS = ("NAME", "HOST", "MODEL", "SLOTS", "TOK/S", "CACHE HITS", "CPU", "MEM", "LAST SEEN", "STATE")
 MODEL_COLUMNS = ("MODEL", "WORKERS", "SLOTS", "BUSY", "QUEUED", "CONTEXT")
 
 
@@ -44,6 +44,7 @@ def _worker_row(worker: dict[str, Any]) -> dict[str, Any]:
     host = load.get("host") or (name.split("/")[0] if "/" in name else None)  # QMesh names are host/pid/index
     busy, slots = int(worker.get("busy", 0)), int(worker.get("slots", 1))
     state = "draining" if worker.get("draining") else "busy" if busy >= slots else "ready"
+    prompt, cached = worker.get("prompt_tokens"), worker.get("cached_tokens")
     return {
         "name": name,
         "host": host,
@@ -51,6 +52,8 @@ def _worker_row(worker: dict[str, Any]) -> dict[str, Any]:
         "slots": slots,
         "busy": busy,
         "tokens_per_second": load.get("tokens_per_second"),
+        # Prompt tokens its llama-server took from its cache, of all it was given: what cache-aware routing earns.
+        "prompt_cache_hit_ratio": round(cached / prompt, 3) if isinstance(cached, int) and prompt else None,
         "cpu_percent": load.get("cpu"),
         "memory_percent": load.get("memory"),
         "last_seen_s": worker.get("last_seen_s"),
@@ -70,6 +73,7 @@ def render(snap: dict[str, Any]) -> str:
                 w["model"] or "-",
                 f"{w['busy']}/{w['slots']}",
                 _number(w["tokens_per_second"], "{:.1f}"),
+                _number(w["prompt_cache_hit_ratio"], "{:.0%}"),
                 _number(w["cpu_percent"], "{:.0f}%"),
                 _number(w["memory_percent"], "{:.0f}%"),
                 _number(w["last_seen_s"], "{:.1f}s ago"),

@@ -64,11 +64,11 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        return await _complete(request, bridge, parse_chat(await _json(request)))
+        return await _complete(request, bridge, parse_chat(await _json(request), request.headers.get("x-session-id")))
 
     async def completions(request: Request) -> Response:
         authorize(request)
-        return await _complete(request, bridge, parse_text(await _json(request)))
+        return await _complete(request, bridge, parse_text(await _json(request), request.headers.get("x-session-id")))
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

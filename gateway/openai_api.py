@@ -14,6 +14,7 @@ from typing import Any
 
 from qmesh.client.sdk import Result
 from qmesh.common.bodies import DEFAULT_MAX_TOKENS, MAX_STOPS, MAX_TOKENS_LIMIT
+from qmesh.common.protocol import MAX_SESSION_LEN
 from qmesh.gateway.errors import bad_request
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -75,9 +76,15 @@ class OpenAIRequest:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
 
 
-def usage(result: Result) -> dict[str, int]:
+def usage(result: Result) -> dict[str, Any]:
     prompt = result.prompt_tokens if isinstance(result.prompt_tokens, int) else 0
-    return {"prompt_tokens": prompt, "completion_tokens": result.tokens, "total_tokens": prompt + result.tokens}
+    cached = result.cached_tokens if isinstance(result.cached_tokens, int) else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": result.tokens,
+        "total_tokens": prompt + result.tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},  # served from the llama-server's prompt cache
+    }
 
 
 def _finish_reason(result: Result) -> str:
@@ -87,7 +94,8 @@ def _finish_reason(result: Result) -> str:
 # ------------------------------------------------------------------------------------------ parsing
 
 
-def parse_chat(body: Any) -> OpenAIRequest:
+def parse_chat(body: Any, session: str | None = None) -> OpenAIRequest:
+    """``session``: the ``X-Session-Id`` header, which names the conversation (else the body's ``user``)."""
     body = _object(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -97,10 +105,10 @@ def parse_chat(body: Any) -> OpenAIRequest:
         raise bad_request("tools and functions are not supported by QMesh", "tools")
     if body.get("logprobs"):
         raise bad_request("logprobs are not supported by QMesh", "logprobs")
-    return _openai_request(body, chat=True, messages=converted)
+    return _openai_request(body, chat=True, session=session, messages=converted)
 
 
-def parse_text(body: Any) -> OpenAIRequest:
+def parse_text(body: Any, session: str | None = None) -> OpenAIRequest:
     body = _object(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -113,10 +121,10 @@ def parse_text(body: Any) -> OpenAIRequest:
         raise bad_request("echo is not supported by QMesh", "echo")
     if body.get("logprobs") is not None:
         raise bad_request("logprobs are not supported by QMesh", "logprobs")
-    return _openai_request(body, chat=False, prompt=prompt, raw=True)
+    return _openai_request(body, chat=False, session=session, prompt=prompt, raw=True)
 
 
-def _openai_request(body: dict[str, Any], chat: bool, **prompt: Any) -> OpenAIRequest:
+def _openai_request(body: dict[str, Any], chat: bool, session: str | None, **prompt: Any) -> OpenAIRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' must be a non-empty string", "model")
@@ -140,6 +148,7 @@ def _openai_request(body: dict[str, Any], chat: bool, **prompt: Any) -> OpenAIRe
         "top_p": _number(body.get("top_p"), "top_p", 0.0, 1.0),
         "seed": None if body.get("seed") is None else _int(body["seed"], "seed", -(2**63), 2**63 - 1),
         "stop": _stops(body.get("stop")),
+        "session": _session(session, "X-Session-Id") if session is not None else _session(body.get("user"), "user"),
     }
     include_usage = stream_options.get("include_usage", False)
     if not isinstance(include_usage, bool):
@@ -182,6 +191,15 @@ def _number(value: Any, name: str, low: float, high: float) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
         raise bad_request(f"'{name}' must be a number from {low:g} to {high:g}", name)
     return float(value)
+
+
+def _session(value: Any, name: str) -> str | None:
+    """A conversation's name, which the broker keeps on one llama-server while load allows."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_SESSION_LEN or not value.isprintable():
+        raise bad_request(f"'{name}' must be 1-{MAX_SESSION_LEN} printable characters", name)
+    return value
 
 
 def _stops(value: Any) -> list[str] | None:

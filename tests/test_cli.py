@@ -166,7 +166,7 @@ def test_unknown_model_exits_1_and_names_the_failure(endpoint):
 
 def test_ctrl_c_cancels_in_flight_and_exits_130(mesh):
     endpoint, node = mesh
-    command = [sys.executable, "-m", "qmesh.client.cli", "--broker", endpoint, "--max-tokens", "3000"]
+    command = [sys.executable, "-m", "qmesh.client.cli", "--broker", endpoint, "--max-tokens", "2000"]
     process = subprocess.Popen(
         command,
         stdin=subprocess.PIPE,
@@ -187,7 +187,7 @@ def test_ctrl_c_cancels_in_flight_and_exits_130(mesh):
 
 def test_ctrl_c_while_the_input_is_still_open_cancels_in_flight_and_exits_130(mesh):
     endpoint, node = mesh
-    process = start_client(endpoint, "--max-tokens", "3000")
+    process = start_client(endpoint, "--max-tokens", "2000")
     output = Output(process.stdout.fileno())
     try:
         process.stdin.write(b"Write a very long story about a lighthouse.\n")

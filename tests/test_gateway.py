@@ -123,6 +123,38 @@ def test_chat_completion_has_the_answer_and_usage(api):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_a_conversations_next_turn_reports_its_cached_prompt_tokens_stream_and_not(mesh, api):
+    broker = mesh[0]
+    document = "Read this note and answer briefly. " + "The river runs from the hills to the sea. " * 25
+    history = [{"role": "user", "content": document + "What runs to the sea?"}]
+    first = api.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0, user="ada")
+    history += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Why?"}]
+    second = api.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0, user="ada")
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 200 and cached <= second.usage.prompt_tokens, second.usage
+    assert cached > first.usage.prompt_tokens_details.cached_tokens
+    streamed = list(
+        api.chat.completions.create(
+            model=MODEL,
+            messages=history,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Session-Id": "conversation-7"},
+        )
+    )
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens > 200
+    sessions = broker.broker.core.sessions
+    assert (MODEL, "ada") in sessions and (MODEL, "conversation-7") in sessions  # the header names it over `user`
+
+
+def test_a_session_name_the_broker_cannot_take_is_a_400_naming_the_field(api):
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, user="x" * 500)
+    assert caught.value.body["param"] == "user"
+
+
 def test_chat_stream_matches_the_whole_answer_and_ends_with_usage(api):
     whole = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0)
     chunks = list(

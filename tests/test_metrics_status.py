@@ -163,7 +163,8 @@ def test_status_table_shows_each_worker_and_the_queue_per_model(mesh):
     done = status(endpoint)
     assert done.returncode == 0, done.stderr
     header, worker, blank, model_header, model = done.stdout.splitlines()
-    assert header.split() == ["NAME", "HOST", "MODEL", "SLOTS", "TOK/S", "CPU", "MEM", "LAST", "SEEN", "STATE"]
+    expected = ["NAME", "HOST", "MODEL", "SLOTS", "TOK/S", "CACHE", "HITS", "CPU", "MEM", "LAST", "SEEN", "STATE"]
+    assert header.split() == expected
     assert f" {socket.gethostname()} " in worker and MODEL in worker and "/2 " in worker and worker.endswith("ready")
     assert blank == "" and model_header.split() == ["MODEL", "WORKERS", "SLOTS", "BUSY", "QUEUED", "CONTEXT"]
     assert model.split() == [MODEL, "1", "2", "0", "0", "2048"]
@@ -171,6 +172,9 @@ def test_status_table_shows_each_worker_and_the_queue_per_model(mesh):
 
 def test_status_json_has_load_and_last_heartbeat(mesh):
     endpoint, _ = mesh
+    with QMeshClient(endpoint) as client:  # the same prompt twice: the second comes from llama-server's cache
+        prompt = "Repeat after me: " + "the quick brown fox jumps over the lazy dog. " * 12
+        assert all(client.submit(prompt, model=MODEL, max_tokens=2).result().ok for _ in range(2))
     done = status(endpoint, "--json")
     assert done.returncode == 0, done.stderr
     snap = json.loads(done.stdout)
@@ -180,6 +184,7 @@ def test_status_json_has_load_and_last_heartbeat(mesh):
     assert 0 <= worker["last_seen_s"] < 2, "heartbeats every 0.2 s"
     assert 0 <= worker["cpu_percent"] <= 100 and 0 < worker["memory_percent"] <= 100
     assert isinstance(worker["tokens_per_second"], float)
+    assert 0 < worker["prompt_cache_hit_ratio"] < 1
     assert snap["models"][MODEL] == {"workers": 1, "slots": 2, "busy": 0, "queued": 0, "context": 2048}
 
 

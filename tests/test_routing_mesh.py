@@ -13,7 +13,9 @@ DOCUMENT = "Here is a note about rivers. " + " ".join(f"River {i} runs from the 
 
 @pytest.fixture(scope="module")
 def mesh():
-    with BrokerThread() as broker, worker_threads(broker.endpoint, count=2, slots=1) as nodes:
+    # A host-memory prompt cache, as qmesh-worker gives llama-server by default: a slot that served another
+    # conversation in between keeps nothing of this one, its prompt cache does.
+    with BrokerThread() as broker, worker_threads(broker.endpoint, count=2, slots=1, cache_ram=256) as nodes:
         yield broker, nodes
 
 
