@@ -482,6 +482,10 @@ def summary_table(workload: str, legs: Legs, servers: list[list[str]]) -> Table:
         ("prompt tokens cached", lambda p, s: p.cached(), 0),
         ("hit ratio (cached / prompt tokens)", lambda p, s: p.hit_ratio(), 3),
         ("output tokens/s", lambda p, s: p.tokens_per_s(), 1),
+        # Greedy answers can differ in length between the meshes (how much of a prompt came from the cache changes
+        # how llama-server batches the rest, and so the last bits of the logits): tokens/s moves with equal walls.
+        ("output tokens", lambda p, s: sum(x.tokens for x in p.ok()), 0),
+        ("wall s", lambda p, s: p.wall, 1),
         ("busiest llama-server's requests / fair share", lambda p, s: p.largest_share(s), 2),
     ]
     table = Table(["metric", POLICIES[BASELINE], POLICIES[CACHE_AWARE], "cache-aware / least-loaded"])
