@@ -33,7 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import GenerationRequest
+from qmesh.common.bodies import BadRequest, GenerationRequest
 from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import BrokerUnreachable, ConfigError, MeshError, QMeshError
 from qmesh.common.fastio import recv_frames, send_frames
@@ -45,6 +45,7 @@ from qmesh.common.prefix import conversation_text, prefix_hashes
 class Chunk:
     text: str
     tokens: list[int]
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # per token, when the request asked for them
 
 
 @dataclass(slots=True)
@@ -57,6 +58,7 @@ class Result:
     tokens: int = 0
     prompt_tokens: int | None = None
     cached_tokens: int | None = None  # of the prompt tokens, how many llama-server took from its prompt cache
+    tool_calls: list[dict[str, str]] | None = None  # {"id", "name", "arguments": JSON text}: finish_reason tool_calls
     finish_reason: str | None = None
     ttft_ms: float | None = None
     error: MeshError | None = None
@@ -84,6 +86,7 @@ class MMICall:
 _MMI_ANSWERS: dict[str, Callable[[list[bytes]], Any]] = {
     "mmi.services": lambda body: p.unpack_map(body[0] if body else b""),
     "mmi.workers": lambda body: p.unpack(body[0] if body else b""),
+    "mmi.requests": lambda body: p.unpack(body[0] if body else b""),
     "mmi.service": lambda body: body[:1] == [b"200"],
 }
 
@@ -160,7 +163,14 @@ class Request:
             self.first_chunk_at = time.monotonic()
         try:
             fields = p.unpack_map(body[0]) if body else {}
-            self.chunks.append(Chunk(str(fields.get("text", "")), list(fields.get("tokens") or [])))
+            logprobs = fields.get("logprobs")
+            self.chunks.append(
+                Chunk(
+                    str(fields.get("text", "")),
+                    list(fields.get("tokens") or []),
+                    logprobs if isinstance(logprobs, list) else [],
+                )
+            )
         except p.ProtocolError:  # a plain MDP worker: the body is the text
             self.chunks.append(Chunk(b"".join(body).decode("utf-8", "replace"), []))
         self.unacknowledged_chunks += 1
@@ -203,6 +213,7 @@ class Request:
             tokens=tokens if isinstance(tokens, int) else sum(len(c.tokens) for c in self.chunks),
             prompt_tokens=summary.get("prompt_tokens"),
             cached_tokens=summary.get("cached_tokens"),
+            tool_calls=summary.get("tool_calls"),
             finish_reason=summary.get("finish_reason"),
             ttft_ms=ttft,
             error=error,
@@ -302,12 +313,26 @@ class QMeshClient:
         raw: bool = False,
         timeout: float | None = None,
         session: str | None = None,
+        min_p: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+        json_schema: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, str] = "auto",
+        parallel_tool_calls: bool = True,
     ) -> Request:
         """Send a request and return at once; iterate the Request or call ``result()``.
 
         ``session`` names a conversation: the broker keeps its requests on one llama-server while load allows.
         Every request also carries its prompt's prefix hashes, so a conversation's next turn goes where its
-        beginning is cached even without a session."""
+        beginning is cached even without a session.
+
+        ``logprobs``: each chunk carries its tokens' log-probabilities and this many alternatives. ``json_schema``:
+        the answer is JSON that matches it. ``tools`` (``{"name", "description", "parameters"}``) and
+        ``tool_choice`` (auto, none, required or ``{"name": ...}``): the answer is text or calls
+        (``Result.tool_calls``), for any model. The request body checks them all (``GenerationRequest``)."""
         generation = GenerationRequest(
             prompt=prompt,
             messages=messages,
@@ -320,6 +345,15 @@ class QMeshClient:
             top_k=top_k,
             stop=stop or [],
             window=self.window,
+            min_p=min_p,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=sorted((logit_bias or {}).items()),
+            logprobs=logprobs,
+            json_schema=json_schema,
+            tools=tools or [],
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
         )
         request_id = self._prefix + next(self._ids).to_bytes(8, "big")
         timeout = self.timeout if timeout is None else timeout
@@ -330,6 +364,11 @@ class QMeshClient:
         refusal = self._refusal()
         if refusal is not None:  # the broker will not let this client in: nothing to send it to
             request._end(refusal)
+            return request
+        try:
+            GenerationRequest.from_body([request.body])  # what the worker would refuse, refused before it travels
+        except BadRequest as exc:
+            request._end(MeshError(p.BAD_REQUEST, str(exc)))
             return request
         context = self._served.get(model, {}).get("context")
         if isinstance(context, int) and max_tokens > context:  # could never fit: no need for a trip to a worker
@@ -384,6 +423,15 @@ class QMeshClient:
 
     def workers(self) -> list[dict[str, Any]]:
         return self._wait(self._ask("mmi.workers"))
+
+    def recent_requests(self) -> list[dict[str, Any]]:
+        """The last few hundred requests that ended, oldest first (``mmi.requests``, docs/PROTOCOL.md section 6)."""
+        return self._wait(self._ask("mmi.requests"))
+
+    def ask(self, service: str) -> MMICall:
+        """Ask an MMI service (``mmi.workers``, ``mmi.services``, ``mmi.requests``) without waiting: ``poll``
+        settles the call with what the blocking method returns. For a thread that must never wait (the gateway's)."""
+        return self._ask(service)
 
     def has_model(self, model: str) -> bool:
         return self._wait(self._ask("mmi.service", model.encode()))

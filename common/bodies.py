@@ -13,12 +13,19 @@ from typing import Any
 from qmesh.common import protocol as p
 from qmesh.common.errors import QMeshError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_CHOICES = ("auto", "none", "required")
 MAX_PROMPT_CHARS = 1_000_000
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_LIMIT = 1_000_000  # the largest max_tokens a request may ask for
 MAX_STOPS = 16
 MAX_FAILOVERS = 1000  # a resume claiming more moves than this is not a real one
+MAX_TOP_LOGPROBS = 20
+MAX_TOOLS = 128
+MAX_LOGIT_BIAS = 300  # entries
+MAX_SCHEMA_BYTES = 64 * 1024  # a JSON schema (or a tool's parameters) as msgpack
+TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+MAX_TOOL_NAME = 64
 
 
 WIRE_FIELDS = {
@@ -34,7 +41,18 @@ WIRE_FIELDS = {
     "stop",
     "window",
     "resume",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "json_schema",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 }
+
+Message = dict[str, Any]  # {"role", "content"} (+ "tool_calls" on an assistant turn, "tool_call_id" on a tool result)
 
 
 class BadRequest(QMeshError):
@@ -46,7 +64,7 @@ class GenerationRequest:
     """A prompt (run through the model's chat template unless ``raw``) or a chat history, and sampling options."""
 
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[Message] | None = None
     system: str | None = None
     raw: bool = False
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -58,10 +76,40 @@ class GenerationRequest:
     window: int | None = None  # chunks the worker may send ahead of the client's credit (None: no flow control)
     resume_tokens: list[int] = field(default_factory=list)  # already delivered: continue after them
     failovers: int = 0  # how many times this request moved to another worker mid-stream
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, bias added to its logit)
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: don't)
+    json_schema: dict[str, Any] | None = None  # the answer is JSON that matches it
+    tools: list[dict[str, Any]] = field(default_factory=list)  # {"name", "description", "parameters"}
+    tool_choice: str | dict[str, str] = "auto"  # auto, none, required or {"name": one of the tools}
+    parallel_tool_calls: bool = True
+
+    _OPTIONAL = (
+        "prompt",
+        "messages",
+        "system",
+        "temperature",
+        "seed",
+        "top_p",
+        "top_k",
+        "window",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+        "json_schema",
+    )
+
+    @property
+    def constrained(self) -> bool:
+        """Its answer follows a grammar (a JSON schema, or tool calls): a failover cannot simply continue it."""
+        return self.json_schema is not None or bool(self.tools) and self.tool_choice != "none"
 
     def to_body(self) -> bytes:
         body: dict[str, Any] = {"max_tokens": self.max_tokens}
-        for name in ("prompt", "messages", "system", "temperature", "seed", "top_p", "top_k", "window"):
+        for name in self._OPTIONAL:
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
@@ -69,11 +117,17 @@ class GenerationRequest:
             body["raw"] = True
         if self.stop:
             body["stop"] = self.stop
+        if self.logit_bias:
+            body["logit_bias"] = [list(pair) for pair in self.logit_bias]
+        if self.tools:
+            body["tools"] = self.tools
+            body["tool_choice"] = self.tool_choice
+            body["parallel_tool_calls"] = self.parallel_tool_calls
         if self.resume_tokens or self.failovers:
             body["resume"] = {"tokens": self.resume_tokens, "failovers": self.failovers}
         return p.pack(body)
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[Message]:
         """The conversation to render with the chat template."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
         if self.messages is not None:
@@ -114,7 +168,21 @@ class GenerationRequest:
             top_k=None if fields.get("top_k") is None else _int(fields["top_k"], "top_k", 0, 1_000_000),
             stop=_stops(fields.get("stop")),
             window=None if fields.get("window") is None else _int(fields["window"], "window", 1, 1_000_000),
+            min_p=_number(fields.get("min_p"), "min_p", 0.0, 1.0),
+            presence_penalty=_number(fields.get("presence_penalty"), "presence_penalty", -2.0, 2.0),
+            frequency_penalty=_number(fields.get("frequency_penalty"), "frequency_penalty", -2.0, 2.0),
+            logit_bias=_logit_bias(fields.get("logit_bias")),
+            logprobs=None
+            if fields.get("logprobs") is None
+            else _int(fields["logprobs"], "logprobs", 0, MAX_TOP_LOGPROBS),
+            json_schema=_schema(fields.get("json_schema"), "json_schema"),
+            tools=_tools(fields.get("tools")),
+            tool_choice=fields.get("tool_choice", "auto"),
+            parallel_tool_calls=_optional(fields, "parallel_tool_calls", bool) is not False,
         )
+        _tool_choice(request.tool_choice, request.tools)
+        if request.tools and request.json_schema is not None:
+            raise BadRequest("give 'tools' or 'json_schema', not both: each decides the shape of the answer")
         request.resume_tokens, request.failovers = _resume(fields.get("resume"))
         if (request.prompt is None) == (request.messages is None):
             raise BadRequest("give exactly one of 'prompt' or 'messages'")
@@ -186,24 +254,110 @@ def _number(value: Any, name: str, low: float, high: float) -> float | None:
     return float(value)
 
 
-def _messages(value: Any) -> list[dict[str, str]] | None:
+def _messages(value: Any) -> list[Message] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not value:
         raise BadRequest("'messages' must be a non-empty list")
     total = 0
-    for message in value:
+    calls: set[str] = set()  # ids of the tool calls made so far: a tool result answers one of them
+    for index, message in enumerate(value):
+        where = f"messages[{index}]"
         if (
             not isinstance(message, dict)
-            or set(message) != {"role", "content"}
-            or message["role"] not in ROLES
-            or not isinstance(message["content"], str)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
         ):
-            raise BadRequest("each message must be {'role': system|user|assistant, 'content': str}")
+            raise BadRequest(f"{where} must be {{'role': system|user|assistant|tool, 'content': str, ...}}")
+        role = message["role"]
+        allowed = {"role", "content"} | {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}.get(role, set())
+        if set(message) - allowed:
+            raise BadRequest(
+                f"{where}: unknown field(s) for a {role} message: {', '.join(sorted(set(message) - allowed))}"
+            )
+        if role == "assistant" and "tool_calls" in message:
+            calls.update(_tool_calls(message["tool_calls"], where))
+        if role == "tool" and message.get("tool_call_id") not in calls:
+            raise BadRequest(
+                f"{where}: a tool result must answer an earlier tool call (its 'tool_call_id' matches none)"
+            )
         total += len(message["content"])
     if total > MAX_PROMPT_CHARS:
         raise BadRequest(f"'messages' are longer than {MAX_PROMPT_CHARS} characters")
     return value
+
+
+def _tool_calls(value: Any, where: str) -> list[str]:
+    """An assistant turn's tool calls, ``[{"id", "name", "arguments": JSON text}]``; their ids."""
+    if not isinstance(value, list) or not value:
+        raise BadRequest(f"{where}.tool_calls must be a non-empty list")
+    for call in value:
+        if (
+            not isinstance(call, dict)
+            or set(call) != {"id", "name", "arguments"}
+            or not all(isinstance(call[key], str) for key in call)
+        ):
+            raise BadRequest(f"{where}.tool_calls: each is {{'id': str, 'name': str, 'arguments': str}}")
+    return [call["id"] for call in value]
+
+
+def _logit_bias(value: Any) -> list[tuple[int, float]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"'logit_bias' must be a list of at most {MAX_LOGIT_BIAS} [token id, bias] pairs")
+    pairs = []
+    for pair in value:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise BadRequest("'logit_bias' must be a list of [token id, bias] pairs")
+        token = _int(pair[0], "logit_bias token id", 0, 2**31 - 1)
+        bias = _number(pair[1], "logit_bias bias", -100.0, 100.0)
+        assert bias is not None
+        pairs.append((token, bias))
+    return pairs
+
+
+def _schema(value: Any, name: str) -> dict[str, Any] | None:
+    """A JSON schema, as far as a body can check it (llama-server checks the rest and says what is wrong)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest(f"'{name}' must be a JSON schema object")
+    if len(p.pack(value)) > MAX_SCHEMA_BYTES:
+        raise BadRequest(f"'{name}' is larger than {MAX_SCHEMA_BYTES} bytes")
+    return value
+
+
+def _tools(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value or len(value) > MAX_TOOLS:
+        raise BadRequest(f"'tools' must be a list of 1-{MAX_TOOLS} functions")
+    names = set()
+    for index, tool in enumerate(value):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict) or "name" not in tool or set(tool) - {"name", "description", "parameters"}:
+            raise BadRequest(f"{where} must be {{'name': str, 'description': str, 'parameters': JSON schema}}")
+        name = tool["name"]
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_TOOL_NAME or set(name) - TOOL_NAME_CHARS:
+            raise BadRequest(f"{where}.name must be 1-{MAX_TOOL_NAME} letters, digits, '_' or '-'")
+        if name in names:
+            raise BadRequest(f"{where}.name: two tools are called {name!r}")
+        names.add(name)
+        if not isinstance(tool.get("description", ""), str):
+            raise BadRequest(f"{where}.description must be a string")
+        _schema(tool.get("parameters"), f"{where}.parameters")
+    return value
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]]) -> None:
+    if value in TOOL_CHOICES:
+        if value == "required" and not tools:
+            raise BadRequest("'tool_choice' is 'required' but there are no 'tools'")
+        return
+    names = {tool["name"] for tool in tools}
+    if not isinstance(value, dict) or set(value) != {"name"} or value["name"] not in names:
+        raise BadRequest("'tool_choice' must be auto, none, required or {'name': one of the tools}")
 
 
 def _resume(value: Any) -> tuple[list[int], int]:

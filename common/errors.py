@@ -35,7 +35,11 @@ class SidecarStartError(SidecarError):
     """llama-server did not become healthy (bad model, crash at load, timeout)."""
 
 
-class PromptTooLong(QMeshError):
+class SidecarRefused(QMeshError):
+    """llama-server refused the request as invalid (a bad JSON schema, say): the caller's error (a 400)."""
+
+
+class PromptTooLong(SidecarRefused):
     """The prompt does not fit the model's context: the caller's error, not llama-server's (a 400)."""
 
     def __init__(self, prompt_tokens: int, context: int) -> None:

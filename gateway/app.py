@@ -26,9 +26,9 @@ from starlette.routing import Route
 from qmesh.client.sdk import Result
 from qmesh.common import protocol as p
 from qmesh.common.errors import MeshError
-from qmesh.gateway.bridge import Bridge, BridgedRequest, Event
+from qmesh.gateway.bridge import Bridge, BridgedRequest, Delta, Event
 from qmesh.gateway.errors import SERVER, APIError, bad_request, from_mesh, invalid_api_key
-from qmesh.gateway.openai_api import OpenAIRequest, parse_chat, parse_text
+from qmesh.gateway.openai_api import Answer, OpenAIRequest, parse_chat, parse_text
 
 log = logging.getLogger(__name__)
 
@@ -116,31 +116,54 @@ async def _json(request: Request) -> Any:
 
 
 async def _complete(request: Request, bridge: Bridge, openai_request: OpenAIRequest) -> Response:
-    bridged = bridge.submit(openai_request.model, **openai_request.options)
+    """Each of the request's ``n`` choices is a mesh request of its own, spread over free slots."""
+    choices = [bridge.submit(openai_request.model, **options) for options in _choice_options(openai_request)]
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        first = await _next(bridged, watcher)
+        first = await _next(choices[0], watcher)
         if isinstance(first, Result) and first.error is not None:
             raise from_mesh(first.error)
         if openai_request.stream:
             watcher.cancel()  # from here Starlette's StreamingResponse watches for the disconnect itself
             return StreamingResponse(
-                _sse(bridge, bridged, openai_request, first), media_type="text/event-stream", headers=SSE_HEADERS
+                _sse(bridge, choices, openai_request, first), media_type="text/event-stream", headers=SSE_HEADERS
             )
-        parts: list[str] = []
-        event = first
-        while isinstance(event, str):
-            parts.append(event)
-            event = await _next(bridged, watcher)
-        if event.error is not None:
-            raise from_mesh(event.error)
-        return JSONResponse(openai_request.response("".join(parts), event))
+        answers = [
+            await _whole(bridged, watcher, first if index == 0 else None) for index, bridged in enumerate(choices)
+        ]
+        return JSONResponse(openai_request.response(answers))
     except ClientGone:
-        bridge.cancel(bridged)
+        for bridged in choices:
+            bridge.cancel(bridged)
         log.info("client went away; cancelled its %s request", openai_request.model)
         return Response(status_code=499)
+    except APIError:
+        for bridged in choices:  # one choice failed: the others are not wanted
+            bridge.cancel(bridged)
+        raise
     finally:
         watcher.cancel()
+
+
+def _choice_options(openai_request: OpenAIRequest) -> list[dict[str, Any]]:
+    """The submit options of each choice: with a seed, choice i samples with seed + i, so the choices differ."""
+    options, seed = openai_request.options, openai_request.options.get("seed")
+    if seed is None:
+        return [options] * openai_request.n
+    return [{**options, "seed": (seed + index) % 2**63} for index in range(openai_request.n)]
+
+
+async def _whole(bridged: BridgedRequest, watcher: asyncio.Future[None], first: Event | None) -> Answer:
+    parts: list[str] = []
+    logprobs: list[dict[str, Any]] = []
+    event = first if first is not None else await _next(bridged, watcher)
+    while isinstance(event, Delta):
+        parts.append(event.text)
+        logprobs += event.logprobs
+        event = await _next(bridged, watcher)
+    if event.error is not None:
+        raise from_mesh(event.error)
+    return Answer("".join(parts), logprobs, event)
 
 
 async def _next(bridged: BridgedRequest, watcher: asyncio.Future[None]) -> Event:
@@ -161,29 +184,56 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _sse(
-    bridge: Bridge, bridged: BridgedRequest, openai_request: OpenAIRequest, first: Event
-) -> AsyncIterator[str]:
-    """The stream as server-sent events; leaving it early (a disconnect) cancels the generation."""
+async def _events(choices: list[BridgedRequest], first: Event) -> AsyncIterator[tuple[int, Event]]:
+    """(choice index, event) of every choice as they arrive, until each has ended."""
+    pending = {asyncio.ensure_future(bridged.next()): index for index, bridged in enumerate(choices[1:], 1)}
+    yield 0, first
+    if not isinstance(first, Result):
+        pending[asyncio.ensure_future(choices[0].next())] = 0
     try:
-        opening = openai_request.first_chunk()
-        if opening is not None:
-            yield _data(opening)
-        event = first
-        while isinstance(event, str):
-            yield _data(openai_request.chunk(event))
-            event = await bridged.next()
-        if event.error is not None:
-            yield _data(from_mesh(event.error).body())
-        else:
-            yield _data(openai_request.last_chunk(event))
-            if openai_request.include_usage:
-                yield _data(openai_request.usage_chunk(event))
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                index = pending.pop(task)
+                event = task.result()
+                yield index, event
+                if not isinstance(event, Result):
+                    pending[asyncio.ensure_future(choices[index].next())] = index
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+async def _sse(
+    bridge: Bridge, choices: list[BridgedRequest], openai_request: OpenAIRequest, first: Event
+) -> AsyncIterator[str]:
+    """The stream as server-sent events, the choices' chunks as they come; leaving it early (a disconnect)
+    cancels the generations."""
+    results: list[Result] = []
+    try:
+        for index in range(len(choices)):
+            opening = openai_request.first_chunk(index)
+            if opening is not None:
+                yield _data(opening)
+        async for index, event in _events(choices, first):
+            if isinstance(event, Delta):
+                yield _data(openai_request.chunk(index, event.text, event.logprobs))
+                continue
+            if event.error is not None:
+                yield _data(from_mesh(event.error).body())
+                yield "data: [DONE]\n\n"
+                return
+            results.append(event)
+            for chunk in openai_request.last_chunks(index, event):
+                yield _data(chunk)
+        if openai_request.include_usage:
+            yield _data(openai_request.usage_chunk(results))
         yield "data: [DONE]\n\n"
     finally:
-        if not bridged.finished:
-            bridge.cancel(bridged)
-            log.info("client went away mid-stream; cancelled its %s request", openai_request.model)
+        for bridged in choices:
+            if not bridged.finished:
+                bridge.cancel(bridged)
+                log.info("client went away mid-stream; cancelled its %s request", openai_request.model)
 
 
 def _data(obj: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -43,7 +44,15 @@ POLL_SECONDS = 0.25  # upper bound between deadline checks and stop checks when 
 MODELS_REFRESH_SECONDS = 2.0  # how old the model table (each model's context) may get before it is asked again
 _ids = itertools.count()
 
-Event = str | Result  # a text delta, or the end of the generation (``Result.error`` set if it failed)
+@dataclass(slots=True)
+class Delta:
+    """What arrived of a generation since the last event: text, and its tokens' log-probabilities if asked for."""
+
+    text: str
+    logprobs: list[dict[str, Any]]
+
+
+Event = Delta | Result  # new text, or the end of the generation (``Result.error`` set if it failed)
 Command = Callable[[QMeshClient], None]
 ModelTable = dict[str, dict[str, Any]]
 
@@ -208,13 +217,13 @@ class Bridge:
     def _submit(self, client: QMeshClient, bridged: BridgedRequest, options: dict[str, Any]) -> None:
         unreachable = client.known_unreachable()
         if unreachable is not None:
-            self._deliver([(bridged, "", Result(text="", model=bridged.model, error=unreachable))])
+            self._deliver([(bridged, None, Result(text="", model=bridged.model, error=unreachable))])
             return
         try:
             bridged.request = client.submit(model=bridged.model, **options)
         except QMeshError as exc:  # the one error submit raises: a body larger than any message the mesh takes
             error = MeshError(p.TOO_LARGE, str(exc))
-            self._deliver([(bridged, "", Result(text="", model=bridged.model, error=error))])
+            self._deliver([(bridged, None, Result(text="", model=bridged.model, error=error))])
             return
         self._active[bridged.request.id] = bridged
 
@@ -248,19 +257,20 @@ class Bridge:
             assert self._loop is not None
             with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is waiting
                 self._loop.call_soon_threadsafe(_settle_all, settled)
-        batch: list[tuple[BridgedRequest, str, Result | None]] = []
+        batch: list[tuple[BridgedRequest, Delta | None, Result | None]] = []
         for request_id, bridged in list(self._active.items()):
             request = bridged.request
             assert request is not None
-            text = "".join(chunk.text for chunk in request.new_chunks())
+            chunks = request.new_chunks()
+            delta = Delta("".join(c.text for c in chunks), [e for c in chunks for e in c.logprobs]) if chunks else None
             if request.final is not None:
                 del self._active[request_id]
-            if text or request.final is not None:
-                batch.append((bridged, text, request.final))
+            if delta is not None or request.final is not None:
+                batch.append((bridged, delta, request.final))
         if batch:
             self._deliver(batch)
 
-    def _deliver(self, batch: list[tuple[BridgedRequest, str, Result | None]]) -> None:
+    def _deliver(self, batch: list[tuple[BridgedRequest, Delta | None, Result | None]]) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is waiting
             self._loop.call_soon_threadsafe(_put_all, batch)
@@ -282,10 +292,10 @@ def _settle_all(settled: list[tuple[MMICall, asyncio.Future[ModelTable]]]) -> No
             listing.set_result(call.answer)
 
 
-def _put_all(batch: list[tuple[BridgedRequest, str, Result | None]]) -> None:
+def _put_all(batch: list[tuple[BridgedRequest, Delta | None, Result | None]]) -> None:
     """Runs in the event loop."""
-    for bridged, text, final in batch:
-        if text:
-            bridged.events.put_nowait(text)
+    for bridged, delta, final in batch:
+        if delta is not None and (delta.text or delta.logprobs):
+            bridged.events.put_nowait(delta)
         if final is not None:
             bridged.events.put_nowait(final)

@@ -12,11 +12,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import openai
+import uvicorn
 
 from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker
 from qmesh.broker.security import BrokerSecurity
 from qmesh.common.keys import CurveClientKeys
+from qmesh.gateway.app import create_app
 from qmesh.testing import ROOT, Child, free_endpoint, qmesh_command, wait_for, wait_for_workers
 from qmesh.worker.binary import find_llama_server
 from qmesh.worker.models import resolve_model
@@ -126,3 +131,28 @@ def run_cli(*args: str, stdin: str = "", timeout: float = 120, env: dict[str, st
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
+
+
+class GatewayThread:
+    """A real uvicorn server with the gateway app, on a free port, in a thread of the test process."""
+
+    def __init__(self, bridge: Any, api_keys: tuple[str, ...] = ()) -> None:
+        self.bridge = bridge
+        config = uvicorn.Config(create_app(bridge, api_keys), host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="test-gateway", daemon=True)
+
+    def __enter__(self) -> GatewayThread:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 10, "the gateway to start")
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "gateway did not stop"
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=60)

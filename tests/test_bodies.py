@@ -39,7 +39,18 @@ def test_a_plain_mdp_body_is_a_utf8_prompt():
         ({"prompt": "a", "stop": "x"}, "stop"),
         ({"prompt": "a", "colour": "red"}, "unknown field"),
         ({"messages": []}, "non-empty list"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "each message"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, r"messages\[0\] must be"),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "answer an earlier tool call"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "unknown field"),
+        ({"prompt": "a", "tools": [{"name": "f"}], "json_schema": {"type": "object"}}, "not both"),
+        ({"prompt": "a", "tools": [{"name": "f/g"}]}, r"tools\[0\].name"),
+        ({"prompt": "a", "tools": [{"name": "f"}, {"name": "f"}]}, "two tools"),
+        ({"prompt": "a", "tools": [{"name": "f"}], "tool_choice": {"name": "g"}}, "tool_choice"),
+        ({"prompt": "a", "tool_choice": "required"}, "no 'tools'"),
+        ({"prompt": "a", "json_schema": "object"}, "JSON schema object"),
+        ({"prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"prompt": "a", "logit_bias": [[5]]}, "logit_bias"),
+        ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
         ({"messages": [{"role": "user", "content": "x"}], "raw": True}, "'raw' applies"),
         ({"prompt": "a", "seed": 1.5}, "seed"),
     ],
@@ -47,6 +58,30 @@ def test_a_plain_mdp_body_is_a_utf8_prompt():
 def test_bad_bodies_are_refused_with_a_reason(body, reason):
     with pytest.raises(BadRequest, match=reason):
         GenerationRequest.from_body([p.pack(body)])
+
+
+def test_every_field_survives_the_wire() -> None:
+    calls = [{"id": "c1", "name": "weather", "arguments": '{"city": "Paris"}'}]
+    request = GenerationRequest(
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+        ],
+        min_p=0.05,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias=[(12, -100.0), (7, 2.5)],
+        logprobs=2,
+        tools=[{"name": "weather", "description": "today's weather", "parameters": {"type": "object"}}],
+        tool_choice={"name": "weather"},
+        parallel_tool_calls=False,
+    )
+    again = GenerationRequest.from_body([request.to_body()])
+    assert again == request and again.constrained
+    json_mode = GenerationRequest(prompt="x", json_schema={"type": "object"})
+    assert GenerationRequest.from_body([json_mode.to_body()]).constrained
+    assert not GenerationRequest(prompt="x", tools=request.tools, tool_choice="none").constrained
 
 
 def test_empty_and_undecodable_bodies_are_refused():

@@ -20,44 +20,17 @@ from typing import Any
 import openai
 import pytest
 import requests
-import uvicorn
 
-from meshkit import FAST, MODEL, BrokerThread, worker_threads
+from meshkit import FAST, MODEL, BrokerThread, GatewayThread, worker_threads
 from qmesh.broker.security import BrokerSecurity
 from qmesh.client.sdk import Result
 from qmesh.common.errors import MeshError
 from qmesh.common.keys import CurveClientKeys, generate_keys
-from qmesh.gateway.app import create_app
 from qmesh.gateway.bridge import Bridge, BridgedRequest
 from qmesh.gateway.cli import split_keys
 from qmesh.testing import ROOT, free_endpoint, wait_for
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class GatewayThread:
-    """A real uvicorn server with the gateway app, on a free port, in a thread of the test process."""
-
-    def __init__(self, bridge: Any, api_keys: tuple[str, ...] = ()) -> None:
-        self.bridge = bridge
-        config = uvicorn.Config(create_app(bridge, api_keys), host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="test-gateway", daemon=True)
-
-    def __enter__(self) -> GatewayThread:
-        self.thread.start()
-        wait_for(lambda: self.server.started, 10, "the gateway to start")
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive(), "gateway did not stop"
-
-    def client(self, api_key: str = "unused") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=60)
 
 
 def gateway(endpoint: str, **options: Any) -> GatewayThread:

@@ -67,7 +67,11 @@ class ScriptedStream:
             self.sidecar.chunks_made += 1
             if self.result is not None:  # closed by what happened before this chunk
                 return
-            yield CompletionChunk(text=f"<{token}>", token_ids=[token])
+            probabilities = [{"token": f"<{token}>", "logprob": -0.5, "top_logprobs": [{"token": "x", "logprob": -1}]}]
+            text = self.sidecar.texts.get(token, f"<{token}>")
+            yield CompletionChunk(
+                text=text, token_ids=[token], probabilities=probabilities if self.sidecar.options.get("n_probs") else []
+            )
             if index == len(self.tokens) - 1:
                 self._end(self.finish)
 
@@ -97,6 +101,8 @@ class ScriptedSidecar:
         self.prompts: list[str | list[int]] = []
         self.streams: list[ScriptedStream] = []
         self.context: int | None = None  # set: every prompt is too long for it
+        self.texts: dict[int, str] = {}  # a token's text, when not "<token>"
+        self.options: dict[str, Any] = {}  # of the last generate_stream
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
@@ -106,6 +112,7 @@ class ScriptedSidecar:
 
     def generate_stream(self, prompt: str | list[int], **opts: Any) -> ScriptedStream:
         self.prompts.append(prompt)
+        self.options = opts
         if self.context is not None:
             raise PromptTooLong(len(PROMPT_TOKENS), self.context)  # what llama-server answers with a 400
         already = 0 if isinstance(prompt, str) else len(prompt) - len(PROMPT_TOKENS)
@@ -233,3 +240,55 @@ def test_a_prompt_longer_than_the_context_is_the_callers_400() -> None:
     error = run.final["error"]
     assert error["code"] == p.BAD_REQUEST
     assert error["message"].startswith("the prompt is 3 tokens; the model's context is 2 tokens")
+
+
+def test_a_constrained_answer_is_replayed_after_a_failover_and_continues_exactly() -> None:
+    run = Run(max_tokens=10, json_schema={"type": "object"}, resume_tokens=CONTINUATION[:4], failovers=1).run()
+    assert run.sidecar.prompts == ["<user>hi<assistant>"]  # from the start, not from the tokens: the grammar
+    assert run.tokens == CONTINUATION[4:10]  # the 4 delivered were checked and not sent again
+    assert run.final["tokens"] == 10 and run.sidecar.options["json_schema"] == {"type": "object"}
+
+
+def test_a_constrained_answer_that_comes_out_differently_ends_in_502_not_broken_json() -> None:
+    run = Run(max_tokens=10, json_schema={"type": "object"}, resume_tokens=[7, 8], failovers=1).run()
+    assert run.tokens == []
+    assert run.final["error"]["code"] == p.WORKER_FAILED and "at token 0" in run.final["error"]["message"]
+
+
+def test_a_constrained_answer_paused_for_credit_is_replayed_when_the_client_reads_again() -> None:
+    run = Run(window=3, max_tokens=8, json_schema={"type": "object"})
+    run.clock.at(5.0, lambda: run.job.grant(100))
+    run.run()
+    assert run.tokens == CONTINUATION[:8] and len(run.sidecar.prompts) == 2
+    assert all(isinstance(prompt, str) for prompt in run.sidecar.prompts)
+
+
+def test_each_chunk_carries_its_logprobs_when_asked() -> None:
+    run = Run(max_tokens=3, logprobs=1).run()
+    chunks = [body for kind, _, body in run.sent if kind == "chunk"]
+    assert [c["logprobs"][0]["token"] for c in chunks] == ["<100>", "<101>", "<102>"]
+    assert chunks[0]["logprobs"][0]["top"] == [{"token": "x", "logprob": -1, "bytes": []}]
+    assert run.sidecar.options["n_probs"] == 1
+    assert "logprobs" not in [b for k, _, b in Run(max_tokens=1).run().sent if k == "chunk"][0]
+
+
+def test_a_tool_call_answer_ends_with_its_calls_and_streams_no_json() -> None:
+    pieces = ['{"tool_', 'calls": [{"name": "weather", ', '"arguments": {"city": ', '"Paris"}}]}']
+    tool = {"name": "weather", "parameters": {"type": "object"}}
+    run = Run(max_tokens=len(pieces), tools=[tool], tool_choice="required")
+    run.sidecar.texts = dict(zip(CONTINUATION, pieces, strict=False))
+    run.run()
+    assert "".join(b["text"] for k, _, b in run.sent if k == "chunk") == ""
+    ((call),) = run.final["tool_calls"]
+    assert run.final["finish_reason"] == "tool_calls" and call["name"] == "weather"
+    assert call["arguments"] == '{"city": "Paris"}'
+    assert "tool_calls" in run.sidecar.options["json_schema"]["properties"]
+
+
+def test_a_reply_in_words_is_streamed_as_text() -> None:
+    pieces = ['{"content": "Hel', "lo\\n", 'there"}']
+    run = Run(max_tokens=len(pieces), tools=[{"name": "weather"}])
+    run.sidecar.texts = dict(zip(CONTINUATION, pieces, strict=False))
+    run.run()
+    assert "".join(b["text"] for k, _, b in run.sent if k == "chunk") == "Hello\nthere"
+    assert "tool_calls" not in run.final and run.final["finish_reason"] != "tool_calls"

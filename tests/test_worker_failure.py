@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -61,6 +62,44 @@ def test_sigkilled_worker_streams_continue_on_another_worker(tmp_path):
             assert reference.result().ok, reference.result().error
             past_seam = seen_at_kill + 8
             assert tokens[:past_seam] == _tokens(reference)[:past_seam], "the seam lost or repeated text"
+        finally:
+            first.kill()
+            if second is not None:
+                assert second.terminate() == 0, second.log()
+
+
+LIST = {  # an answer long enough to kill its worker in the middle of it
+    "type": "object",
+    "properties": {
+        "animals": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 20, "maxItems": 20}
+    },
+    "required": ["animals"],
+    "additionalProperties": False,
+}
+
+
+def test_a_constrained_answer_cut_by_a_dead_worker_ends_in_valid_json_or_an_explicit_error(tmp_path):
+    """It is replayed on the next worker and continues only if it comes out the same: never broken JSON."""
+    with BrokerThread() as broker, QMeshClient(broker.endpoint, timeout=180, connect_timeout=5) as client:
+        first = _worker(broker.endpoint, tmp_path)
+        second = None
+        try:
+            wait_for(lambda: client.has_model(MODEL), 60, "the first worker to register")
+            question = "List twenty animals as JSON."
+            request = client.submit(question, model=MODEL, max_tokens=400, temperature=0, json_schema=LIST)
+            wait_for(lambda: client.poll(0.05) or len(request.chunks) >= 10, 60, "the answer to stream")
+            first.kill()
+            second = _worker(broker.endpoint, tmp_path)
+            result = request.result()
+            if result.ok:
+                assert result.failovers == 1
+                answer = json.loads(result.text)
+                assert len(answer["animals"]) == 20 and result.finish_reason == "stop"
+                reference = client.submit(question, model=MODEL, max_tokens=400, temperature=0, json_schema=LIST)
+                assert result.text == reference.result().text, "the continued answer is not the uninterrupted one"
+            else:
+                assert result.error is not None and result.error.code == 502, result.error
+                assert "constrained" in result.error.message
         finally:
             first.kill()
             if second is not None:

@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import GenerationRequest, final_body
-from qmesh.common.errors import PromptTooLong
+from qmesh.common.bodies import GenerationRequest, Message, final_body
+from qmesh.common.errors import SidecarRefused
 from qmesh.worker.http_client import Completion, CompletionChunk
+from qmesh.worker.tools import ContentDecoder, answer_schema, parse_answer, tool_messages
 
 SendBody = Callable[[bytes], None]
 # How a slot thread waits for credit: (condition, predicate, timeout) -> the predicate's final value. Tests
@@ -99,8 +100,18 @@ class Job:
             return True
 
 
+class ReplayDiverged(Exception):
+    """A constrained answer regenerated after a failover or a pause did not repeat what was delivered."""
+
+
 class Generation:
-    """Runs ``job`` against llama-server: ``send_chunk`` for every PARTIAL body, ``send_final`` once at the end."""
+    """Runs ``job`` against llama-server: ``send_chunk`` for every PARTIAL body, ``send_final`` once at the end.
+
+    An unconstrained answer continues after a pause or a failover from the delivered token ids (prompt + those
+    ids). A constrained one (a JSON schema, tool calls) cannot: the grammar's state is not in the tokens. It is
+    *replayed*: generated again from the start, each token checked against the delivered one and not sent again,
+    then continued; an answer that comes out differently ends in a 502, never in broken JSON.
+    """
 
     def __init__(
         self,
@@ -125,15 +136,27 @@ class Generation:
         self.stall_timeout = stall_timeout
         self.delivered: list[int] = list(job.request.resume_tokens)
         self.pauses = 0
+        self.calling_tools = bool(self.request.tools) and self.request.tool_choice != "none"
+        self.raw: list[str] = []  # the model's text for the delivered tokens (a tool answer's JSON)
+        self.decoder = ContentDecoder() if self.calling_tools else None
+        self.replay: list[int] = []  # delivered tokens still to be regenerated and checked (constrained answers)
 
     def run(self) -> None:
-        """Raises SidecarError if llama-server fails; every other ending sends a FINAL (a prompt longer than the
-        context: a 400, the caller's error)."""
-        request, job = self.request, self.job
-        if job.cancelled.is_set():  # cancelled while it waited for a free slot thread
+        """Raises SidecarError if llama-server fails; every other ending sends a FINAL (the caller's errors, such
+        as a prompt longer than the context or a schema llama-server cannot use: a 400)."""
+        if self.job.cancelled.is_set():  # cancelled while it waited for a free slot thread
             self.send_final(p.error_body(p.CANCELLED, "cancelled"))
             return
-        text = (request.prompt or "") if request.raw else self.sidecar.apply_template(request.chat_messages())
+        try:
+            self._run()
+        except SidecarRefused as exc:
+            self.send_final(p.error_body(p.BAD_REQUEST, str(exc)))
+        except ReplayDiverged as exc:
+            self.send_final(p.error_body(p.WORKER_FAILED, str(exc)))
+
+    def _run(self) -> None:
+        request, job = self.request, self.job
+        text = (request.prompt or "") if request.raw else self.sidecar.apply_template(self._messages())
         prompt_tokens: list[int] | None = None  # tokenized only to continue after delivered tokens
         while True:
             remaining = request.max_tokens - len(self.delivered)
@@ -142,15 +165,15 @@ class Generation:
                 return
             if not self.delivered:  # llama-server tokenizes text exactly as /tokenize with add_special does
                 prompt: str | list[int] = text
+            elif request.constrained:  # replay: the answer's text and its decoding are rebuilt as it goes
+                prompt, self.replay, self.raw = text, list(self.delivered), []
+                self.decoder = ContentDecoder() if self.calling_tools else None
+                remaining += len(self.replay)
             else:
                 if prompt_tokens is None:
                     prompt_tokens = self.sidecar.tokenize(text, add_special=True)
                 prompt = prompt_tokens + self.delivered
-            try:
-                stream = self.sidecar.generate_stream(prompt, max_tokens=remaining, **self._options())
-            except PromptTooLong as exc:
-                self.send_final(p.error_body(p.BAD_REQUEST, str(exc)))
-                return
+            stream = self.sidecar.generate_stream(prompt, max_tokens=remaining, **self._options())
             job.stream = stream
             held = self._stream(stream)
             if job.cancelled.is_set():
@@ -179,6 +202,9 @@ class Generation:
             if self.job.cancelled.is_set():
                 stream.close()
             for chunk in stream:
+                if self.replay:
+                    self._check_replayed(chunk)
+                    continue
                 if not self.job.take_credit(self.pause_after):
                     if not self.job.cancelled.is_set():
                         stream.close()  # frees the llama-server slot while the client does not read
@@ -187,11 +213,33 @@ class Generation:
                 self._deliver(chunk)
         return None
 
+    def _check_replayed(self, chunk: CompletionChunk) -> None:
+        expected, self.replay = self.replay[: len(chunk.token_ids)], self.replay[len(chunk.token_ids) :]
+        if chunk.token_ids != expected:
+            where = len(self.delivered) - len(self.replay) - len(expected)
+            raise ReplayDiverged(
+                f"a constrained answer cannot be continued exactly after a failover: regenerated, it differed from "
+                f"what was delivered at token {where}"
+            )
+        self.raw.append(chunk.text)
+        if self.decoder is not None:
+            self.decoder.feed(chunk.text)  # already sent: only the decoder's state is rebuilt
+
     def _deliver(self, chunk: CompletionChunk) -> None:
-        self.send_chunk(p.pack({"text": chunk.text, "tokens": chunk.token_ids}))
+        self.raw.append(chunk.text)
+        text = chunk.text if self.decoder is None else self.decoder.feed(chunk.text)
+        body: dict[str, Any] = {"text": text, "tokens": chunk.token_ids}
+        if self.request.logprobs is not None:
+            body["logprobs"] = [_logprob(entry, self.request.logprobs) for entry in chunk.probabilities]
+        self.send_chunk(p.pack(body))
         self.delivered.extend(chunk.token_ids)
 
     def _final(self, finish_reason: str | None, prompt_tokens: int, timings: dict[str, Any]) -> None:
+        extra: dict[str, Any] = {}
+        if self.calling_tools:
+            _, calls = parse_answer("".join(self.raw))
+            if calls is not None:  # the JSON is whole: its calls are, even if max_tokens ended it there
+                finish_reason, extra["tool_calls"] = "tool_calls", calls
         summary = final_body(
             finish_reason=finish_reason,
             tokens=len(self.delivered),
@@ -202,8 +250,16 @@ class Generation:
             worker=self.worker_name,
             model=self.model,
             timings=timings,
+            **extra,
         )
         self.send_final(summary)
+
+    def _messages(self) -> list[Message]:
+        request = self.request
+        has_tool_turns = any(m["role"] == "tool" or "tool_calls" in m for m in request.messages or [])
+        if self.calling_tools or has_tool_turns:
+            return tool_messages(request, describe=self.calling_tools)
+        return request.chat_messages()
 
     def _options(self) -> dict[str, Any]:
         request = self.request
@@ -212,6 +268,25 @@ class Generation:
             "seed": request.seed,
             "top_p": request.top_p,
             "top_k": request.top_k,
+            "min_p": request.min_p,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
             "stop": request.stop or None,
+            "logit_bias": [list(pair) for pair in request.logit_bias] or None,
+            "n_probs": None if request.logprobs is None else max(1, request.logprobs),
+            "json_schema": answer_schema(request) if self.calling_tools else request.json_schema,
         }
         return {name: value for name, value in options.items() if value is not None}
+
+
+def _logprob(entry: dict[str, Any], alternatives: int) -> dict[str, Any]:
+    """llama-server's probabilities of one token as a PARTIAL carries them."""
+    top = entry.get("top_logprobs") or []
+    return {
+        "token": entry.get("token", ""),
+        "logprob": entry.get("logprob", 0.0),
+        "bytes": entry.get("bytes") or [],
+        "top": [
+            {"token": t.get("token", ""), "logprob": t.get("logprob", 0.0), "bytes": t.get("bytes") or []} for t in top
+        ][:alternatives],
+    }

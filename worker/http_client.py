@@ -19,7 +19,7 @@ from typing import Any
 import requests
 import sseclient
 
-from qmesh.common.errors import PromptTooLong, SidecarError
+from qmesh.common.errors import PromptTooLong, SidecarError, SidecarRefused
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,12 @@ _HEALTH_TIMEOUT = 5.0  # /health answers at once even while loading; a slower an
 
 @dataclass
 class CompletionChunk:
-    """A piece of a streamed completion: its text and the token ids that produced it."""
+    """A piece of a streamed completion: its text, the token ids that produced it and, when asked for
+    (``n_probs``), llama-server's ``completion_probabilities`` for those tokens."""
 
     text: str
     token_ids: list[int]
+    probabilities: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -118,7 +120,7 @@ class CompletionStream:
             self._response.close()
         if not text and not tokens:
             return None
-        return CompletionChunk(text=text, token_ids=tokens)
+        return CompletionChunk(text=text, token_ids=tokens, probabilities=payload.get("completion_probabilities") or [])
 
     def _finish(self, final: dict[str, Any], stop_reason: str) -> None:
         with self._lock:
@@ -265,6 +267,12 @@ def _completion_body(
     stop: list[str] | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logit_bias: list[list[float]] | None = None,
+    n_probs: int | None = None,
+    json_schema: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The /completion request; unknown options are a TypeError, unset ones keep llama-server's defaults."""
     body: dict[str, Any] = {"prompt": prompt, "stream": stream, "cache_prompt": True, "return_tokens": True}
@@ -275,6 +283,12 @@ def _completion_body(
         "stop": stop,
         "top_k": top_k,
         "top_p": top_p,
+        "min_p": min_p,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+        "logit_bias": logit_bias,
+        "n_probs": n_probs,
+        "json_schema": json_schema,  # llama-server turns it into a grammar the sampler follows
     }
     body.update({key: value for key, value in options.items() if value is not None})
     return body
@@ -290,14 +304,21 @@ def _parse_event(data: str, url: str) -> dict[str, Any]:
     return payload
 
 
-def _error_from_body(payload: Any, url: str, status: int | None) -> SidecarError | PromptTooLong:
-    """llama-server reports failures as ``{"error": {"code", "message", "type"}}``; a prompt longer than the
-    context is the caller's error, with the counts (``n_prompt_tokens``, ``n_ctx``) in the body."""
+def _error_from_body(payload: Any, url: str, status: int | None) -> SidecarError | SidecarRefused:
+    """llama-server reports failures as ``{"error": {"code", "message", "type"}}``. A prompt longer than the
+    context (with the counts, ``n_prompt_tokens`` and ``n_ctx``) and an invalid request (a bad JSON schema) are
+    the caller's errors."""
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict) and error.get("type") == "exceed_context_size_error":
         prompt_tokens, context = error.get("n_prompt_tokens"), error.get("n_ctx")
         if isinstance(prompt_tokens, int) and isinstance(context, int):
             return PromptTooLong(prompt_tokens, context)
+    if (
+        isinstance(error, dict)
+        and error.get("type") == "invalid_request_error"
+        and isinstance(error.get("message"), str)
+    ):
+        return SidecarRefused(f"the model server refused the request: {error['message']}")
     if isinstance(error, dict):
         message = error.get("message") or json.dumps(error)
         status = status or error.get("code")
