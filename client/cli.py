@@ -81,6 +81,12 @@ def run(
     jsonl: bool = typer.Option(
         False, "--jsonl", envvar="QMESH_JSONL", help="One JSON object per prompt instead of plain text."
     ),
+    json_schema: Path = typer.Option(
+        None,
+        "--json-schema",
+        envvar="QMESH_JSON_SCHEMA",
+        help="Each answer is JSON that matches the JSON schema in this file (with --jsonl, in each record's 'json').",
+    ),
     no_stream: bool = typer.Option(
         False, "--no-stream", envvar="QMESH_NO_STREAM", help="Print each answer only once it is complete."
     ),
@@ -105,6 +111,7 @@ def run(
     version: bool = version_option(),
 ) -> None:
     setup_logging(log_level, log_format)
+    schema = load_schema(json_schema)  # a bad file is a usage error before anything is read or sent
     whole_prompt = read_whole(sys.stdin) if whole else None
     try:
         curve = client_keys_from_options(curve_secret, broker_key)
@@ -123,12 +130,12 @@ def run(
         model = model or pick_model(served)
         slots = served.get(model, {}).get("slots", 1)
         options: dict[str, Any] = {"model": model, "system": system, "max_tokens": max_tokens}
-        options.update({"temperature": temperature, "seed": seed})
+        options.update({"temperature": temperature, "seed": seed, "json_schema": schema})
         window = concurrency or min(max(slots, 1), MAX_DEFAULT_CONCURRENCY)
         prompts = read_lines(sys.stdin, ahead=window) if whole_prompt is None else one_prompt_input(whole_prompt)
         batch = Batch(client, prompts, options, window)
         printer = (
-            JsonlPrinter(sys.stdout)
+            JsonlPrinter(sys.stdout, structured=json_schema is not None)
             if jsonl
             else TextPrinter(sys.stdout, stream=not no_stream, placeholders=not no_placeholders)
         )
@@ -152,6 +159,27 @@ NO_PROMPT = "no prompt on stdin (pipe one prompt per line, or use --whole)"
 def fail(message: str, code: int) -> NoReturn:
     typer.echo(f"qmesh-client: {message}", err=True)
     raise typer.Exit(code)
+
+
+def load_schema(path: Path | None) -> dict[str, Any] | None:
+    """The JSON schema of ``--json-schema``; a usage error (exit 2) that names the file when it is not one."""
+    if path is None:
+        return None
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        fail(f"--json-schema {path}: {exc}", 2)
+    if not isinstance(schema, dict):
+        fail(f"--json-schema {path}: a JSON schema is a JSON object", 2)
+    return schema
+
+
+def _parsed(text: str) -> Any:
+    """The answer as JSON; None if it is not (cut short by --max-tokens)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def pick_model(served: dict[str, Any]) -> str:
@@ -332,8 +360,9 @@ def placeholder(code: int) -> str:
 
 
 class JsonlPrinter:
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, structured: bool = False) -> None:
         self.out = out
+        self.structured = structured  # answers are JSON (--json-schema): each record carries it parsed
 
     def progress(self, request: Request) -> None:
         pass
@@ -354,6 +383,8 @@ class JsonlPrinter:
             "failovers": result.failovers,
             "error": error,
         }
+        if self.structured:
+            record["json"] = _parsed(result.text) if result.error is None else None
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.out.flush()
 

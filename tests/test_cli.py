@@ -14,6 +14,7 @@ import threading
 import time
 from typing import IO
 
+import jsonschema
 import psutil
 import pytest
 import requests
@@ -125,6 +126,32 @@ def test_batch_answers_in_input_order_as_jsonl(endpoint):
         assert record["model"] == MODEL and record["worker"]
         assert record["tokens"] > 0 and record["ttft_ms"] > 0 and record["finish_reason"] in ("stop", "length")
         assert record["prompt_tokens"] > 0 and 0 <= record["cached_tokens"] <= record["prompt_tokens"]
+
+
+def test_json_schema_turns_lines_into_structured_records(endpoint, tmp_path):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(schema))
+    stdin = "Ada is 36.\nBob is 51.\n"
+    done = client(endpoint, "--jsonl", "--json-schema", str(schema_file), "--max-tokens", "40", stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["line"] for r in records] == [1, 2]
+    for record in records:
+        jsonschema.validate(record["json"], schema)
+        assert json.loads(record["text"]) == record["json"]
+
+
+def test_a_json_schema_file_that_is_not_one_is_a_usage_error(endpoint, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    done = client(endpoint, "--json-schema", str(bad), stdin="hi\n")
+    assert done.returncode == 2 and "--json-schema" in done.stderr and str(bad) in done.stderr
 
 
 def test_jsonl_reports_the_prompt_tokens_that_came_from_the_cache(endpoint):
