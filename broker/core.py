@@ -65,6 +65,7 @@ class WorkerState:
     prefixes: PrefixIndex = field(default_factory=lambda: PrefixIndex(1))  # what its llama-server has cached
     prompt_tokens: int = 0  # prompt tokens of the requests it finished, and how many of those came from cache
     cached_tokens: int = 0
+    framing: p.Framing = p.MDP02  # how it frames its commands, and so how the broker frames what it sends it
 
     @property
     def free_slots(self) -> int:
@@ -112,6 +113,8 @@ class RequestState:
     delivered: bytearray = field(default_factory=bytearray)  # PARTIAL bodies sent since the last (re)dispatch,
     # concatenated: about 25 bytes a token instead of ~65 for a list of bytes objects (decoded only on failover)
     partial_prefix: list[bytes] = field(default_factory=list)  # the frames before the body of a PARTIAL to the client
+    framing: p.Framing = p.MDP02  # the client's: its replies are framed the same way
+    held: list[bytes] | None = None  # a 7/MDP client's PARTIAL bodies, sent with the FINAL as its one REPLY
     failovers: int = 0
     prefix: list[bytes] = field(default_factory=list)  # the routing hint's prefix block hashes
     session: str | None = None
@@ -199,7 +202,7 @@ class BrokerCore:
             out.extend(self.on_unreachable(identity, now))
             if isinstance(message, p.ClientRequest):
                 text = "this key is not on the broker's client allow-list"
-                self._reject(identity, message.service, message.request_id, p.FORBIDDEN, text, out)
+                self._reject(identity, message.service, message.request_id, p.FORBIDDEN, text, out, message.framing)
             return False
         if not peer.worker:
             log.warning("dropped a worker message from key %s, which is not on the worker list", peer.name)
@@ -212,8 +215,9 @@ class BrokerCore:
             return True
         known = self.workers.get(identity)
         extended = known.extended if known is not None else isinstance(message, p.WorkerReady) and message.extended
+        framing = known.framing if known is not None else message.framing
         self._remove_worker(identity, now, f"key {peer.name} not allowed", out)
-        out.append((identity, p.disconnect((p.FORBIDDEN, reason) if extended else None)))
+        out.append((identity, p.disconnect((p.FORBIDDEN, reason) if extended else None, framing)))
         return False
 
     def on_unreachable(self, identity: bytes, now: float) -> list[Outgoing]:
@@ -259,8 +263,9 @@ class BrokerCore:
         pending, workers, beat = self._heartbeat_round, self.workers, p.heartbeat()
         for _ in range(min(self.config.heartbeat_batch, len(pending))):
             identity = pending.popleft()
-            if identity in workers:  # it may have left since the round began
-                out.append((identity, beat))
+            worker = workers.get(identity)
+            if worker is not None:  # it may have left since the round began
+                out.append((identity, beat if worker.framing == p.MDP02 else p.heartbeat(framing=worker.framing)))
 
     def _expire_queued(self, now: float, out: list[Outgoing]) -> None:
         for name, service in list(self.services.items()):
@@ -277,38 +282,38 @@ class BrokerCore:
     # ------------------------------------------------------------------------------------------ clients
 
     def _on_client_request(self, client: bytes, message: p.ClientRequest, now: float, out: list[Outgoing]) -> None:
-        service_name, request_id = message.service, message.request_id
+        service_name, request_id, framing = message.service, message.request_id, message.framing
         if service_name.startswith(p.MMI_PREFIX):
-            out.append((client, p.client_reply(True, service_name, request_id, self._mmi(service_name, message.body))))
+            answer = self._mmi(service_name, message.body)
+            out.append((client, p.client_reply(True, service_name, request_id, answer, framing)))
             return
         if request_id is not None and self.client_requests.get(client, {}).get(request_id):
             # A client resending a request that got no answer yet: the broker already has it.
             (key,) = self.client_requests[client][request_id]
             request = self.requests[key]
-            out.append((client, p.client_status(request.service, request_id, self._status(request))))
+            out.append((client, p.client_status(request.service, request_id, self._status(request), framing)))
             return
         size = sum(len(frame) for frame in message.body)
         if size > self.config.max_request_bytes:
             text = f"the request body is {size} bytes; the limit is {self.config.max_request_bytes}"
-            self._reject(client, service_name, request_id, p.TOO_LARGE, text, out)
+            self._reject(client, service_name, request_id, p.TOO_LARGE, text, out, framing)
             return
         in_flight = sum(len(keys) for keys in self.client_requests.get(client, {}).values())
         if in_flight >= self.config.max_client_requests:
             text = f"too many requests in flight on one connection (limit {self.config.max_client_requests})"
-            out.append(
-                (client, p.client_reply(True, service_name, request_id, [p.error_body(p.TOO_MANY_REQUESTS, text)]))
-            )
+            body = [p.error_body(p.TOO_MANY_REQUESTS, text)]
+            out.append((client, p.client_reply(True, service_name, request_id, body, framing)))
             return
         service = self.services.get(service_name)
         if (service is None or not service.workers) and service_name not in self.known_services and self.workers:
             models = ", ".join(sorted(s for s, st in self.services.items() if st.workers)) or "none"
             text = f"no worker serves model '{service_name}' (models served: {models})"
-            self._reject(client, service_name, request_id, p.UNKNOWN_MODEL, text, out)
+            self._reject(client, service_name, request_id, p.UNKNOWN_MODEL, text, out, framing)
             return
         can_start_now = service is not None and any(self.workers[w].free_slots > 0 for w in service.workers)
         if not can_start_now and len(service.queue if service else ()) >= self.config.max_queue:
             text = f"the queue for model '{service_name}' is full ({self.config.max_queue} waiting)"
-            self._reject(client, service_name, request_id, p.QUEUE_FULL, text, out)
+            self._reject(client, service_name, request_id, p.QUEUE_FULL, text, out, framing)
             return
         if service is None:
             service = self.services[service_name] = ServiceState()
@@ -322,7 +327,11 @@ class BrokerCore:
             deadline=now + self.config.queue_timeout,
             received_at=now,
         )
-        request.partial_prefix = p.client_reply(False, service_name, request_id, [])
+        request.framing = framing
+        if framing.dialect is p.Dialect.MDP01:
+            request.held = []
+        else:
+            request.partial_prefix = p.client_reply(False, service_name, request_id, [], framing)
         if message.hint is not None:
             request.prefix, request.session = split_hashes(message.hint.prefix), message.hint.session
         self.requests[key] = request
@@ -332,15 +341,22 @@ class BrokerCore:
         if request.worker is None:
             self._earliest_deadline = min(self._earliest_deadline, request.deadline)
         if request.worker is None and request_id is not None:
-            out.append((client, p.client_status(service_name, request_id, self._status(request))))
+            out.append((client, p.client_status(service_name, request_id, self._status(request), framing)))
 
     def _reject(
-        self, client: bytes, service: str, request_id: bytes | None, code: int, text: str, out: list[Outgoing]
+        self,
+        client: bytes,
+        service: str,
+        request_id: bytes | None,
+        code: int,
+        text: str,
+        out: list[Outgoing],
+        framing: p.Framing,
     ) -> None:
         """End a request the broker does not accept, before it has any state."""
         model = service if service in self.known_services else "other"  # keeps metric labels bounded
         self.finished.append(FinishedRequest(model, str(code), None, None, 0.0, 0))
-        out.append((client, p.client_reply(True, service, request_id, [p.error_body(code, text)])))
+        out.append((client, p.client_reply(True, service, request_id, [p.error_body(code, text)], framing)))
 
     def _on_client_cancel(self, client: bytes, request_id: bytes, out: list[Outgoing]) -> None:
         keys = self.client_requests.get(client, {}).get(request_id)
@@ -355,7 +371,7 @@ class BrokerCore:
             request = self.requests[key]
             worker = self.workers.get(request.worker) if request.worker is not None else None
             if worker is not None and worker.extended and message.credit:
-                out.append((worker.identity, p.worker_credit(key, message.credit)))
+                out.append((worker.identity, p.worker_credit(key, message.credit, worker.framing)))
 
     def _status(self, request: RequestState) -> dict[str, Any]:
         if request.worker is None:
@@ -377,10 +393,10 @@ class BrokerCore:
         self._unindex_client(request)
         self._record(request, str(p.CANCELLED), {})
         if notify_client and body:
-            out.append((request.client, p.client_reply(True, request.service, request.request_id, body)))
+            out.append((request.client, self._final(request, body)))
         worker = self.workers[request.worker]
         if worker.extended:
-            out.append((worker.identity, p.worker_cancel(request.key)))
+            out.append((worker.identity, p.worker_cancel(request.key, worker.framing)))
 
     # ------------------------------------------------------------------------------------------ workers
 
@@ -388,7 +404,7 @@ class BrokerCore:
         if identity in self.workers:
             log.warning("worker %s sent READY twice: disconnecting it", identity.hex())
             self._remove_worker(identity, now, "protocol violation (second READY)", out)
-            out.append((identity, p.disconnect()))
+            out.append((identity, p.disconnect(framing=message.framing)))
             return
         refusal = None
         if message.service.startswith(p.MMI_PREFIX):
@@ -399,7 +415,8 @@ class BrokerCore:
             refusal = f"slots must be an integer from 1 to {MAX_SLOTS_PER_WORKER}, got {slots!r}"
         if refusal is not None:
             log.warning("worker %s refused (%s): disconnecting", identity.hex(), refusal)
-            out.append((identity, p.disconnect((p.BAD_REQUEST, refusal) if message.extended else None)))
+            refused = p.disconnect((p.BAD_REQUEST, refusal) if message.extended else None, message.framing)
+            out.append((identity, refused))
             return
         name = info.get("name")
         context = _positive(info.get("context")) or DEFAULT_CONTEXT
@@ -413,12 +430,14 @@ class BrokerCore:
             info=info,
             expires_at=now + self.config.worker_ttl,
             prefixes=PrefixIndex(capacity // TOKENS_PER_BLOCK),
+            framing=message.framing,
         )
         self.workers[identity] = worker
         self.services.setdefault(message.service, ServiceState()).workers[identity] = None
         self.known_services.add(message.service)
         log.info("worker %s ready for %s with %d slot(s)", worker.name, message.service, slots)
-        out.append((identity, p.heartbeat()))  # the answer a worker waits for before it calls itself registered
+        # the answer a worker waits for before it calls itself registered
+        out.append((identity, p.heartbeat(framing=worker.framing)))
         self._dispatch(message.service, out)
 
     def _on_worker_message(self, identity: bytes, message: p.InboundMessage, now: float, out: list[Outgoing]) -> None:
@@ -426,7 +445,7 @@ class BrokerCore:
         if worker is None:
             if not isinstance(message, p.WorkerDisconnect):
                 # Typically a worker that outlived a broker restart: DISCONNECT makes it reconnect and re-register.
-                out.append((identity, p.disconnect()))
+                out.append((identity, p.disconnect(framing=message.framing)))
             return
         if isinstance(message, p.WorkerDisconnect):
             self._remove_worker(identity, now, "disconnected", out)
@@ -453,7 +472,10 @@ class BrokerCore:
         if request.first_chunk_at is None:
             request.first_chunk_at = now
         request.delivered += b"".join(body)
-        out.append((request.client, request.partial_prefix + body))
+        if request.held is None:
+            out.append((request.client, request.partial_prefix + body))
+        else:
+            request.held.extend(body)
 
     def _apply_load(self, worker: WorkerState, load: dict[str, Any], out: list[Outgoing]) -> None:
         if not load:
@@ -502,9 +524,8 @@ class BrokerCore:
             if request.worker is None:
                 self._earliest_deadline = min(self._earliest_deadline, request.deadline)
             if request.worker is None and request.request_id is not None:
-                out.append(
-                    (request.client, p.client_status(request.service, request.request_id, self._status(request)))
-                )
+                status = p.client_status(request.service, request.request_id, self._status(request), request.framing)
+                out.append((request.client, status))
         self._prune(worker.service)
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -569,9 +590,10 @@ class BrokerCore:
             self.sessions.move_to_end((request.service, request.session))
             if len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
-        out.append((worker.identity, p.worker_request(request.key, request.body)))
+        out.append((worker.identity, p.worker_request(request.key, request.body, worker.framing)))
         if request.request_id is not None:
-            out.append((request.client, p.client_status(request.service, request.request_id, self._status(request))))
+            status = p.client_status(request.service, request.request_id, self._status(request), request.framing)
+            out.append((request.client, status))
 
     def _finish(self, request: RequestState, out: list[Outgoing], *body: bytes, notify: bool = True) -> None:
         """Remove a request from every table; send the client its FINAL unless told not to."""
@@ -586,7 +608,14 @@ class BrokerCore:
             self._unindex_client(request)
             self._record(request, _outcome(summary) if notify else str(p.CANCELLED), summary)
         if notify:
-            out.append((request.client, p.client_reply(True, request.service, request.request_id, list(body))))
+            out.append((request.client, self._final(request, list(body))))
+
+    @staticmethod
+    def _final(request: RequestState, body: list[bytes]) -> list[bytes]:
+        """The client's FINAL in its framing; a 7/MDP client's one REPLY also carries the PARTIAL bodies held back."""
+        if request.held:
+            body = request.held + body
+        return p.client_reply(True, request.service, request.request_id, body, request.framing)
 
     def _learn(self, worker: WorkerState, request: RequestState, summary: dict[str, Any]) -> None:
         """What the worker's FINAL says of its prompt cache: counted, and a predicted hit that missed shrinks what

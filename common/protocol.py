@@ -4,8 +4,13 @@ This module is the only place that builds or parses frames. Everything else work
 below. ``docs/PROTOCOL.md`` is the specification; this is its implementation.
 
 Frames as seen by the broker's ROUTER socket start with the peer's routing id; the functions here take and
-return the frames *after* that id. Clients and workers use DEALER sockets, so there is no empty delimiter
+return the frames *after* that id. QMesh's clients and workers use DEALER sockets, so there is no empty delimiter
 frame (MDP 0.2).
+
+The broker also accepts the Majordomo peers people actually have, and answers each in the framing it used (its
+``Framing``): a leading empty frame on any command (REQ-compatible framing, as majortomo 0.2.0 and REQ clients
+send), 7/MDP (MDP/0.1: ``MDPC01``/``MDPW01``, one REPLY instead of PARTIALs and a FINAL), and majortomo 0.2.0's
+client, which frames MDPC02 with the worker's command codes and reads replies without a service frame.
 
 Plain 18/MDP peers and QMesh peers share one socket. QMesh's extensions never change the meaning of a plain
 MDP message:
@@ -18,6 +23,7 @@ MDP message:
 
 from __future__ import annotations
 
+import enum
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +36,8 @@ from qmesh.common.prefix import MAX_BLOCKS as MAX_PREFIX_BLOCKS
 
 CLIENT = b"MDPC02"
 WORKER = b"MDPW02"
+CLIENT_01 = b"MDPC01"  # 7/MDP (MDP/0.1), spoken by the zguide's Majordomo clients and workers
+WORKER_01 = b"MDPW01"
 
 # 18/MDP client commands
 C_REQUEST = b"\x01"
@@ -52,6 +60,18 @@ W_DISCONNECT = b"\x06"
 # QMesh worker extension (broker -> extended worker only)
 W_CANCEL = b"\x07"  # route-key
 W_CREDIT = b"\x08"  # route-key, credit (4-byte big-endian chunk count)
+
+# 7/MDP worker commands. Its client has no command frame: a REQUEST and its one REPLY are header, service, body.
+W01_READY = b"\x01"
+W01_REQUEST = b"\x02"
+W01_REPLY = b"\x03"
+W01_HEARTBEAT = b"\x04"
+W01_DISCONNECT = b"\x05"
+
+# majortomo 0.2.0's client sends MDPC02 with the worker's codes (a client's 0x02 is never a valid 18/MDP command)
+MT_REQUEST = W_REQUEST
+MT_PARTIAL = W_PARTIAL
+MT_FINAL = W_FINAL
 
 MMI_PREFIX = "mmi."
 
@@ -137,6 +157,37 @@ def error_body(code: int, message: str) -> bytes:
     return pack({"error": {"code": code, "message": message}})
 
 
+# ------------------------------------------------------------------------------------------------ framings
+
+
+class Dialect(enum.Enum):
+    MDP02 = "18/MDP"  # MDP/0.2 as RFC 18 has it, and QMesh's extensions
+    MAJORTOMO = "majortomo"  # clients only: MDPC02 with the worker's command codes, replies without the service
+    MDP01 = "7/MDP"  # MDP/0.1: a client gets one REPLY, a worker sends one
+
+
+@dataclass(slots=True, frozen=True)
+class Framing:
+    """How a peer frames its commands, and so how the broker frames what it sends that peer."""
+
+    dialect: Dialect = Dialect.MDP02
+    delimited: bool = False  # a leading empty frame on every command (REQ-compatible framing)
+
+
+MDP02 = Framing()
+# One object per framing, so that parsing a message allocates none.
+_FRAMINGS = {(dialect, delimited): Framing(dialect, delimited) for dialect in Dialect for delimited in (False, True)}
+
+
+def _framed(framing: Framing, frames: list[bytes]) -> list[bytes]:
+    return [b"", *frames] if framing.delimited else frames
+
+
+def _only_mdp02(framing: Framing, what: str) -> None:
+    if framing.dialect is not Dialect.MDP02:
+        raise ValueError(f"{what} exists only in 18/MDP framing, not in {framing.dialect.value}")
+
+
 # ------------------------------------------------------------------------------------------------ messages
 
 
@@ -157,23 +208,27 @@ class ClientRequest:
     request_id: bytes | None
     body: list[bytes]
     hint: RoutingHint | None = None
+    framing: Framing = MDP02
 
 
 @dataclass(slots=True)
 class ClientCancel:
     request_id: bytes
+    framing: Framing = MDP02
 
 
 @dataclass(slots=True)
 class ClientCredit:
     request_id: bytes
     credit: int
+    framing: Framing = MDP02
 
 
 @dataclass(slots=True)
 class WorkerReady:
     service: str
     info: dict[str, Any] = field(default_factory=dict)  # empty for a plain MDP worker
+    framing: Framing = MDP02
 
     @property
     def extended(self) -> bool:
@@ -184,22 +239,27 @@ class WorkerReady:
 class WorkerPartial:
     route_key: bytes
     body: list[bytes]
+    framing: Framing = MDP02
 
 
 @dataclass(slots=True)
 class WorkerFinal:
+    """A FINAL, or a 7/MDP worker's REPLY."""
+
     route_key: bytes
     body: list[bytes]
+    framing: Framing = MDP02
 
 
 @dataclass(slots=True)
 class WorkerHeartbeat:
     load: dict[str, Any] = field(default_factory=dict)
+    framing: Framing = MDP02
 
 
 @dataclass(slots=True)
 class WorkerDisconnect:
-    pass
+    framing: Framing = MDP02
 
 
 ClientMessage = ClientRequest | ClientCancel | ClientCredit
@@ -256,131 +316,211 @@ def _reply_envelope(frames: list[bytes], command: str) -> tuple[bytes, list[byte
 
 
 def parse_inbound(frames: list[bytes]) -> InboundMessage:
-    """Parse what a client or worker sent the broker (frames after the routing id).
+    """Parse what a client or worker sent the broker (frames after the routing id), in any framing it accepts.
 
     Raises ProtocolError for anything malformed; never any other exception.
     """
+    delimited = bool(frames) and frames[0] == b""  # never a header, so a leading empty frame is unambiguous
+    if delimited:
+        frames = frames[1:]
     if len(frames) < 2:
         raise ProtocolError(f"too few frames ({len(frames)})")
     header, command = frames[0], frames[1]
     if header == CLIENT:
+        framing = _FRAMINGS[Dialect.MDP02, delimited]
         if command == C_REQUEST:
             if len(frames) < 3:
                 raise ProtocolError("REQUEST without service frame")
-            return ClientRequest(_service(frames[2]), None, frames[3:])
+            return ClientRequest(_service(frames[2]), None, frames[3:], None, framing)
         if command == C_XREQUEST:
             if len(frames) < 4:
                 raise ProtocolError("XREQUEST needs service and request id frames")
-            return ClientRequest(_service(frames[2]), _request_id(frames[3]), frames[4:])
+            return ClientRequest(_service(frames[2]), _request_id(frames[3]), frames[4:], None, framing)
         if command == C_HINTED_REQUEST:
             if len(frames) < 5:
                 raise ProtocolError("a hinted request needs service, request id and hint frames")
-            return ClientRequest(_service(frames[2]), _request_id(frames[3]), frames[5:], _hint(frames[4]))
+            hint = _hint(frames[4])
+            return ClientRequest(_service(frames[2]), _request_id(frames[3]), frames[5:], hint, framing)
         if command == C_CANCEL:
             if len(frames) != 3:
                 raise ProtocolError("CANCEL takes exactly one request id frame")
-            return ClientCancel(_request_id(frames[2]))
+            return ClientCancel(_request_id(frames[2]), framing)
         if command == C_CREDIT:
             if len(frames) != 4:
                 raise ProtocolError("CREDIT takes a request id and a credit frame")
-            return ClientCredit(_request_id(frames[2]), _credit(frames[3]))
+            return ClientCredit(_request_id(frames[2]), _credit(frames[3]), framing)
+        if command == MT_REQUEST:
+            if len(frames) < 3:
+                raise ProtocolError("REQUEST without service frame")
+            return ClientRequest(_service(frames[2]), None, frames[3:], None, _FRAMINGS[Dialect.MAJORTOMO, delimited])
         raise ProtocolError(f"unknown client command {command!r}")
     if header == WORKER:
+        framing = _FRAMINGS[Dialect.MDP02, delimited]
         if command == W_READY:
             if len(frames) not in (3, 4):
                 raise ProtocolError("READY takes a service frame and an optional info frame")
             info = unpack_map(frames[3]) if len(frames) == 4 else {}
-            return WorkerReady(_service(frames[2]), info)
+            return WorkerReady(_service(frames[2]), info, framing)
         if command == W_PARTIAL:
-            return WorkerPartial(*_reply_envelope(frames, "PARTIAL"))
+            return WorkerPartial(*_reply_envelope(frames, "PARTIAL"), framing)
         if command == W_FINAL:
-            return WorkerFinal(*_reply_envelope(frames, "FINAL"))
+            return WorkerFinal(*_reply_envelope(frames, "FINAL"), framing)
         if command == W_HEARTBEAT:
             if len(frames) > 3:
                 raise ProtocolError("HEARTBEAT takes at most one load frame")
-            return WorkerHeartbeat(unpack_map(frames[2]) if len(frames) == 3 else {})
+            return WorkerHeartbeat(unpack_map(frames[2]) if len(frames) == 3 else {}, framing)
         if command == W_DISCONNECT:
             if len(frames) != 2:
                 raise ProtocolError("DISCONNECT from a worker takes no frames")
-            return WorkerDisconnect()
+            return WorkerDisconnect(framing)
         raise ProtocolError(f"unknown worker command {command!r}")
+    if header == CLIENT_01:  # 7/MDP: no command frame, the service comes second
+        return ClientRequest(_service(command), None, frames[2:], None, _FRAMINGS[Dialect.MDP01, delimited])
+    if header == WORKER_01:
+        framing = _FRAMINGS[Dialect.MDP01, delimited]
+        if command == W01_READY:
+            if len(frames) != 3:
+                raise ProtocolError("a 7/MDP READY takes one service frame")
+            return WorkerReady(_service(frames[2]), {}, framing)
+        if command == W01_REPLY:
+            return WorkerFinal(*_reply_envelope(frames, "REPLY"), framing)
+        if command in (W01_HEARTBEAT, W01_DISCONNECT):
+            if len(frames) != 2:
+                raise ProtocolError("a 7/MDP HEARTBEAT or DISCONNECT takes no frames")
+            return WorkerHeartbeat({}, framing) if command == W01_HEARTBEAT else WorkerDisconnect(framing)
+        raise ProtocolError(f"unknown 7/MDP worker command {command!r}")
     raise ProtocolError(f"unknown header {header[:16]!r}")
 
 
 # ------------------------------------------------------------------------------------- builders: broker side
 
 
-def client_reply(final: bool, service: str, request_id: bytes | None, body: list[bytes]) -> list[bytes]:
-    """PARTIAL or FINAL to a client; an extended request's id leads the body."""
-    frames = [CLIENT, C_FINAL if final else C_PARTIAL, service.encode()]
+def client_reply(
+    final: bool, service: str, request_id: bytes | None, body: list[bytes], framing: Framing = MDP02
+) -> list[bytes]:
+    """PARTIAL or FINAL to a client; an extended request's id leads the body. A 7/MDP client has only a REPLY,
+    which the broker sends for the FINAL (with the PARTIAL bodies it held back); majortomo's names no service."""
     if request_id is not None:
-        frames.append(request_id)
+        _only_mdp02(framing, "a request id")
+    dialect = framing.dialect
+    if dialect is Dialect.MDP02:
+        frames = [CLIENT, C_FINAL if final else C_PARTIAL, service.encode()]
+        if request_id is not None:
+            frames.append(request_id)
+    elif dialect is Dialect.MAJORTOMO:
+        frames = [CLIENT, MT_FINAL if final else MT_PARTIAL]
+    elif final:
+        frames = [CLIENT_01, service.encode()]
+    else:
+        raise ValueError("7/MDP has no PARTIAL: a client gets one REPLY")
     frames.extend(body)
-    return frames
+    return _framed(framing, frames)
 
 
-def client_status(service: str, request_id: bytes, status: dict[str, Any]) -> list[bytes]:
-    return [CLIENT, C_STATUS, service.encode(), request_id, pack(status)]
+def client_status(service: str, request_id: bytes, status: dict[str, Any], framing: Framing = MDP02) -> list[bytes]:
+    _only_mdp02(framing, "STATUS")
+    return _framed(framing, [CLIENT, C_STATUS, service.encode(), request_id, pack(status)])
 
 
-def worker_request(route_key: bytes, body: list[bytes]) -> list[bytes]:
-    return [WORKER, W_REQUEST, route_key, b"", *body]
+def _worker_header(framing: Framing) -> bytes:
+    if framing.dialect is Dialect.MAJORTOMO:
+        raise ValueError("majortomo's framing is a client's")
+    return WORKER_01 if framing.dialect is Dialect.MDP01 else WORKER
 
 
-def worker_cancel(route_key: bytes) -> list[bytes]:
-    return [WORKER, W_CANCEL, route_key]
+def worker_request(route_key: bytes, body: list[bytes], framing: Framing = MDP02) -> list[bytes]:
+    # REQUEST is 0x02 in both versions
+    return _framed(framing, [_worker_header(framing), W_REQUEST, route_key, b"", *body])
 
 
-def worker_credit(route_key: bytes, credit: int) -> list[bytes]:
-    return [WORKER, W_CREDIT, route_key, credit.to_bytes(4, "big")]
+def worker_cancel(route_key: bytes, framing: Framing = MDP02) -> list[bytes]:
+    _only_mdp02(framing, "CANCEL")
+    return _framed(framing, [WORKER, W_CANCEL, route_key])
 
 
-def heartbeat(load: dict[str, Any] | None = None) -> list[bytes]:
-    return [WORKER, W_HEARTBEAT] if not load else [WORKER, W_HEARTBEAT, pack(load)]
+def worker_credit(route_key: bytes, credit: int, framing: Framing = MDP02) -> list[bytes]:
+    _only_mdp02(framing, "CREDIT")
+    return _framed(framing, [WORKER, W_CREDIT, route_key, credit.to_bytes(4, "big")])
 
 
-def disconnect(refusal: tuple[int, str] | None = None) -> list[bytes]:
+def heartbeat(load: dict[str, Any] | None = None, framing: Framing = MDP02) -> list[bytes]:
+    if framing.dialect is Dialect.MDP01:
+        if load:
+            raise ValueError("a 7/MDP HEARTBEAT carries no load")
+        return _framed(framing, [WORKER_01, W01_HEARTBEAT])
+    frames = [_worker_header(framing), W_HEARTBEAT]
+    if load:
+        frames.append(pack(load))
+    return _framed(framing, frames)
+
+
+def disconnect(refusal: tuple[int, str] | None = None, framing: Framing = MDP02) -> list[bytes]:
     """DISCONNECT; to an extended worker the broker may add why it refused it (an error body), so that the
     worker can stop with that reason instead of registering again and again."""
-    if refusal is None:
-        return [WORKER, W_DISCONNECT]
-    return [WORKER, W_DISCONNECT, error_body(*refusal)]
+    if framing.dialect is Dialect.MDP01:
+        if refusal is not None:
+            raise ValueError("a 7/MDP DISCONNECT carries no reason")
+        return _framed(framing, [WORKER_01, W01_DISCONNECT])
+    frames = [_worker_header(framing), W_DISCONNECT]
+    if refusal is not None:
+        frames.append(error_body(*refusal))
+    return _framed(framing, frames)
 
 
 # ------------------------------------------------------------------------------------- builders: peer side
 
 
-def ready(service: str, info: dict[str, Any] | None = None) -> list[bytes]:
-    frames = [WORKER, W_READY, service.encode()]
+def ready(service: str, info: dict[str, Any] | None = None, framing: Framing = MDP02) -> list[bytes]:
+    if framing.dialect is Dialect.MDP01 and info:
+        raise ValueError("a 7/MDP READY carries no info")
+    frames = [_worker_header(framing), W_READY, service.encode()]  # READY is 0x01 in both versions
     if info:
         frames.append(pack(info))
-    return frames
+    return _framed(framing, frames)
 
 
-def worker_reply(final: bool, route_key: bytes, body: list[bytes]) -> list[bytes]:
-    return [WORKER, W_FINAL if final else W_PARTIAL, route_key, b"", *body]
+def worker_reply(final: bool, route_key: bytes, body: list[bytes], framing: Framing = MDP02) -> list[bytes]:
+    """PARTIAL or FINAL; a 7/MDP worker's one REPLY stands for its FINAL."""
+    if framing.dialect is Dialect.MDP01:
+        if not final:
+            raise ValueError("7/MDP has no PARTIAL: a worker sends one REPLY")
+        command = W01_REPLY
+    else:
+        command = W_FINAL if final else W_PARTIAL
+    return _framed(framing, [_worker_header(framing), command, route_key, b"", *body])
 
 
 def client_request(
-    service: str, body: list[bytes], request_id: bytes | None = None, hint: RoutingHint | None = None
+    service: str,
+    body: list[bytes],
+    request_id: bytes | None = None,
+    hint: RoutingHint | None = None,
+    framing: Framing = MDP02,
 ) -> list[bytes]:
     """REQUEST (no id), XREQUEST (an id) or, with a routing hint that says anything, a hinted request."""
+    if request_id is not None:
+        _only_mdp02(framing, "a request id")
+    if framing.dialect is Dialect.MDP01:
+        return _framed(framing, [CLIENT_01, service.encode(), *body])
     if request_id is None:
-        return [CLIENT, C_REQUEST, service.encode(), *body]
+        command = MT_REQUEST if framing.dialect is Dialect.MAJORTOMO else C_REQUEST
+        return _framed(framing, [CLIENT, command, service.encode(), *body])
     if hint is None or not hint.prefix and hint.session is None:
-        return [CLIENT, C_XREQUEST, service.encode(), request_id, *body]
+        return _framed(framing, [CLIENT, C_XREQUEST, service.encode(), request_id, *body])
     fields: dict[str, Any] = {"prefix": hint.prefix} if hint.prefix else {}
     if hint.session is not None:
         fields["session"] = hint.session
-    return [CLIENT, C_HINTED_REQUEST, service.encode(), request_id, pack(fields), *body]
+    return _framed(framing, [CLIENT, C_HINTED_REQUEST, service.encode(), request_id, pack(fields), *body])
 
 
-def client_cancel(request_id: bytes) -> list[bytes]:
-    return [CLIENT, C_CANCEL, request_id]
+def client_cancel(request_id: bytes, framing: Framing = MDP02) -> list[bytes]:
+    _only_mdp02(framing, "CANCEL")
+    return _framed(framing, [CLIENT, C_CANCEL, request_id])
 
 
-def client_credit(request_id: bytes, credit: int) -> list[bytes]:
-    return [CLIENT, C_CREDIT, request_id, credit.to_bytes(4, "big")]
+def client_credit(request_id: bytes, credit: int, framing: Framing = MDP02) -> list[bytes]:
+    _only_mdp02(framing, "CREDIT")
+    return _framed(framing, [CLIENT, C_CREDIT, request_id, credit.to_bytes(4, "big")])
 
 
 # -------------------------------------------------------------------------- parsing: what peers receive
@@ -388,17 +528,36 @@ def client_credit(request_id: bytes, credit: int) -> list[bytes]:
 
 @dataclass(slots=True)
 class BrokerToWorker:
-    command: bytes  # W_REQUEST, W_CANCEL, W_CREDIT, W_HEARTBEAT or W_DISCONNECT
+    command: bytes  # W_REQUEST, W_CANCEL, W_CREDIT, W_HEARTBEAT or W_DISCONNECT (in any framing: 18/MDP's codes)
     route_key: bytes = b""
     body: list[bytes] = field(default_factory=list)
     credit: int = 0
     refusal: tuple[int, str] | None = None  # a DISCONNECT's reason, when the broker refused the worker
 
 
-def parse_for_worker(frames: list[bytes]) -> BrokerToWorker:
-    if len(frames) < 2 or frames[0] != WORKER:
-        raise ProtocolError("not an MDPW02 message")
+def _unframed(frames: list[bytes], framing: Framing) -> list[bytes]:
+    """The frames after the leading empty frame the framing has; ProtocolError if it is not there."""
+    if not framing.delimited:
+        return frames
+    if not frames or frames[0] != b"":
+        raise ProtocolError("the leading empty frame is missing")
+    return frames[1:]
+
+
+def parse_for_worker(frames: list[bytes], framing: Framing = MDP02) -> BrokerToWorker:
+    """Parse what the broker sent a worker that frames its own commands as ``framing``."""
+    header = _worker_header(framing)
+    frames = _unframed(frames, framing)
+    if len(frames) < 2 or frames[0] != header:
+        raise ProtocolError(f"not an {header.decode()} message")
     command = frames[1]
+    if header == WORKER_01:
+        if command in (W01_HEARTBEAT, W01_DISCONNECT):
+            if len(frames) != 2:
+                raise ProtocolError("a 7/MDP HEARTBEAT or DISCONNECT takes no frames")
+            return BrokerToWorker(W_HEARTBEAT if command == W01_HEARTBEAT else W_DISCONNECT)
+        if command != W01_REQUEST:
+            raise ProtocolError(f"unexpected command {command!r} for a 7/MDP worker")
     if command == W_REQUEST:
         if len(frames) < 4 or frames[3] != b"" or not frames[2]:
             raise ProtocolError("REQUEST needs route key, empty frame and body")
@@ -434,14 +593,24 @@ def _refusal(frame: bytes) -> tuple[int, str]:
 
 @dataclass(slots=True)
 class BrokerToClient:
-    command: bytes  # C_PARTIAL, C_FINAL or C_STATUS
-    service: str
+    command: bytes  # C_PARTIAL, C_FINAL or C_STATUS (in any framing: 18/MDP's codes; a 7/MDP REPLY is a C_FINAL)
+    service: str  # "" in majortomo's framing, whose replies do not name it
     request_id: bytes | None
     body: list[bytes]
 
 
-def parse_for_client(frames: list[bytes], extended: bool = True) -> BrokerToClient:
-    """Parse a reply on a client socket; ``extended`` says the client sent XREQUESTs (ids lead the body)."""
+def parse_for_client(frames: list[bytes], extended: bool = True, framing: Framing = MDP02) -> BrokerToClient:
+    """Parse a reply on a client socket whose requests were framed as ``framing``; ``extended`` says the client
+    sent XREQUESTs (ids lead the body; 18/MDP framing only)."""
+    frames = _unframed(frames, framing)
+    if framing.dialect is Dialect.MDP01:
+        if len(frames) < 2 or frames[0] != CLIENT_01:
+            raise ProtocolError("not an MDPC01 reply")
+        return BrokerToClient(C_FINAL, _service(frames[1]), None, frames[2:])
+    if framing.dialect is Dialect.MAJORTOMO:
+        if len(frames) < 2 or frames[0] != CLIENT or frames[1] not in (MT_PARTIAL, MT_FINAL):
+            raise ProtocolError("not a PARTIAL or FINAL in majortomo's framing")
+        return BrokerToClient(C_FINAL if frames[1] == MT_FINAL else C_PARTIAL, "", None, frames[2:])
     if len(frames) < 3 or frames[0] != CLIENT:
         raise ProtocolError("not an MDPC02 reply")
     command = frames[1]

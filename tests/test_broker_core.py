@@ -841,8 +841,16 @@ MALFORMED: list[list[bytes]] = [
     [],
     [p.CLIENT],
     [p.WORKER],
-    [b"MDPC01", p.C_REQUEST, MODEL.encode(), b"x"],
     [b"", b""],
+    [b"", b"", *p.client_request(MODEL, [b"x"])],  # one leading empty frame is a delimiter, two are not
+    [p.CLIENT_01, b"bad\nname", b"x"],
+    [b"", p.CLIENT_01],
+    [p.WORKER_01, p.W01_READY],
+    [p.WORKER_01, p.W01_READY, MODEL.encode(), p.pack({"slots": 2})],  # 7/MDP has no info frame
+    [p.WORKER_01, p.W01_REPLY, b"key"],
+    [p.WORKER_01, p.W01_HEARTBEAT, p.pack({"busy": 1})],  # nor a load frame
+    [p.WORKER_01, b"\x06", b"key", b"", b"body"],  # no command 0x06 in 7/MDP
+    [b"", p.WORKER_01, p.W01_DISCONNECT, b"extra"],
     [b"garbage" * 10, b"\x01", b"x"],
     [p.CLIENT, b"\x99", MODEL.encode()],
     [p.CLIENT, p.C_REQUEST],
@@ -947,3 +955,143 @@ def test_a_plain_body_cannot_be_resumed_and_ends_in_502() -> None:
     ready(core, W2, slots=1)
     final = only_final(unreachable(core, W1), C1)
     assert error_code(final) == p.WORKER_FAILED and "cannot be resumed" in p.unpack(final.body[0])["error"]["message"]
+
+
+# --------------------------------------------------------------------- other framings: leading empty frame, 7/MDP
+
+DELIMITED = p.Framing(delimited=True)
+MAJORTOMO = p.Framing(p.Dialect.MAJORTOMO, delimited=True)  # as majortomo 0.2.0's Client sends
+OLD = p.Framing(p.Dialect.MDP01, delimited=True)  # 7/MDP as the spec has it (REQ clients, delimited workers)
+MDP01_DEALER = p.Framing(p.Dialect.MDP01)
+
+
+def test_a_delimited_client_gets_every_reply_delimited() -> None:
+    core = make_core()
+    ready(core, W1, slots=1)
+    key = only_request_to(send(core, C1, p.client_request(MODEL, [b"hi"], framing=DELIMITED)), W1).route_key
+    assert frames_to(reply(core, W1, key, b"t1", final=False), C1) == [[b"", p.CLIENT, p.C_PARTIAL, b"smollm2", b"t1"]]
+    assert frames_to(reply(core, W1, key, b"done", final=True), C1) == [[b"", p.CLIENT, p.C_FINAL, b"smollm2", b"done"]]
+    out = send(core, C2, p.client_request(MODEL, [b"x"], b"r", framing=DELIMITED))  # XREQUEST, delimited
+    (status,) = frames_to(out, C2)
+    assert status[0] == b"" and p.parse_for_client(status, framing=DELIMITED).command == p.C_STATUS
+    out = send(core, C2, p.client_cancel(b"r", DELIMITED))
+    assert error_code(p.parse_for_client(frames_to(out, C2)[0], framing=DELIMITED)) == p.CANCELLED
+
+
+def test_a_delimited_worker_gets_everything_delimited() -> None:
+    core = make_core()
+    out = send(core, W1, p.ready(MODEL, {"slots": 2}, DELIMITED))
+    assert out == [(W1, [b"", p.WORKER, p.W_HEARTBEAT])]
+    out = xrequest(core, C1, b"r")
+    (job,) = frames_to(out, W1)
+    assert job[:3] == [b"", p.WORKER, p.W_REQUEST]
+    key = p.parse_for_worker(job, DELIMITED).route_key
+    out = send(core, W1, p.worker_reply(False, key, [b"t"], DELIMITED))
+    assert [m.command for m in to_client(out, C1)] == [p.C_PARTIAL]
+    assert frames_to(send(core, C1, p.client_credit(b"r", 8)), W1) == [[b"", p.WORKER, p.W_CREDIT, key, b"\0\0\0\x08"]]
+    assert frames_to(send(core, C1, p.client_cancel(b"r")), W1) == [[b"", p.WORKER, p.W_CANCEL, key]]
+    assert tick(core, HB) == [(W1, [b"", p.WORKER, p.W_HEARTBEAT])]
+    send(core, W1, p.disconnect(framing=DELIMITED))
+    assert core.workers == {}
+
+
+def test_majortomo_client_gets_worker_codes_and_no_service_frame() -> None:
+    core = make_core()
+    ready(core, W1, slots=1)
+    key = only_request_to(send(core, C1, p.client_request(MODEL, [b"a", b"b"], framing=MAJORTOMO)), W1).route_key
+    assert frames_to(reply(core, W1, key, b"t1", final=False), C1) == [[b"", p.CLIENT, p.MT_PARTIAL, b"t1"]]
+    assert frames_to(reply(core, W1, key, b"end", final=True), C1) == [[b"", p.CLIENT, p.MT_FINAL, b"end"]]
+
+
+def test_an_old_client_gets_the_whole_stream_of_a_new_worker_as_one_reply() -> None:
+    core = make_core()
+    ready(core, W1, slots=1)
+    key = only_request_to(send(core, C1, p.client_request(MODEL, [b"hi"], framing=OLD)), W1).route_key
+    for chunk in (b"p1", b"p2"):
+        assert reply(core, W1, key, chunk, final=False) == [], "a 7/MDP client has no PARTIAL: held back"
+    out = reply(core, W1, key, b"summary", final=True)
+    assert frames_to(out, C1) == [[b"", p.CLIENT_01, MODEL.encode(), b"p1", b"p2", b"summary"]]
+    assert core.requests == {} and core.finished[-1].chunks == 2
+
+
+def test_an_old_clients_request_on_a_dead_worker_ends_like_a_plain_one() -> None:
+    """Before any chunk it moves to another worker; mid-stream a plain body cannot be resumed: 502, in one REPLY
+    with the chunks held so far."""
+    core = make_core()
+    ready(core, W1, slots=1)
+    out = send(core, C1, p.client_request(MODEL, [b"plain prompt"], framing=MDP01_DEALER))
+    key = only_request_to(out, W1).route_key
+    ready(core, W2, slots=1)
+    unreachable(core, W1)
+    key = only_request_to(ready(core, W3, slots=1) + unreachable(core, W2), W3).route_key
+    assert reply(core, W3, key, b"p1", final=False) == []
+    out = unreachable(core, W3)
+    ((old, *frames),) = frames_to(out, C1)
+    assert old == p.CLIENT_01 and frames[:2] == [MODEL.encode(), b"p1"]
+    assert p.unpack(frames[2])["error"]["code"] == p.WORKER_FAILED
+
+
+def test_an_old_clients_rejection_is_its_reply() -> None:
+    core = make_core()
+    ready(core, W1)
+    out = send(core, C1, p.client_request("nope", [b"x"], framing=OLD))
+    ((empty, old, service, body),) = frames_to(out, C1)
+    assert (empty, old, service) == (b"", p.CLIENT_01, b"nope") and p.unpack(body)["error"]["code"] == p.UNKNOWN_MODEL
+
+
+def test_an_old_worker_is_registered_heartbeated_and_disconnected_in_its_framing() -> None:
+    core = make_core()
+    assert send(core, W1, p.ready(MODEL, framing=OLD)) == [(W1, [b"", p.WORKER_01, p.W01_HEARTBEAT])]
+    assert core.worker_table()[0]["slots"] == 1 and not core.worker_table()[0]["extended"]
+    assert tick(core, HB) == [(W1, [b"", p.WORKER_01, p.W01_HEARTBEAT])]
+    assert send(core, W1, p.ready(MODEL, framing=OLD)) == [(W1, [b"", p.WORKER_01, p.W01_DISCONNECT])]
+    assert core.workers == {}
+    assert send(core, W2, p.heartbeat(framing=MDP01_DEALER)) == [(W2, [p.WORKER_01, p.W01_DISCONNECT])]
+    assert send(core, W2, p.ready("mmi.x", framing=OLD)) == [(W2, [b"", p.WORKER_01, p.W01_DISCONNECT])]
+
+
+def test_a_new_client_gets_an_old_workers_reply_as_its_final() -> None:
+    """7/MDP has no PARTIAL: the worker's one REPLY is the FINAL, and frees the worker for the next request."""
+    core = make_core()
+    send(core, W1, p.ready(MODEL, framing=OLD))
+    out = xrequest(core, C1, b"first", b"one")
+    (job,) = frames_to(out, W1)
+    assert job[:3] == [b"", p.WORKER_01, p.W01_REQUEST] and job[4:] == [b"", b"one"]
+    key = p.parse_for_worker(job, OLD).route_key
+    second = request(core, C2, b"two")
+    assert frames_to(second, W1) == [], "one request at a time"
+    out = send(core, W1, p.worker_reply(True, key, [b"answer"], OLD))
+    assert frames_to(out, C1) == [[p.CLIENT, p.C_FINAL, MODEL.encode(), b"first", b"answer"]]
+    assert [m.body for m in requests_to_old(out, W1)] == [[b"two"]]
+
+
+def requests_to_old(out: list[Outgoing], worker: bytes) -> list[p.BrokerToWorker]:
+    return [p.parse_for_worker(frames, OLD) for frames in frames_to(out, worker)]
+
+
+def test_an_old_workers_request_is_not_cancelled_on_it() -> None:
+    """A 7/MDP worker has no CANCEL: the client has its 499 at once, the worker's slot frees with its REPLY."""
+    core = make_core()
+    send(core, W1, p.ready(MODEL, framing=OLD))
+    key = requests_to_old(xrequest(core, C1, b"r"), W1)[0].route_key
+    out = send(core, C1, p.client_cancel(b"r"))
+    assert recipients(out) == {C1} and error_code(only_final(out, C1)) == p.CANCELLED
+    assert send(core, W1, p.worker_reply(True, key, [b"late"], OLD)) == []
+    assert core.requests == {} and core.worker_table()[0]["busy"] == 0
+
+
+@pytest.mark.parametrize(
+    ("framing", "answer"),
+    [
+        (p.MDP02, [p.CLIENT, p.C_FINAL, b"mmi.service", b"200"]),
+        (DELIMITED, [b"", p.CLIENT, p.C_FINAL, b"mmi.service", b"200"]),
+        (MAJORTOMO, [b"", p.CLIENT, p.MT_FINAL, b"200"]),
+        (OLD, [b"", p.CLIENT_01, b"mmi.service", b"200"]),
+        (MDP01_DEALER, [p.CLIENT_01, b"mmi.service", b"200"]),
+    ],
+    ids=["18/MDP", "delimited", "majortomo", "7/MDP", "7/MDP-dealer"],
+)
+def test_mmi_service_answers_in_the_askers_framing(framing: p.Framing, answer: list[bytes]) -> None:
+    core = make_core()
+    send(core, W1, p.ready(MODEL, framing=OLD))
+    assert send(core, C1, p.client_request("mmi.service", [MODEL.encode()], framing=framing)) == [(C1, answer)]

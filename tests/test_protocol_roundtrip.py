@@ -2,7 +2,8 @@
 
 Two properties: what a builder makes parses back to what it was given, and whatever a parser accepts is
 something a builder makes (building from the parsed message gives the same frames, up to how msgpack encodes a
-value); for everything else the parser raises ProtocolError and nothing else.
+value); for everything else the parser raises ProtocolError and nothing else. Both hold in every framing: 18/MDP,
+majortomo's client framing and 7/MDP, each with and without a leading empty frame.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +27,11 @@ bodies = st.lists(st.binary(max_size=32), max_size=3)
 plain_values = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=10))
 maps = st.dictionaries(st.text(min_size=1, max_size=8), plain_values, min_size=1, max_size=4)
 refusals = st.one_of(st.none(), st.tuples(st.integers(100, 599), st.text(max_size=40)))
+delimited = st.booleans()
+# QMesh's extensions (request ids, CANCEL, CREDIT, STATUS, info, load, refusals) exist only in 18/MDP framing.
+mdp02_framings = st.builds(p.Framing, st.just(p.Dialect.MDP02), delimited)
+worker_framings = st.builds(p.Framing, st.sampled_from([p.Dialect.MDP02, p.Dialect.MDP01]), delimited)
+client_framings = st.builds(p.Framing, st.sampled_from(list(p.Dialect)), delimited)
 hints = st.one_of(
     st.none(),
     st.builds(
@@ -40,119 +47,196 @@ hints = st.one_of(
 # ------------------------------------------------------------------------------ client -> broker, worker -> broker
 
 
-@given(service=services, body=bodies, request_id=st.one_of(st.none(), request_ids), hint=hints)
-def test_client_request(service: str, body: list[bytes], request_id: bytes | None, hint: p.RoutingHint | None) -> None:
-    frames = p.client_request(service, body, request_id, hint)
+@given(service=services, body=bodies, request_id=st.one_of(st.none(), request_ids), hint=hints, framing=client_framings)
+def test_client_request(
+    service: str, body: list[bytes], request_id: bytes | None, hint: p.RoutingHint | None, framing: p.Framing
+) -> None:
+    if framing.dialect is not p.Dialect.MDP02:
+        request_id = None  # plain requests only: ids are QMesh's
+    frames = p.client_request(service, body, request_id, hint, framing)
     sent = hint if request_id is not None and hint is not None and (hint.prefix or hint.session) else None
-    assert p.parse_inbound(frames) == p.ClientRequest(service, request_id, body, sent)
+    assert p.parse_inbound(frames) == p.ClientRequest(service, request_id, body, sent, framing)
 
 
-@given(request_id=request_ids, credit=credits)
-def test_client_cancel_and_credit(request_id: bytes, credit: int) -> None:
-    assert p.parse_inbound(p.client_cancel(request_id)) == p.ClientCancel(request_id)
-    assert p.parse_inbound(p.client_credit(request_id, credit)) == p.ClientCredit(request_id, credit)
+@given(request_id=request_ids, credit=credits, framing=mdp02_framings)
+def test_client_cancel_and_credit(request_id: bytes, credit: int, framing: p.Framing) -> None:
+    assert p.parse_inbound(p.client_cancel(request_id, framing)) == p.ClientCancel(request_id, framing)
+    assert p.parse_inbound(p.client_credit(request_id, credit, framing)) == p.ClientCredit(request_id, credit, framing)
 
 
-@given(service=services, info=st.one_of(st.none(), maps))
-def test_ready(service: str, info: dict[str, Any] | None) -> None:
-    assert p.parse_inbound(p.ready(service, info)) == p.WorkerReady(service, info or {})
+@given(service=services, info=st.one_of(st.none(), maps), framing=worker_framings)
+def test_ready(service: str, info: dict[str, Any] | None, framing: p.Framing) -> None:
+    if framing.dialect is p.Dialect.MDP01:
+        info = None
+    assert p.parse_inbound(p.ready(service, info, framing)) == p.WorkerReady(service, info or {}, framing)
 
 
-@given(final=st.booleans(), route_key=route_keys, body=bodies)
-def test_worker_reply(final: bool, route_key: bytes, body: list[bytes]) -> None:
-    expected = p.WorkerFinal(route_key, body) if final else p.WorkerPartial(route_key, body)
-    assert p.parse_inbound(p.worker_reply(final, route_key, body)) == expected
+@given(final=st.booleans(), route_key=route_keys, body=bodies, framing=worker_framings)
+def test_worker_reply(final: bool, route_key: bytes, body: list[bytes], framing: p.Framing) -> None:
+    final = final or framing.dialect is p.Dialect.MDP01  # a 7/MDP REPLY is a FINAL
+    expected = p.WorkerFinal(route_key, body, framing) if final else p.WorkerPartial(route_key, body, framing)
+    assert p.parse_inbound(p.worker_reply(final, route_key, body, framing)) == expected
 
 
-@given(load=st.one_of(st.none(), maps))
-def test_worker_heartbeat_and_disconnect(load: dict[str, Any] | None) -> None:
-    assert p.parse_inbound(p.heartbeat(load)) == p.WorkerHeartbeat(load or {})
-    assert p.parse_inbound(p.disconnect()) == p.WorkerDisconnect()
+@given(load=st.one_of(st.none(), maps), framing=worker_framings)
+def test_worker_heartbeat_and_disconnect(load: dict[str, Any] | None, framing: p.Framing) -> None:
+    if framing.dialect is p.Dialect.MDP01:
+        load = None
+    assert p.parse_inbound(p.heartbeat(load, framing)) == p.WorkerHeartbeat(load or {}, framing)
+    assert p.parse_inbound(p.disconnect(framing=framing)) == p.WorkerDisconnect(framing)
+
+
+def test_a_leading_empty_frame_is_the_only_one() -> None:
+    """One empty frame is a delimiter; a second is an empty header."""
+    assert p.parse_inbound([b"", *p.client_request("echo", [b"x"])]).framing == p.Framing(delimited=True)
+    for frames in ([b"", b"", *p.client_request("echo", [b"x"])], [b""], [b"", p.CLIENT]):
+        with pytest.raises(p.ProtocolError):
+            p.parse_inbound(frames)
 
 
 # ------------------------------------------------------------------------------------------------- broker -> worker
 
 
-@given(route_key=route_keys, body=bodies, credit=credits, refusal=refusals)
-def test_broker_to_worker(route_key: bytes, body: list[bytes], credit: int, refusal: tuple[int, str] | None) -> None:
-    assert p.parse_for_worker(p.worker_request(route_key, body)) == p.BrokerToWorker(p.W_REQUEST, route_key, body)
-    assert p.parse_for_worker(p.worker_cancel(route_key)) == p.BrokerToWorker(p.W_CANCEL, route_key)
-    assert p.parse_for_worker(p.worker_credit(route_key, credit)) == p.BrokerToWorker(
+@given(
+    route_key=route_keys,
+    body=bodies,
+    credit=credits,
+    refusal=refusals,
+    framing=worker_framings,
+    extended=mdp02_framings,
+)
+def test_broker_to_worker(
+    route_key: bytes,
+    body: list[bytes],
+    credit: int,
+    refusal: tuple[int, str] | None,
+    framing: p.Framing,
+    extended: p.Framing,
+) -> None:
+    def parse(frames: list[bytes], framing: p.Framing = framing) -> p.BrokerToWorker:
+        return p.parse_for_worker(frames, framing)
+
+    assert parse(p.worker_request(route_key, body, framing)) == p.BrokerToWorker(p.W_REQUEST, route_key, body)
+    assert parse(p.heartbeat(framing=framing)) == p.BrokerToWorker(p.W_HEARTBEAT)
+    assert parse(p.disconnect(framing=framing)) == p.BrokerToWorker(p.W_DISCONNECT)
+    # only to an extended worker, in 18/MDP framing
+    assert parse(p.worker_cancel(route_key, extended), extended) == p.BrokerToWorker(p.W_CANCEL, route_key)
+    assert parse(p.worker_credit(route_key, credit, extended), extended) == p.BrokerToWorker(
         p.W_CREDIT, route_key, credit=credit
     )
-    assert p.parse_for_worker(p.heartbeat()) == p.BrokerToWorker(p.W_HEARTBEAT)
-    assert p.parse_for_worker(p.disconnect(refusal)) == p.BrokerToWorker(p.W_DISCONNECT, refusal=refusal)
+    assert parse(p.disconnect(refusal, extended), extended) == p.BrokerToWorker(p.W_DISCONNECT, refusal=refusal)
 
 
 # ------------------------------------------------------------------------------------------------- broker -> client
 
 
-@given(final=st.booleans(), service=services, request_id=st.one_of(st.none(), request_ids), body=bodies)
-def test_client_reply(final: bool, service: str, request_id: bytes | None, body: list[bytes]) -> None:
-    frames = p.client_reply(final, service, request_id, body)
+@given(
+    final=st.booleans(),
+    service=services,
+    request_id=st.one_of(st.none(), request_ids),
+    body=bodies,
+    framing=client_framings,
+)
+def test_client_reply(
+    final: bool, service: str, request_id: bytes | None, body: list[bytes], framing: p.Framing
+) -> None:
+    if framing.dialect is not p.Dialect.MDP02:
+        request_id = None
+    final = final or framing.dialect is p.Dialect.MDP01  # a 7/MDP client gets only its one REPLY
+    frames = p.client_reply(final, service, request_id, body, framing)
     command = p.C_FINAL if final else p.C_PARTIAL
-    assert p.parse_for_client(frames, extended=request_id is not None) == p.BrokerToClient(
-        command, service, request_id, body
+    named = "" if framing.dialect is p.Dialect.MAJORTOMO else service  # majortomo's replies do not name it
+    assert p.parse_for_client(frames, request_id is not None, framing) == p.BrokerToClient(
+        command, named, request_id, body
     )
 
 
-@given(service=services, request_id=request_ids, status=maps)
-def test_client_status(service: str, request_id: bytes, status: dict[str, Any]) -> None:
-    reply = p.parse_for_client(p.client_status(service, request_id, status))
+@given(service=services, request_id=request_ids, status=maps, framing=mdp02_framings)
+def test_client_status(service: str, request_id: bytes, status: dict[str, Any], framing: p.Framing) -> None:
+    reply = p.parse_for_client(p.client_status(service, request_id, status, framing), framing=framing)
     assert (reply.command, reply.service, reply.request_id) == (p.C_STATUS, service, request_id)
     assert [p.unpack_map(frame) for frame in reply.body] == [status]
+
+
+def test_what_a_framing_cannot_say_is_refused_by_its_builders() -> None:
+    """A 7/MDP peer has no PARTIAL, no ids, info, load or reasons; majortomo's framing is a client's."""
+    old = p.Framing(p.Dialect.MDP01)
+    majortomo = p.Framing(p.Dialect.MAJORTOMO, delimited=True)
+    for build in (
+        lambda: p.client_reply(False, "s", None, [], old),
+        lambda: p.client_reply(True, "s", b"id", [], majortomo),
+        lambda: p.client_request("s", [], b"id", None, old),
+        lambda: p.client_cancel(b"id", majortomo),
+        lambda: p.worker_reply(False, b"k", [], old),
+        lambda: p.ready("s", {"slots": 2}, old),
+        lambda: p.heartbeat({"busy": 1}, old),
+        lambda: p.disconnect((403, "no"), old),
+        lambda: p.worker_cancel(b"k", old),
+        lambda: p.worker_request(b"k", [], majortomo),
+    ):
+        with pytest.raises(ValueError):
+            build()
 
 
 # ------------------------------------------------------------------------------------------- only what builders make
 
 
 def _rebuild_inbound(message: p.InboundMessage) -> list[bytes]:
+    framing = message.framing
     if isinstance(message, p.ClientRequest):
-        return p.client_request(message.service, message.body, message.request_id, message.hint)
+        return p.client_request(message.service, message.body, message.request_id, message.hint, framing)
     if isinstance(message, p.ClientCancel):
-        return p.client_cancel(message.request_id)
+        return p.client_cancel(message.request_id, framing)
     if isinstance(message, p.ClientCredit):
-        return p.client_credit(message.request_id, message.credit)
+        return p.client_credit(message.request_id, message.credit, framing)
     if isinstance(message, p.WorkerReady):
-        return p.ready(message.service, message.info)
+        return p.ready(message.service, message.info, framing)
     if isinstance(message, (p.WorkerPartial, p.WorkerFinal)):
-        return p.worker_reply(isinstance(message, p.WorkerFinal), message.route_key, message.body)
+        return p.worker_reply(isinstance(message, p.WorkerFinal), message.route_key, message.body, framing)
     if isinstance(message, p.WorkerHeartbeat):
-        return p.heartbeat(message.load)
-    return p.disconnect()
+        return p.heartbeat(message.load, framing)
+    return p.disconnect(framing=framing)
 
 
-def _rebuild_for_worker(message: p.BrokerToWorker) -> list[bytes]:
+def _rebuild_for_worker(message: p.BrokerToWorker, framing: p.Framing) -> list[bytes]:
     builders: dict[bytes, Callable[[], list[bytes]]] = {
-        p.W_REQUEST: lambda: p.worker_request(message.route_key, message.body),
-        p.W_CANCEL: lambda: p.worker_cancel(message.route_key),
-        p.W_CREDIT: lambda: p.worker_credit(message.route_key, message.credit),
-        p.W_HEARTBEAT: p.heartbeat,
-        p.W_DISCONNECT: lambda: p.disconnect(message.refusal),
+        p.W_REQUEST: lambda: p.worker_request(message.route_key, message.body, framing),
+        p.W_CANCEL: lambda: p.worker_cancel(message.route_key, framing),
+        p.W_CREDIT: lambda: p.worker_credit(message.route_key, message.credit, framing),
+        p.W_HEARTBEAT: lambda: p.heartbeat(framing=framing),
+        p.W_DISCONNECT: lambda: p.disconnect(message.refusal, framing),
     }
     return builders[message.command]()
 
 
-def _rebuild_for_client(message: p.BrokerToClient) -> list[bytes]:
+def _rebuild_for_client(message: p.BrokerToClient, framing: p.Framing) -> list[bytes]:
     if message.command == p.C_STATUS:
         assert message.request_id is not None and len(message.body) == 1
-        return p.client_status(message.service, message.request_id, p.unpack_map(message.body[0]))
-    return p.client_reply(message.command == p.C_FINAL, message.service, message.request_id, message.body)
+        return p.client_status(message.service, message.request_id, p.unpack_map(message.body[0]), framing)
+    return p.client_reply(message.command == p.C_FINAL, message.service, message.request_id, message.body, framing)
 
 
+# Each builder in every framing with what all of them can say (7/MDP: one reply, no extensions), and in 18/MDP
+# framing with everything.
 _valid = st.one_of(
-    st.builds(p.client_request, services, bodies, st.one_of(st.none(), request_ids), hints),
-    st.builds(p.client_cancel, request_ids),
-    st.builds(p.client_credit, request_ids, credits),
-    st.builds(p.ready, services, st.one_of(st.none(), maps)),
-    st.builds(p.worker_reply, st.booleans(), route_keys, bodies),
-    st.builds(p.heartbeat, st.one_of(st.none(), maps)),
-    st.builds(p.disconnect, refusals),
-    st.builds(p.worker_request, route_keys, bodies),
-    st.builds(p.worker_cancel, route_keys),
-    st.builds(p.worker_credit, route_keys, credits),
-    st.builds(p.client_reply, st.booleans(), services, st.one_of(st.none(), request_ids), bodies),
-    st.builds(p.client_status, services, request_ids, maps),
+    st.builds(p.client_request, services, bodies, st.none(), st.none(), client_framings),
+    st.builds(p.client_request, services, bodies, st.one_of(st.none(), request_ids), hints, mdp02_framings),
+    st.builds(p.client_cancel, request_ids, mdp02_framings),
+    st.builds(p.client_credit, request_ids, credits, mdp02_framings),
+    st.builds(p.ready, services, st.none(), worker_framings),
+    st.builds(p.ready, services, st.one_of(st.none(), maps), mdp02_framings),
+    st.builds(p.worker_reply, st.just(True), route_keys, bodies, worker_framings),
+    st.builds(p.worker_reply, st.booleans(), route_keys, bodies, mdp02_framings),
+    st.builds(p.heartbeat, st.none(), worker_framings),
+    st.builds(p.heartbeat, st.one_of(st.none(), maps), mdp02_framings),
+    st.builds(p.disconnect, st.none(), worker_framings),
+    st.builds(p.disconnect, refusals, mdp02_framings),
+    st.builds(p.worker_request, route_keys, bodies, worker_framings),
+    st.builds(p.worker_cancel, route_keys, mdp02_framings),
+    st.builds(p.worker_credit, route_keys, credits, mdp02_framings),
+    st.builds(p.client_reply, st.just(True), services, st.none(), bodies, client_framings),
+    st.builds(p.client_reply, st.booleans(), services, st.one_of(st.none(), request_ids), bodies, mdp02_framings),
+    st.builds(p.client_status, services, request_ids, maps, mdp02_framings),
 )
 _frame_edits = st.lists(
     st.tuples(st.sampled_from(["drop", "insert", "replace", "truncate"]), st.integers(0, 6), st.binary(max_size=6)),
@@ -183,14 +267,27 @@ _anything = st.one_of(
 )
 
 
-@settings(max_examples=2000)
+_ALL_CLIENT_FRAMINGS = [p.Framing(dialect, delimited) for dialect in p.Dialect for delimited in (False, True)]
+_ALL_WORKER_FRAMINGS = [f for f in _ALL_CLIENT_FRAMINGS if f.dialect is not p.Dialect.MAJORTOMO]
+
+
+@settings(max_examples=3000)
 @given(frames=_anything, extended=st.booleans())
 def test_parsers_accept_only_what_builders_make(frames: list[bytes], extended: bool) -> None:
-    parsers = (
-        (p.parse_inbound, _rebuild_inbound),
-        (p.parse_for_worker, _rebuild_for_worker),
-        (lambda f: p.parse_for_client(f, extended), _rebuild_for_client),
-    )
+    parsers: list[tuple[Callable[[list[bytes]], Any], Callable[[Any], list[bytes]]]] = [
+        (p.parse_inbound, _rebuild_inbound)
+    ]
+    for framing in _ALL_WORKER_FRAMINGS:
+        parsers.append(
+            (lambda f, framing=framing: p.parse_for_worker(f, framing), lambda m, g=framing: _rebuild_for_worker(m, g))
+        )
+    for framing in _ALL_CLIENT_FRAMINGS:
+        parsers.append(
+            (
+                lambda f, framing=framing: p.parse_for_client(f, extended, framing),
+                lambda m, g=framing: _rebuild_for_client(m, g),
+            )
+        )
     for parse, rebuild in parsers:
         try:
             message = parse(frames)
