@@ -26,7 +26,7 @@ from qmesh.broker.security import BrokerSecurity
 from qmesh.client.sdk import Result
 from qmesh.common.errors import MeshError
 from qmesh.common.keys import CurveClientKeys, generate_keys
-from qmesh.gateway.bridge import Bridge, BridgedRequest
+from qmesh.gateway.bridge import Bridge, BridgedRequest, Delta
 from qmesh.gateway.cli import split_keys
 from qmesh.testing import ROOT, free_endpoint, wait_for
 
@@ -359,7 +359,7 @@ class FailingBridge:
 
     def submit(self, model: str, **options: Any) -> BridgedRequest:
         bridged = BridgedRequest(model)
-        bridged.events.put_nowait("Hello")
+        bridged.events.put_nowait(Delta("Hello", []))
         error = MeshError(502, "worker w1 failed mid-stream (missed heartbeats)")
         bridged.events.put_nowait(Result(text="Hello", model=model, error=error))
         return bridged
