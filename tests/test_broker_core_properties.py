@@ -10,6 +10,9 @@ Two independent checks run on every step:
   request gets exactly one FINAL, nothing reaches a client for a request after its FINAL, no PARTIAL is delivered
   twice, and an XREQUEST retry never creates a second request.
 
+Every peer speaks a framing of its own (18/MDP, with a leading empty frame, majortomo's client framing, 7/MDP), and
+the model expects every message in the framing of the peer it goes to: a 7/MDP client gets a stream as one REPLY.
+
 The core is driven only through its public methods. At teardown every worker disconnects and the clock passes
 every timeout: all of the core's tables must then be empty.
 """
@@ -34,7 +37,19 @@ Outgoing = tuple[bytes, list[bytes]]
 CONFIG = BrokerConfig(heartbeat_interval=1.0, liveness=3, max_queue=3, queue_timeout=4.0)
 WORKERS = [b"w0", b"w1", b"w2"]
 XCLIENTS = [b"cx0", b"cx1"]  # send XREQUEST and CANCEL
-PCLIENTS = [b"cp0", b"cp1"]  # plain 18/MDP: send REQUEST only
+PCLIENTS = [b"cp0", b"cp1", b"cp2"]  # plain: send REQUEST only
+DELIMITED = p.Framing(delimited=True)
+OLD = p.Framing(p.Dialect.MDP01, delimited=True)
+FRAMINGS = {
+    b"w0": p.MDP02,
+    b"w1": DELIMITED,
+    b"w2": OLD,  # 7/MDP: one slot, no extensions, one REPLY per request
+    b"cx0": p.MDP02,
+    b"cx1": DELIMITED,
+    b"cp0": p.MDP02,
+    b"cp1": p.Framing(p.Dialect.MAJORTOMO, delimited=True),
+    b"cp2": OLD,
+}
 STRANGER = b"stranger"
 CLIENTS = XCLIENTS + PCLIENTS
 REQUEST_IDS = [b"r0", b"r1", b"r2"]
@@ -69,16 +84,14 @@ def normalize(out: list[Outgoing]) -> list[tuple[bytes, tuple[bytes, ...]]]:
     result = []
     for identity, frames in out:
         frames = list(frames)
-        if len(frames) >= 4 and frames[0] == p.CLIENT and frames[1] == p.C_FINAL:
-            code = error_code(frames[-1])
-            if code is not None:
-                frames[-1] = b"error %d" % code
+        if identity in CLIENTS and frames and (code := error_code(frames[-1])) is not None:  # in any framing
+            frames[-1] = b"error %d" % code
         result.append((identity, tuple(frames)))
     return sorted(result)
 
 
 def error_final(client: bytes, service: str, request_id: bytes | None, code: int) -> Outgoing:
-    return client, p.client_reply(True, service, request_id, [p.error_body(code, "")])
+    return client, p.client_reply(True, service, request_id, [p.error_body(code, "")], FRAMINGS[client])
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -95,6 +108,7 @@ class ModelRequest:
     worker: bytes | None = None
     streamed: bool = False
     closed: bool = False  # cancelled or abandoned while a worker runs it: the client has had its last message
+    held: list[bytes] = field(default_factory=list)  # PARTIALs for a 7/MDP client, which come with its FINAL
 
 
 @dataclass
@@ -121,7 +135,11 @@ class Ledger:
 
     @staticmethod
     def stream(client: bytes, request_id: bytes | None, service: str) -> tuple[Any, ...]:
-        return (client, request_id) if request_id is not None else (client, None, service)
+        if request_id is not None:
+            return (client, request_id)
+        if FRAMINGS[client].dialect is p.Dialect.MAJORTOMO:
+            return (client, None)  # its replies name no service
+        return (client, None, service)
 
     def accept(self, client: bytes, request_id: bytes | None, service: str) -> None:
         stream = self.stream(client, request_id, service)
@@ -138,9 +156,9 @@ class Ledger:
         """Check the client messages of one step, in the order the core sent them."""
         for identity, frames in out:
             if identity not in CLIENTS:
-                p.parse_for_worker(frames)  # everything sent to a worker is well formed
+                p.parse_for_worker(frames, FRAMINGS[identity])  # everything sent to a worker is well formed
                 continue
-            message = p.parse_for_client(frames, extended=identity in XCLIENTS)
+            message = p.parse_for_client(frames, identity in XCLIENTS, FRAMINGS[identity])
             if identity == rejected:
                 assert message.command == p.C_FINAL, "a rejected request gets only its FINAL"
                 rejected = None
@@ -152,6 +170,10 @@ class Ledger:
                 assert tag not in self.partial_tags, f"PARTIAL {tag!r} delivered twice"
                 self.partial_tags.add(tag)
             elif message.command == p.C_FINAL:
+                if FRAMINGS[identity].dialect is p.Dialect.MDP01:  # the PARTIALs held back come first
+                    for tag in message.body[:-1]:
+                        assert tag not in self.partial_tags, f"PARTIAL {tag!r} delivered twice"
+                        self.partial_tags.add(tag)
                 self.open[stream] -= 1
                 if not self.open[stream]:
                     del self.open[stream]
@@ -207,9 +229,10 @@ class BrokerMachine(RuleBasedStateMachine):
             request = self.requests[queue.pop(0)]
             request.worker = best.identity
             best.held.add(request.key)
-            expected.append((best.identity, p.worker_request(request.key, request.body)))
+            expected.append((best.identity, p.worker_request(request.key, request.body, FRAMINGS[best.identity])))
             if request.request_id is not None:
-                expected.append((request.client, p.client_status(service, request.request_id, self._status(request))))
+                status = p.client_status(service, request.request_id, self._status(request), FRAMINGS[request.client])
+                expected.append((request.client, status))
         if not queue:
             self.queues.pop(service, None)
 
@@ -220,7 +243,12 @@ class BrokerMachine(RuleBasedStateMachine):
             self.workers[request.worker].held.discard(request.key)
         if body is not None:
             assert not request.closed, "model error: a FINAL after the last message"
-            expected.append((request.client, p.client_reply(True, request.service, request.request_id, body)))
+            expected.append(self._final(request, body))
+
+    @staticmethod
+    def _final(request: ModelRequest, body: list[bytes]) -> Outgoing:
+        framing = FRAMINGS[request.client]
+        return request.client, p.client_reply(True, request.service, request.request_id, request.held + body, framing)
 
     def _error(self, request: ModelRequest, expected: list[Outgoing], code: int) -> None:
         self._finish(request, expected, [p.error_body(code, "")])
@@ -245,7 +273,8 @@ class BrokerMachine(RuleBasedStateMachine):
         for key in requeue:  # the ones still waiting hear their new queue position
             request = self.requests[key]
             if request.worker is None and request.request_id is not None:
-                status = p.client_status(request.service, request.request_id, self._status(request))
+                framing = FRAMINGS[request.client]
+                status = p.client_status(request.service, request.request_id, self._status(request), framing)
                 expected.append((request.client, status))
 
     def _cancel(self, request: ModelRequest, notify: bool, expected: list[Outgoing]) -> None:
@@ -262,12 +291,11 @@ class BrokerMachine(RuleBasedStateMachine):
         request.closed = True
         worker = self.workers[request.worker]
         if worker.extended:
-            expected.append((worker.identity, p.worker_cancel(request.key)))
+            expected.append((worker.identity, p.worker_cancel(request.key, FRAMINGS[worker.identity])))
 
     def _error_keep(self, request: ModelRequest, expected: list[Outgoing]) -> None:
         """A 499 FINAL for a request that stays on its worker until the worker's FINAL."""
-        body = [p.error_body(p.CANCELLED, "")]
-        expected.append((request.client, p.client_reply(True, request.service, request.request_id, body)))
+        expected.append(self._final(request, [p.error_body(p.CANCELLED, "")]))
 
     def _open_request(self, client: bytes, request_id: bytes) -> ModelRequest | None:
         for request in self.requests.values():
@@ -287,11 +315,12 @@ class BrokerMachine(RuleBasedStateMachine):
         out = self.core.on_message(identity, frames, self.now)
         expected: list[Outgoing] = []
         worker = self.workers.get(identity)
+        disconnect = isinstance(p.parse_inbound(frames), p.WorkerDisconnect)
         if worker is None:
-            if frames[1] != p.W_DISCONNECT:
-                expected.append((identity, p.disconnect()))
+            if not disconnect:
+                expected.append((identity, p.disconnect(framing=FRAMINGS[identity])))
             return out, expected
-        if frames[1] == p.W_DISCONNECT:
+        if disconnect:
             self._remove_worker(identity, expected)
             return out, expected
         worker.expires_at = self.now + CONFIG.worker_ttl
@@ -307,12 +336,14 @@ class BrokerMachine(RuleBasedStateMachine):
     )
     def worker_ready(self, identity: bytes, service: str, slots: int, extended: bool) -> None:
         """READY: registers a new worker; a second READY gets DISCONNECT and removal."""
+        framing = FRAMINGS[identity]
+        extended = extended and framing.dialect is p.Dialect.MDP02  # a 7/MDP READY has no info
         info = {"slots": slots, "name": f"{identity.decode()}-{service}"} if extended else None
-        out = self.core.on_message(identity, p.ready(service, info), self.now)
+        out = self.core.on_message(identity, p.ready(service, info, framing), self.now)
         expected: list[Outgoing] = []
         if identity in self.workers:
             self._remove_worker(identity, expected)
-            expected.append((identity, p.disconnect()))
+            expected.append((identity, p.disconnect(framing=framing)))
         else:
             self.workers[identity] = ModelWorker(
                 identity=identity,
@@ -323,24 +354,25 @@ class BrokerMachine(RuleBasedStateMachine):
                 expires_at=self.now + CONFIG.worker_ttl,
             )
             self.known.add(service)
-            expected.append((identity, p.heartbeat()))
+            expected.append((identity, p.heartbeat(framing=framing)))
             self._dispatch(service, expected)
         self._check(out, expected)
 
     def worker_ready_mmi(self, identity: bytes) -> None:
         """READY for a reserved mmi.* service: DISCONNECT (and removal if it was registered)."""
-        out = self.core.on_message(identity, p.ready("mmi.service"), self.now)
+        out = self.core.on_message(identity, p.ready("mmi.service", framing=FRAMINGS[identity]), self.now)
         expected: list[Outgoing] = []
         if identity in self.workers:
             self._remove_worker(identity, expected)
-        expected.append((identity, p.disconnect()))
+        expected.append((identity, p.disconnect(framing=FRAMINGS[identity])))
         self._check(out, expected)
 
     @rule(identity=st.sampled_from(WORKERS), health=st.sampled_from([None, 0.0, 0.25, 0.5, 1.0, 2.0]))
     def worker_heartbeat(self, identity: bytes, health: float | None) -> None:
-        load = None if health is None else {"health": health}
-        out, expected = self._worker_message(identity, p.heartbeat(load))
-        if identity in self.workers and health is not None:
+        framing = FRAMINGS[identity]
+        load = None if health is None or framing.dialect is p.Dialect.MDP01 else {"health": health}
+        out, expected = self._worker_message(identity, p.heartbeat(load, framing))
+        if identity in self.workers and load is not None:
             self.workers[identity].health = min(1.0, max(0.0, health))
         self._check(out, expected)
 
@@ -364,15 +396,24 @@ class BrokerMachine(RuleBasedStateMachine):
             self.worker_partial(pick)
 
     def worker_partial(self, pick: int) -> None:
-        """A PARTIAL for a request the worker holds: forwarded unless the client already has its FINAL."""
-        held = self._held()
+        """A PARTIAL for a request the worker holds: forwarded unless the client already has its FINAL, or held
+        for the FINAL of a 7/MDP client. A 7/MDP worker has no PARTIAL: it sends its REPLY (a FINAL)."""
+        held = [(w, key) for w, key in self._held() if FRAMINGS[w].dialect is not p.Dialect.MDP01]
+        if not held:
+            self.worker_final(pick)
+            return
         identity, key = held[pick % len(held)]
         tag = self._tag("partial")
-        out, expected = self._worker_message(identity, p.worker_reply(False, key, [tag]))
+        out, expected = self._worker_message(identity, p.worker_reply(False, key, [tag], FRAMINGS[identity]))
         request = self.requests[key]
         if not request.closed:
             request.streamed = True
-            expected.append((request.client, p.client_reply(False, request.service, request.request_id, [tag])))
+            framing = FRAMINGS[request.client]
+            if framing.dialect is p.Dialect.MDP01:
+                request.held.append(tag)
+            else:
+                reply = p.client_reply(False, request.service, request.request_id, [tag], framing)
+                expected.append((request.client, reply))
         self._check(out, expected)
 
     @precondition(lambda self: any(w.held for w in self.workers.values()))
@@ -382,7 +423,7 @@ class BrokerMachine(RuleBasedStateMachine):
         held = self._held()
         identity, key = held[pick % len(held)]
         tag = self._tag("final")
-        out, expected = self._worker_message(identity, p.worker_reply(True, key, [tag]))
+        out, expected = self._worker_message(identity, p.worker_reply(True, key, [tag], FRAMINGS[identity]))
         request = self.requests[key]
         self._finish(request, expected, None if request.closed else [tag])
         self._dispatch(self.workers[identity].service, expected)
@@ -393,11 +434,13 @@ class BrokerMachine(RuleBasedStateMachine):
         """A reply for a route key the sender does not hold (another worker's, a queued one, a made-up one)."""
         keys = sorted(k for k, r in self.requests.items() if r.worker != identity) + [FAKE_KEY]
         key = keys[pick % len(keys)]
-        out, expected = self._worker_message(identity, p.worker_reply(final, key, [self._tag("stray")]))
+        framing = FRAMINGS[identity]
+        final = final or framing.dialect is p.Dialect.MDP01
+        out, expected = self._worker_message(identity, p.worker_reply(final, key, [self._tag("stray")], framing))
         self._check(out, expected)
 
     def worker_disconnect(self, identity: bytes) -> None:
-        out, expected = self._worker_message(identity, p.disconnect())
+        out, expected = self._worker_message(identity, p.disconnect(framing=FRAMINGS[identity]))
         self._check(out, expected)
 
     def worker_unreachable(self, identity: bytes) -> None:
@@ -423,12 +466,13 @@ class BrokerMachine(RuleBasedStateMachine):
     def _client_request(self, client: bytes, service: str, request_id: bytes | None) -> None:
         body = [self._tag("request")]
         before = set(self.core.requests)
-        out = self.core.on_message(client, p.client_request(service, body, request_id), self.now)
+        sent = p.client_request(service, body, request_id, framing=FRAMINGS[client])
+        out = self.core.on_message(client, sent, self.now)
         created = set(self.core.requests) - before
         expected: list[Outgoing] = []
         if request_id is not None and (duplicate := self._open_request(client, request_id)) is not None:
             assert not created, "a retried XREQUEST created a second request"
-            status = p.client_status(duplicate.service, request_id, self._status(duplicate))
+            status = p.client_status(duplicate.service, request_id, self._status(duplicate), FRAMINGS[client])
             self._check(out, [(client, status)])
             return
         if service not in self.known and self.workers:
@@ -447,7 +491,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.ledger.accept(client, request_id, service)
         self._dispatch(service, expected)
         if request.worker is None and request_id is not None:
-            expected.append((client, p.client_status(service, request_id, self._status(request))))
+            expected.append((client, p.client_status(service, request_id, self._status(request), FRAMINGS[client])))
         self._check(out, expected)
 
     @rule(client=st.sampled_from(XCLIENTS), service=st.sampled_from(REQUEST_SERVICES), rid=st.sampled_from(REQUEST_IDS))
@@ -461,7 +505,7 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(client=st.sampled_from(XCLIENTS), rid=st.sampled_from(REQUEST_IDS))
     def client_cancel(self, client: bytes, rid: bytes) -> None:
         """CANCEL: 499 to the client; a running request's extended worker gets CANCEL and keeps the slot."""
-        out = self.core.on_message(client, p.client_cancel(rid), self.now)
+        out = self.core.on_message(client, p.client_cancel(rid, FRAMINGS[client]), self.now)
         expected: list[Outgoing] = []
         request = self._open_request(client, rid)
         if request is not None:
@@ -494,9 +538,11 @@ class BrokerMachine(RuleBasedStateMachine):
     def client_mmi_service(self, client: bytes, service: str) -> None:
         """mmi.service answers 200 only while a live worker serves the name."""
         rid = b"mmi" if client in XCLIENTS else None
-        out = self.core.on_message(client, p.client_request("mmi.service", [service.encode()], rid), self.now)
+        framing = FRAMINGS[client]
+        asked = p.client_request("mmi.service", [service.encode()], rid, framing=framing)
+        out = self.core.on_message(client, asked, self.now)
         live = any(w.service == service for w in self.workers.values())
-        expected = [(client, p.client_reply(True, "mmi.service", rid, [b"200" if live else b"404"]))]
+        expected = [(client, p.client_reply(True, "mmi.service", rid, [b"200" if live else b"404"], framing))]
         self._check(out, expected, rejected=client)
 
     # ----------------------------------------------------------------------------------- clock and garbage
@@ -508,7 +554,7 @@ class BrokerMachine(RuleBasedStateMachine):
         expected: list[Outgoing] = []
         if self.now >= self.next_heartbeat:
             self.next_heartbeat = self.now + CONFIG.heartbeat_interval
-            expected.extend((identity, p.heartbeat()) for identity in self.workers)
+            expected.extend((identity, p.heartbeat(framing=FRAMINGS[identity])) for identity in self.workers)
         for identity in [w.identity for w in self.workers.values() if w.expires_at <= self.now]:
             self._remove_worker(identity, expected)
         for service, queue in list(self.queues.items()):
@@ -531,7 +577,8 @@ class BrokerMachine(RuleBasedStateMachine):
         identity=st.sampled_from(WORKERS + CLIENTS + [STRANGER]),
         frames=st.lists(
             st.sampled_from(
-                [p.CLIENT, p.WORKER, b"", b"\x00", b"\xc1", b"a", b"mmi.x", b"\x01", b"\x02", b"\x03", b"\x04"]
+                [p.CLIENT, p.WORKER, p.CLIENT_01, p.WORKER_01, b"", b"\x00", b"\xc1", b"a", b"mmi.x", b"\x01", b"\x02"]
+                + [b"\x03", b"\x04"]
                 + [b"\x05", b"\x06", b"\x07", b"\x11", b"\x12", b"\x14", p.pack({"slots": 2}), p.pack([1])]
             )
             | st.binary(max_size=8),
