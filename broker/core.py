@@ -30,6 +30,7 @@ Outgoing = tuple[bytes, list[bytes]]
 MAX_SLOTS_PER_WORKER = 1024
 MAX_SESSIONS = 100_000  # sessions remembered (least recently used forgotten first)
 DEFAULT_CONTEXT = 2048  # tokens per slot assumed for a worker that does not announce its context
+RECENT_REQUESTS = 300  # ended requests mmi.requests keeps (the dashboard's table), oldest dropped first
 
 
 @dataclass(slots=True)
@@ -96,6 +97,45 @@ class FinishedRequest:
     cached_tokens: int = 0
 
 
+@dataclass(slots=True, frozen=True)
+class RecentRequest:
+    """An ended request as ``mmi.requests`` reports it (the gateway's dashboard): times in seconds of the
+    broker's monotonic clock, so a reader only ever sees differences."""
+
+    seq: int  # 1, 2, ... in the order the requests ended: which records a reader has seen
+    ended_at: float
+    model: str
+    worker: str | None  # the worker that held it when it ended; None if none did (queued, or its worker died)
+    outcome: str  # as in FinishedRequest
+    queue_wait: float | None
+    ttft: float | None
+    duration: float
+    tokens: int  # the worker's count when its FINAL says (resumed tokens included), else the chunks delivered
+    prompt_tokens: int
+    cached_tokens: int
+    failovers: int
+
+    def as_map(self, now: float) -> dict[str, Any]:
+        # Generation speed from the first token to the last: queueing and prompt evaluation are in ttft already.
+        generating = self.duration - self.ttft if self.ttft is not None else 0.0
+        speed = round((self.tokens - 1) / generating, 1) if self.tokens > 1 and generating > 0 else None
+        return {
+            "seq": self.seq,
+            "ended_s_ago": round(max(0.0, now - self.ended_at), 3),
+            "model": self.model,
+            "worker": self.worker,
+            "outcome": self.outcome,
+            "queue_wait_s": _rounded(self.queue_wait),
+            "ttft_s": _rounded(self.ttft),
+            "duration_s": round(self.duration, 4),
+            "tokens": self.tokens,
+            "tokens_per_second": speed,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "failovers": self.failovers,
+        }
+
+
 @dataclass(slots=True)
 class RequestState:
     key: bytes
@@ -147,6 +187,8 @@ class BrokerCore:
         self._now = now  # the time of the event being handled
         self._earliest_deadline = float("inf")  # of the queued requests; may be early (a spare tick), never late
         self.finished: deque[FinishedRequest] = deque(maxlen=100_000)  # drained by the metrics, if any
+        self.recent: deque[RecentRequest] = deque(maxlen=RECENT_REQUESTS)  # read (not drained) by mmi.requests
+        self._recent_seq = count(1)
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -356,6 +398,9 @@ class BrokerCore:
         """End a request the broker does not accept, before it has any state."""
         model = service if service in self.known_services else "other"  # keeps metric labels bounded
         self.finished.append(FinishedRequest(model, str(code), None, None, 0.0, 0))
+        self.recent.append(
+            RecentRequest(next(self._recent_seq), self._now, model, None, str(code), None, None, 0.0, 0, 0, 0, 0)
+        )
         out.append((client, p.client_reply(True, service, request_id, [p.error_body(code, text)], framing)))
 
     def _on_client_cancel(self, client: bytes, request_id: bytes, out: list[Outgoing]) -> None:
@@ -638,6 +683,24 @@ class BrokerCore:
                 request.service, outcome, queue_wait, ttft, self._now - start, request.chunks, prompt, cached
             )
         )
+        worker = self.workers.get(request.worker) if request.worker is not None else None
+        tokens = summary.get("tokens")
+        self.recent.append(
+            RecentRequest(
+                next(self._recent_seq),
+                self._now,
+                request.service,
+                worker.name if worker is not None else None,
+                outcome,
+                queue_wait,
+                ttft,
+                self._now - start,
+                tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else request.chunks,
+                prompt,
+                cached,
+                request.failovers,
+            )
+        )
 
     def _unindex_client(self, request: RequestState) -> None:
         by_id = self.client_requests.get(request.client)
@@ -668,6 +731,8 @@ class BrokerCore:
             return [p.pack(self.service_table())]
         if service_name == "mmi.workers":
             return [p.pack(self.worker_table())]
+        if service_name == "mmi.requests":
+            return [p.pack([record.as_map(self._now) for record in self.recent])]
         return [b"501"]
 
     def service_table(self) -> dict[str, dict[str, int]]:
@@ -759,6 +824,10 @@ def _prompt_tokens(summary: dict[str, Any]) -> tuple[int, int]:
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, cached)):
         return 0, 0
     return prompt, min(cached, prompt)
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
 
 
 def _positive(value: Any) -> int | None:

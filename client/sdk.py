@@ -428,7 +428,7 @@ class QMeshClient:
         """The last few hundred requests that ended, oldest first (``mmi.requests``, docs/PROTOCOL.md section 6)."""
         return self._wait(self._ask("mmi.requests"))
 
-    def ask(self, service: str) -> MMICall:
+    def ask_mmi(self, service: str) -> MMICall:
         """Ask an MMI service (``mmi.workers``, ``mmi.services``, ``mmi.requests``) without waiting: ``poll``
         settles the call with what the blocking method returns. For a thread that must never wait (the gateway's)."""
         return self._ask(service)

@@ -33,9 +33,14 @@ MODEL_COLUMNS = ("MODEL", "WORKERS", "SLOTS", "BUSY", "QUEUED", "CONTEXT")
 
 def snapshot(client: QMeshClient) -> dict[str, Any]:
     """The mesh right now, in the shape ``--json`` prints."""
-    workers = [_worker_row(worker) for worker in client.workers()]
-    workers.sort(key=lambda w: (w["model"], w["host"] or "", w["name"]))
-    return {"workers": workers, "models": client.models()}
+    return {"workers": worker_rows(client.workers()), "models": client.models()}
+
+
+def worker_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``mmi.workers`` as the rows ``qmesh-status`` and the gateway's dashboard show, by model, host and name."""
+    rows = [_worker_row(worker) for worker in workers]
+    rows.sort(key=lambda w: (w["model"], w["host"] or "", w["name"]))
+    return rows
 
 
 def _worker_row(worker: dict[str, Any]) -> dict[str, Any]:

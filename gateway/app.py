@@ -26,6 +26,7 @@ from starlette.routing import Route
 from qmesh.client.sdk import Result
 from qmesh.common import protocol as p
 from qmesh.common.errors import MeshError
+from qmesh.gateway import dashboard
 from qmesh.gateway.bridge import Bridge, BridgedRequest, Delta, Event
 from qmesh.gateway.errors import SERVER, APIError, bad_request, from_mesh, invalid_api_key
 from qmesh.gateway.openai_api import Answer, OpenAIRequest, parse_chat, parse_text
@@ -87,6 +88,7 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ]
+    routes += dashboard.routes(bridge, authorize)  # /dashboard, its data and assets; / redirects there
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
 

@@ -95,6 +95,7 @@ class Bridge:
         self._listings: list[tuple[MMICall, asyncio.Future[ModelTable]]] = []  # model listings awaiting the broker
         self._refresh: MMICall | None = None  # the bridge's own last question for the model table
         self._next_refresh = 0.0
+        self._observers: list[Command] = []  # run on every turn of the bridge thread (the dashboard's sampler)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._started = threading.Event()
@@ -148,6 +149,11 @@ class Bridge:
         self._call(lambda client: self._list_models(client, listing))
         return await listing
 
+    def observe(self, observer: Command) -> None:
+        """Run ``observer`` in the bridge thread on every turn of its loop (at least every POLL_SECONDS), so it can
+        ask the broker questions on the gateway's one connection; it must never wait. Call before ``start``."""
+        self._observers.append(observer)
+
     def cancel(self, bridged: BridgedRequest) -> None:
         """Stop a generation: the broker tells the worker, which frees its llama-server slot."""
         if not bridged.finished:
@@ -187,6 +193,8 @@ class Bridge:
                 self._drain_wake()
                 self._run_commands(client)
                 self._refresh_models(client)
+                for observer in self._observers:
+                    observer(client)
                 self._pump()
         except Exception:  # a bug: fail what is in flight rather than leave HTTP requests hanging
             log.exception("gateway bridge crashed")

@@ -357,6 +357,9 @@ class FailingBridge:
     def stop(self) -> None:
         pass
 
+    def observe(self, observer: Any) -> None:
+        pass  # the dashboard's sampler: never called here
+
     def submit(self, model: str, **options: Any) -> BridgedRequest:
         bridged = BridgedRequest(model)
         bridged.events.put_nowait(Delta("Hello", []))
