@@ -66,6 +66,7 @@ class WorkerState:
     prefixes: PrefixIndex = field(default_factory=lambda: PrefixIndex(1))  # what its llama-server has cached
     prompt_tokens: int = 0  # prompt tokens of the requests it finished, and how many of those came from cache
     cached_tokens: int = 0
+    capabilities: frozenset[str] = frozenset({p.CHAT})  # the kinds of request it serves (READY's info)
     framing: p.Framing = p.MDP02  # how it frames its commands, and so how the broker frames what it sends it
 
     @property
@@ -159,6 +160,7 @@ class RequestState:
     prefix: list[bytes] = field(default_factory=list)  # the routing hint's prefix block hashes
     session: str | None = None
     predicted_blocks: int = 0  # prefix blocks the worker it went to was thought to hold
+    capability: str = p.CHAT  # what it needs of a worker (its hint's; a request without one is a chat)
 
 
 @dataclass(slots=True)
@@ -175,6 +177,7 @@ class BrokerCore:
         self.services: dict[str, ServiceState] = {}
         self.client_requests: dict[bytes, dict[bytes | None, set[bytes]]] = {}
         self.known_services: set[str] = set()
+        self.known_capabilities: dict[str, set[str]] = {}  # per service, what any of its workers ever served
         self.sessions: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (model, session) -> worker
         self._routing = self.config.routing
         self._policy = POLICIES[self._routing.policy]
@@ -313,7 +316,9 @@ class BrokerCore:
         for name, service in list(self.services.items()):
             for key in [k for k in service.queue if self.requests[k].deadline <= now]:
                 service.queue.remove(key)
-                waited = "no worker serves it" if not service.workers else "every worker stayed busy"
+                capability = self.requests[key].capability
+                served = any(capability in self.workers[w].capabilities for w in service.workers)
+                waited = "every worker stayed busy" if served else "no worker serves it"
                 message = f"no worker of model '{name}' took the request within {self.config.queue_timeout:g} s"
                 message += f" ({waited})"
                 self._finish(self.requests[key], out, p.error_body(p.QUEUE_TIMEOUT, message))
@@ -352,7 +357,17 @@ class BrokerCore:
             text = f"no worker serves model '{service_name}' (models served: {models})"
             self._reject(client, service_name, request_id, p.UNKNOWN_MODEL, text, out, framing)
             return
-        can_start_now = service is not None and any(self.workers[w].free_slots > 0 for w in service.workers)
+        capability = (message.hint.capability if message.hint is not None else None) or p.CHAT
+        served = self.known_capabilities.get(service_name, set())
+        if service is not None and service.workers and capability not in served:
+            # Like an unknown model: a kind of request the model never served ends now. One it served before
+            # waits for such a worker to come back, as a model that lost its workers does.
+            text = _capability_refusal(service_name, capability, served)
+            self._reject(client, service_name, request_id, p.BAD_REQUEST, text, out, framing, param="model")
+            return
+        can_start_now = service is not None and any(
+            self.workers[w].free_slots > 0 and capability in self.workers[w].capabilities for w in service.workers
+        )
         if not can_start_now and len(service.queue if service else ()) >= self.config.max_queue:
             text = f"the queue for model '{service_name}' is full ({self.config.max_queue} waiting)"
             self._reject(client, service_name, request_id, p.QUEUE_FULL, text, out, framing)
@@ -374,6 +389,7 @@ class BrokerCore:
             request.held = []
         else:
             request.partial_prefix = p.client_reply(False, service_name, request_id, [], framing)
+        request.capability = capability
         if message.hint is not None:
             request.prefix, request.session = split_hashes(message.hint.prefix), message.hint.session
         self.requests[key] = request
@@ -394,14 +410,16 @@ class BrokerCore:
         text: str,
         out: list[Outgoing],
         framing: p.Framing,
+        param: str | None = None,
     ) -> None:
-        """End a request the broker does not accept, before it has any state."""
+        """End a request the broker does not accept, before it has any state; ``param``: the part of the request
+        at fault, when one is."""
         model = service if service in self.known_services else "other"  # keeps metric labels bounded
         self.finished.append(FinishedRequest(model, str(code), None, None, 0.0, 0))
         self.recent.append(
             RecentRequest(next(self._recent_seq), self._now, model, None, str(code), None, None, 0.0, 0, 0, 0, 0)
         )
-        out.append((client, p.client_reply(True, service, request_id, [p.error_body(code, text)], framing)))
+        out.append((client, p.client_reply(True, service, request_id, [p.error_body(code, text, param)], framing)))
 
     def _on_client_cancel(self, client: bytes, request_id: bytes, out: list[Outgoing]) -> None:
         keys = self.client_requests.get(client, {}).get(request_id)
@@ -458,6 +476,9 @@ class BrokerCore:
         slots = info.get("slots", 1)
         if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOTS_PER_WORKER:
             refusal = f"slots must be an integer from 1 to {MAX_SLOTS_PER_WORKER}, got {slots!r}"
+        capabilities = info.get("capabilities", [p.CHAT])
+        if not isinstance(capabilities, list) or not capabilities or not all(map(p.is_capability, capabilities)):
+            refusal = f"capabilities must be a non-empty list of names of 1-{p.MAX_CAPABILITY_LEN} printable characters"
         if refusal is not None:
             log.warning("worker %s refused (%s): disconnecting", identity.hex(), refusal)
             refused = p.disconnect((p.BAD_REQUEST, refusal) if message.extended else None, message.framing)
@@ -475,11 +496,13 @@ class BrokerCore:
             info=info,
             expires_at=now + self.config.worker_ttl,
             prefixes=PrefixIndex(capacity // TOKENS_PER_BLOCK),
+            capabilities=frozenset(capabilities),
             framing=message.framing,
         )
         self.workers[identity] = worker
         self.services.setdefault(message.service, ServiceState()).workers[identity] = None
         self.known_services.add(message.service)
+        self.known_capabilities.setdefault(message.service, set()).update(worker.capabilities)
         log.info("worker %s ready for %s with %d slot(s)", worker.name, message.service, slots)
         # the answer a worker waits for before it calls itself registered
         out.append((identity, p.heartbeat(framing=worker.framing)))
@@ -592,11 +615,15 @@ class BrokerCore:
     def _place_one(self, service: ServiceState, workers: list[WorkerState], out: list[Outgoing]) -> bool:
         """Start the oldest queued request the policy places on a free worker; False if there is none."""
         waiting: dict[bytes, int] = {}
+        full: set[str] = set()  # capabilities none of whose workers is free: the requests of another may start
         for key in service.queue:
             request = self.requests[key]
+            if request.capability in full:
+                continue
             placement = self._policy(self._candidates(request, workers, waiting), len(request.prefix), self._routing)
             if placement is None:
-                return False
+                full.add(request.capability)
+                continue
             if placement.wait:
                 waiting[placement.identity] = waiting.get(placement.identity, 0) + 1
                 continue
@@ -620,6 +647,7 @@ class BrokerCore:
                 session=w.identity == session,
             )
             for w in workers
+            if request.capability in w.capabilities
         ]
 
     def _assign(self, request: RequestState, worker: WorkerState, out: list[Outgoing]) -> None:
@@ -735,8 +763,9 @@ class BrokerCore:
             return [p.pack([record.as_map(self._now) for record in self.recent])]
         return [b"501"]
 
-    def service_table(self) -> dict[str, dict[str, int]]:
-        """Per model: workers, slots, busy, queued, and context (tokens per request) when every worker says."""
+    def service_table(self) -> dict[str, dict[str, Any]]:
+        """Per model: workers, slots, busy, queued, capabilities (what its workers serve, and workers, slots and busy
+        for each), and context (tokens per request) when every worker says."""
         table = {}
         for name, service in sorted(self.services.items()):
             if not service.workers and not service.queue:
@@ -748,6 +777,15 @@ class BrokerCore:
                 "busy": sum(len(w.active) for w in workers),
                 "queued": len(service.queue),
             }
+            by_capability: dict[str, dict[str, int]] = {}
+            for w in workers:
+                for capability in sorted(w.capabilities):
+                    counts = by_capability.setdefault(capability, {"workers": 0, "slots": 0, "busy": 0})
+                    counts["workers"] += 1
+                    counts["slots"] += w.slots
+                    counts["busy"] += len(w.active)
+            table[name]["capabilities"] = sorted(by_capability)
+            table[name]["by_capability"] = dict(sorted(by_capability.items()))
             contexts = [w.info.get("context") for w in workers]
             if contexts and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in contexts):
                 table[name]["context"] = min(contexts)  # what fits on whichever worker a request lands on
@@ -793,6 +831,7 @@ class BrokerCore:
             assert 0 <= len(worker.active) <= worker.slots, "credit out of range"
             for key in worker.active:
                 assert self.requests[key].worker == identity
+                assert self.requests[key].capability in worker.capabilities, "a worker holds a kind it cannot serve"
                 assert key not in active, "a request is held by two workers"
                 active.add(key)
         assert queued.isdisjoint(active)
@@ -832,3 +871,10 @@ def _rounded(seconds: float | None) -> float | None:
 
 def _positive(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _capability_refusal(model: str, capability: str, served: set[str]) -> str:
+    """Why ``model`` cannot take a request that needs ``capability``: its workers serve other kinds."""
+    if capability == p.CHAT:
+        return f"model '{model}' serves {' and '.join(sorted(served))} only"
+    return f"model '{model}' does not serve {capability}"

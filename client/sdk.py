@@ -33,7 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import BadRequest, GenerationRequest
+from qmesh.common.bodies import BadRequest, EmbeddingRequest, GenerationRequest, unpack_vector
 from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import BrokerUnreachable, ConfigError, MeshError, QMeshError
 from qmesh.common.fastio import recv_frames, send_frames
@@ -64,6 +64,7 @@ class Result:
     error: MeshError | None = None
     failovers: int = 0
     timings: dict[str, Any] = field(default_factory=dict)
+    embeddings: list[list[float]] | None = None  # an embeddings request's vectors, one per text, in order
 
     @property
     def ok(self) -> bool:
@@ -99,7 +100,7 @@ class Request:
         client: QMeshClient,
         request_id: bytes,
         model: str,
-        generation: GenerationRequest,
+        generation: GenerationRequest | EmbeddingRequest,
         timeout: float,
         hint: p.RoutingHint | None = None,
     ) -> None:
@@ -219,6 +220,7 @@ class Request:
             error=error,
             failovers=int(summary.get("failovers") or 0),
             timings=summary.get("timings") or {},
+            embeddings=_vectors(summary.get("embeddings")),
         )
         self.client._requests.pop(self.id, None)
 
@@ -401,6 +403,52 @@ class QMeshClient:
     def chat(self, model: str, system: str | None = None) -> Chat:
         return Chat(self, model, system)
 
+    def embed(self, inputs: str | list[str], *, model: str, timeout: float | None = None) -> Embeddings:
+        """The embedding of each text, in order (a list of vectors; of one vector for one text), with the texts'
+        ``prompt_tokens``; raises MeshError. A batch is spread over the model's free embedding slots as the broker
+        reports them now (``submit_embeddings``)."""
+        self.models()
+        batch = self.submit_embeddings(inputs, model=model, timeout=timeout)
+        result = batch.result()
+        if result.error is not None:
+            raise result.error
+        return Embeddings(result.embeddings or [], result.prompt_tokens or 0, [part.result() for part in batch.parts])
+
+    def submit_embeddings(self, inputs: str | list[str], *, model: str, timeout: float | None = None) -> EmbeddingBatch:
+        """Send texts to embed and return at once; ``result()`` of what it returns waits for every vector.
+
+        The texts are split, in order, into as many requests as the model has free embedding slots in the last
+        model table this client got (``models``, ``refresh_models``; one request without a table), so that they
+        are embedded on several llama-servers at once; the vectors come back in input order. Never waits."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        try:
+            EmbeddingRequest.from_fields({"embed": texts})  # what a worker would refuse, refused before it travels
+        except BadRequest as exc:
+            return EmbeddingBatch(self, model, [], MeshError(p.BAD_REQUEST, str(exc)))
+        timeout = self.timeout if timeout is None else timeout
+        hint = p.RoutingHint(capability=p.EMBEDDINGS)  # the broker places it only on an embeddings worker
+        parts = []
+        for part in split_texts(texts, self._free_slots(model, p.EMBEDDINGS)):
+            request_id = self._prefix + next(self._ids).to_bytes(8, "big")
+            parts.append(self._start(Request(self, request_id, model, EmbeddingRequest(part), timeout, hint)))
+        return EmbeddingBatch(self, model, parts)
+
+    def _start(self, request: Request) -> Request:
+        """Send a request (or end it at once if the broker refuses this client) and keep it until its FINAL."""
+        refusal = self._refusal()
+        if refusal is not None:
+            request._end(refusal)
+            return request
+        self._requests[request.id] = request
+        self._send(p.client_request(request.model, [request.body], request.id, request.hint))
+        return request
+
+    def _free_slots(self, model: str, capability: str) -> int:
+        """Free slots of ``model``'s workers of ``capability`` in the last model table; 0 if it does not say."""
+        counts = self._served.get(model, {}).get("by_capability", {}).get(capability, {})
+        slots, busy = counts.get("slots"), counts.get("busy")
+        return slots - busy if isinstance(slots, int) and isinstance(busy, int) else 0
+
     def cancel(self, request: Request) -> None:
         """Stop a request: the broker ends it and tells the worker, which frees its llama-server slot."""
         if request.done:
@@ -410,10 +458,12 @@ class QMeshClient:
 
     # ------------------------------------------------------------------------------------------ MMI
 
-    def models(self) -> dict[str, dict[str, int]]:
-        """Models served right now: ``{name: {"workers", "slots", "busy", "queued"[, "context"]}}``. ``context``
-        (tokens per request, when every worker of the model announces it) is kept: ``submit`` refuses at once a
-        ``max_tokens`` larger than the context in the last table it got."""
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Models served right now: ``{name: {"workers", "slots", "busy", "queued", "capabilities", "by_capability"
+        [, "context"]}}`` (``capabilities``: what its workers serve, chat and/or embeddings; ``by_capability``:
+        workers, slots and busy for each). The table is kept: ``submit`` refuses at once a ``max_tokens`` larger than
+        the ``context`` (tokens per request, when every worker of the model announces it) in the last table it got,
+        and ``submit_embeddings`` spreads a batch over the free embedding slots it lists."""
         return self._wait(self.refresh_models())
 
     def refresh_models(self) -> MMICall:
@@ -623,7 +673,19 @@ def _error_in(fields: dict[str, Any]) -> MeshError | None:
     error = fields.get("error")
     if not isinstance(error, dict) or not isinstance(error.get("code"), int):
         return None
-    return MeshError(error["code"], str(error.get("message", "unknown error")))
+    param = error.get("param")  # the part of the request at fault, if the error names one
+    message = str(error.get("message", "unknown error"))
+    return MeshError(error["code"], message, param if isinstance(param, str) else None)
+
+
+def _vectors(value: Any) -> list[list[float]] | None:
+    """An embeddings FINAL's vectors (each little-endian float32 bytes); None if it carries none, or not those."""
+    if not isinstance(value, list) or not all(isinstance(vector, bytes) for vector in value):
+        return None
+    try:
+        return [unpack_vector(vector) for vector in value]
+    except ValueError:
+        return None
 
 
 class Chat:
@@ -654,3 +716,84 @@ def routing_hint(generation: GenerationRequest, session: str | None = None) -> p
     """What the broker routes by: the prefix hashes of the conversation (or of a raw prompt) and the session."""
     text = (generation.prompt or "") if generation.raw else conversation_text(generation.chat_messages())
     return p.RoutingHint(prefix_hashes(text), session)
+
+
+class Embeddings(list[list[float]]):
+    """What ``embed`` returns: one vector per text, in order. ``prompt_tokens``: the tokens of all the texts;
+    ``parts``: the result of each request the batch was split into, in order (``worker`` names who embedded it)."""
+
+    def __init__(self, vectors: list[list[float]], prompt_tokens: int, parts: list[Result]) -> None:
+        super().__init__(vectors)
+        self.prompt_tokens = prompt_tokens
+        self.parts = parts
+
+
+class EmbeddingBatch:
+    """Texts to embed, in flight as ``parts``: one Request each, for a slice of the texts in order."""
+
+    def __init__(self, client: QMeshClient, model: str, parts: list[Request], error: MeshError | None = None) -> None:
+        self.client = client
+        self.model = model
+        self.parts = parts
+        self.final = None if error is None else Result(text="", model=model, error=error)
+
+    def outcome(self) -> Result | None:
+        """The whole batch's Result (every vector in order, the prompt tokens of all parts, the workers that served
+        them) once every part has ended, or the first error once one part failed (the others are then cancelled);
+        None while parts are in flight. Never waits."""
+        if self.final is not None:
+            return self.final
+        ended = [part for part in self.parts if part.final is not None]
+        error = next((error for error in map(_embedding_error, ended) if error is not None), None)
+        if error is None and len(ended) < len(self.parts):
+            return None
+        if error is not None:
+            self.cancel()
+            self.final = Result(text="", model=self.model, error=error)
+            return self.final
+        results = [part.result() for part in self.parts]  # all ended: none waits
+        self.final = Result(
+            text="",
+            model=self.model,
+            worker=", ".join(dict.fromkeys(result.worker for result in results if result.worker)),
+            prompt_tokens=sum(result.prompt_tokens or 0 for result in results),
+            embeddings=[vector for result in results for vector in result.embeddings or []],
+        )
+        return self.final
+
+    def result(self) -> Result:
+        """Wait for the end; errors are in ``Result.error``, not raised."""
+        while (outcome := self.outcome()) is None:
+            self.client.poll(0.5)
+        return outcome
+
+    def cancel(self) -> None:
+        for part in self.parts:
+            self.client.cancel(part)
+
+
+def _embedding_error(part: Request) -> MeshError | None:
+    """What went wrong with an ended part of a batch: its error, or vectors that do not match its texts."""
+    result = part.result()
+    if result.error is not None:
+        return result.error
+    assert isinstance(part.generation, EmbeddingRequest)
+    texts, vectors = len(part.generation.inputs), len(result.embeddings or [])
+    if vectors != texts:
+        return MeshError(p.WORKER_FAILED, f"worker {result.worker} sent {vectors} embeddings for {texts} texts")
+    return None
+
+
+def split_texts(texts: list[str], parts: int) -> list[list[str]]:
+    """``texts`` in order, cut into ``parts`` runs (at least one, at most one per text) of about equal characters:
+    the time a llama-server takes follows the tokens."""
+    parts = max(1, min(parts, len(texts)))
+    ends = list(itertools.accumulate(map(len, texts)))  # ends[i]: the characters of texts[: i + 1]
+    cuts = [0]
+    for part in range(1, parts):
+        cut = cuts[-1] + 1
+        while cut < len(texts) - (parts - part) and ends[cut - 1] < ends[-1] * part / parts:
+            cut += 1
+        cuts.append(cut)
+    cuts.append(len(texts))
+    return [texts[start:end] for start, end in itertools.pairwise(cuts)]

@@ -2,11 +2,15 @@
 
 A request body is one msgpack map (``GenerationRequest``). A worker answers with PARTIAL bodies
 ``{"text": str, "tokens": [int]}`` and one FINAL body: the summary (``final_body``) or an error
-(``protocol.error_body``). ``docs/PROTOCOL.md`` lists every field.
+(``protocol.error_body``). An embeddings request (``EmbeddingRequest``) gets no PARTIALs, only a FINAL with its
+vectors (``pack_vector``). ``docs/PROTOCOL.md`` lists every field.
 """
 
 from __future__ import annotations
 
+import sys
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -221,6 +225,70 @@ def resume_body(body: list[bytes], delivered: bytes | bytearray) -> list[bytes] 
 def final_body(**summary: Any) -> bytes:
     """Body of a successful FINAL: finish_reason, tokens, prompt_tokens, worker, model, timings."""
     return p.pack(summary)
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+
+MAX_EMBED_INPUTS = 2048  # texts in one embeddings request (OpenAI's limit too)
+MAX_EMBED_CHARS = MAX_PROMPT_CHARS  # the texts of one embeddings request together
+
+
+@dataclass(slots=True)
+class EmbeddingRequest:
+    """Texts to embed, ``{"embed": [str, ...]}``: the worker answers with one vector per text, in order."""
+
+    inputs: list[str]
+
+    def to_body(self) -> bytes:
+        return p.pack({"embed": self.inputs})
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> EmbeddingRequest:
+        """Check an embeddings body's msgpack map: ``embed`` and nothing else (never a mix with a generation)."""
+        others = set(fields) - {"embed"}
+        if others:
+            names = ", ".join(sorted(map(str, others)))
+            raise BadRequest(f"an embeddings request has 'embed' only, not a generation's fields ({names})")
+        inputs = fields["embed"]
+        if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_EMBED_INPUTS:
+            raise BadRequest(f"'embed' must be a list of 1-{MAX_EMBED_INPUTS} texts")
+        if not all(isinstance(text, str) and text for text in inputs):
+            raise BadRequest("'embed' must hold non-empty strings")
+        if sum(map(len, inputs)) > MAX_EMBED_CHARS:
+            raise BadRequest(f"the texts of 'embed' are longer than {MAX_EMBED_CHARS} characters together")
+        return cls(inputs)
+
+
+def request_from_body(body: list[bytes]) -> GenerationRequest | EmbeddingRequest:
+    """Parse a request body of either kind: a map with ``embed`` is an embeddings request, anything else a
+    generation (a plain MDP client's body too: ``GenerationRequest.from_body``)."""
+    try:
+        fields = p.unpack(body[0]) if body else None
+    except p.ProtocolError:
+        fields = None
+    if isinstance(fields, dict):
+        return EmbeddingRequest.from_fields(fields) if "embed" in fields else GenerationRequest.from_fields(fields)
+    return GenerationRequest.from_body(body)
+
+
+def pack_vector(vector: Sequence[float]) -> bytes:
+    """A vector as an embeddings FINAL carries it: little-endian float32, 4 bytes a dimension (what OpenAI's
+    ``encoding_format: base64`` holds too), a third of msgpack's 9-byte float64s."""
+    packed = array("f", vector)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_vector(data: bytes) -> list[float]:
+    """The floats of ``pack_vector``'s bytes; ValueError if they are not a whole number of float32s."""
+    if len(data) % 4:
+        raise ValueError(f"{len(data)} bytes are not a whole number of float32s")
+    vector = array("f")
+    vector.frombytes(data)
+    if sys.byteorder == "big":
+        vector.byteswap()
+    return vector.tolist()
 
 
 def _text(value: str, name: str) -> str:

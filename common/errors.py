@@ -52,12 +52,14 @@ class PromptTooLong(SidecarRefused):
 
 
 class MeshError(QMeshError):
-    """A request through the mesh ended in an error reply; ``code`` is one of the protocol's error codes."""
+    """A request through the mesh ended in an error reply; ``code`` is one of the protocol's error codes, ``param``
+    the part of the request at fault when the reply names one (``"model"``)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, param: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.param = param
 
 
 class BrokerUnreachable(MeshError):

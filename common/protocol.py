@@ -92,6 +92,12 @@ MAX_REQUEST_ID_LEN = 64
 MAX_SESSION_LEN = 128
 MAX_BODY_BYTES = 8 * 1024 * 1024  # also the sockets' MAXMSGSIZE
 MAX_HINT_BYTES = PREFIX_HASH_BYTES * MAX_PREFIX_BLOCKS
+MAX_CAPABILITY_LEN = 32
+
+# What a worker can do (READY's ``capabilities``) and a request needs (its hint's ``capability``). A worker that
+# announces nothing, and a request that names nothing, mean CHAT: plain MDP peers and older QMesh peers.
+CHAT = "chat"
+EMBEDDINGS = "embeddings"
 
 
 class ProtocolError(QMeshError):
@@ -152,9 +158,13 @@ def unpack_map(data: bytes) -> dict[str, Any]:
     return obj
 
 
-def error_body(code: int, message: str) -> bytes:
-    """Body of an error FINAL: ``{"error": {"code": int, "message": str}}``."""
-    return pack({"error": {"code": code, "message": message}})
+def error_body(code: int, message: str, param: str | None = None) -> bytes:
+    """Body of an error FINAL: ``{"error": {"code": int, "message": str}}``, with ``param`` naming the part of the
+    request at fault when one is (``"model"``: the model does not serve this kind of request)."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if param is not None:
+        error["param"] = param
+    return pack({"error": error})
 
 
 # ------------------------------------------------------------------------------------------------ framings
@@ -194,10 +204,17 @@ def _only_mdp02(framing: Framing, what: str) -> None:
 @dataclass(slots=True, frozen=True)
 class RoutingHint:
     """Where a request would best run: the chained hashes of its conversation's prefix blocks
-    (``common.prefix``), and the session it belongs to, if the client names one."""
+    (``common.prefix``), the session it belongs to, if the client names one, and what it needs of a worker
+    (``capability``; None: CHAT)."""
 
     prefix: bytes = b""
     session: str | None = None
+    capability: str | None = None
+
+
+def is_capability(value: Any) -> bool:
+    """A capability's name, as READY announces it and a hint asks for it: 1-32 printable characters."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_CAPABILITY_LEN and value.isprintable()
 
 
 @dataclass(slots=True)
@@ -293,18 +310,20 @@ def _credit(frame: bytes) -> int:
 
 def _hint(frame: bytes) -> RoutingHint:
     fields = unpack_map(frame)
-    if not fields or set(fields) - {"prefix", "session"}:
-        raise ProtocolError("a routing hint has 'prefix' and/or 'session' and nothing else")
-    prefix, session = fields.get("prefix", b""), fields.get("session")
+    if not fields or set(fields) - {"prefix", "session", "capability"}:
+        raise ProtocolError("a routing hint has 'prefix', 'session' and/or 'capability' and nothing else")
+    prefix, session, capability = fields.get("prefix", b""), fields.get("session"), fields.get("capability")
     if not isinstance(prefix, bytes) or len(prefix) % PREFIX_HASH_BYTES or len(prefix) > MAX_HINT_BYTES:
         raise ProtocolError(f"a hint's prefix is up to {MAX_HINT_BYTES} bytes of {PREFIX_HASH_BYTES}-byte hashes")
     if session is not None and (
         not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_LEN or not session.isprintable()
     ):
         raise ProtocolError(f"a hint's session is 1-{MAX_SESSION_LEN} printable characters")
-    if not prefix and session is None:
+    if capability is not None and not is_capability(capability):
+        raise ProtocolError(f"a hint's capability is 1-{MAX_CAPABILITY_LEN} printable characters")
+    if not prefix and session is None and capability is None:
         raise ProtocolError("an empty routing hint")
-    return RoutingHint(prefix, session)
+    return RoutingHint(prefix, session, capability)
 
 
 def _reply_envelope(frames: list[bytes], command: str) -> tuple[bytes, list[bytes]]:
@@ -505,11 +524,13 @@ def client_request(
     if request_id is None:
         command = MT_REQUEST if framing.dialect is Dialect.MAJORTOMO else C_REQUEST
         return _framed(framing, [CLIENT, command, service.encode(), *body])
-    if hint is None or not hint.prefix and hint.session is None:
+    if hint is None or not hint.prefix and hint.session is None and hint.capability is None:
         return _framed(framing, [CLIENT, C_XREQUEST, service.encode(), request_id, *body])
     fields: dict[str, Any] = {"prefix": hint.prefix} if hint.prefix else {}
     if hint.session is not None:
         fields["session"] = hint.session
+    if hint.capability is not None:
+        fields["capability"] = hint.capability
     return _framed(framing, [CLIENT, C_HINTED_REQUEST, service.encode(), request_id, pack(fields), *body])
 
 

@@ -1,4 +1,5 @@
-"""The ASGI application: OpenAI's ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` over the mesh.
+"""The ASGI application: OpenAI's ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` and
+``/v1/embeddings`` over the mesh.
 
 A request is checked, sent through the bridge, and answered once its first event arrives: an error before the
 first token gets its proper HTTP status (404, 503, 504...); after that the answer streams as server-sent events
@@ -29,7 +30,14 @@ from qmesh.common.errors import MeshError
 from qmesh.gateway import dashboard
 from qmesh.gateway.bridge import Bridge, BridgedRequest, Delta, Event
 from qmesh.gateway.errors import SERVER, APIError, bad_request, from_mesh, invalid_api_key
-from qmesh.gateway.openai_api import Answer, OpenAIRequest, parse_chat, parse_text
+from qmesh.gateway.openai_api import (
+    Answer,
+    EmbeddingsRequest,
+    OpenAIRequest,
+    parse_chat,
+    parse_embeddings,
+    parse_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,10 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
         authorize(request)
         return await _complete(request, bridge, parse_text(await _json(request), request.headers.get("x-session-id")))
 
+    async def embeddings(request: Request) -> Response:
+        authorize(request)
+        return await _embed(request, bridge, parse_embeddings(await _json(request)))
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -86,6 +98,7 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ]
     routes += dashboard.routes(bridge, authorize)  # /dashboard, its data and assets; / redirects there
@@ -95,8 +108,9 @@ def create_app(bridge: Bridge, api_keys: Sequence[str] = ()) -> Starlette:
 
 def _model_object(name: str, service: dict[str, Any]) -> dict[str, Any]:
     """One model of ``/v1/models``, with ``context_length`` (tokens per request, prompt and answer together; the
-    field vLLM and OpenRouter use) when its workers announce it."""
+    field vLLM and OpenRouter use) when its workers announce it, and ``capabilities``: chat and/or embeddings."""
     model: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "qmesh"}
+    model["capabilities"] = service.get("capabilities", [p.CHAT])
     if "context" in service:
         model["context_length"] = service["context"]
     return model
@@ -145,6 +159,25 @@ async def _complete(request: Request, bridge: Bridge, openai_request: OpenAIRequ
         raise
     finally:
         watcher.cancel()
+
+
+async def _embed(request: Request, bridge: Bridge, embeddings: EmbeddingsRequest) -> Response:
+    """An embeddings request has one event: its Result, with every vector (spread over the model's free embedding
+    slots by the bridge's client) or the error."""
+    bridged = bridge.submit_embeddings(embeddings.model, embeddings.inputs)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        result = await _next(bridged, watcher)
+    except ClientGone:
+        bridge.cancel(bridged)
+        log.info("client went away; cancelled its %s embeddings", embeddings.model)
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()
+    assert isinstance(result, Result)
+    if result.error is not None:
+        raise from_mesh(result.error)
+    return JSONResponse(embeddings.response(result))
 
 
 def _choice_options(openai_request: OpenAIRequest) -> list[dict[str, Any]]:

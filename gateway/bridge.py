@@ -33,7 +33,7 @@ from typing import Any
 
 import zmq
 
-from qmesh.client.sdk import MMICall, QMeshClient, Request, Result
+from qmesh.client.sdk import EmbeddingBatch, MMICall, QMeshClient, Request, Result
 from qmesh.common import protocol as p
 from qmesh.common.errors import MeshError, QMeshError
 from qmesh.common.keys import CurveClientKeys
@@ -65,6 +65,7 @@ class BridgedRequest:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.finished = False  # the loop has taken the Result
         self.request: Request | None = None  # bridge thread only
+        self.batch: EmbeddingBatch | None = None  # bridge thread only: an embeddings request's (its one event: the end)
 
     async def next(self) -> Event:
         event = await self.events.get()
@@ -92,6 +93,7 @@ class Bridge:
         self._context = context or zmq.Context.instance()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._active: dict[bytes, BridgedRequest] = {}
+        self._batches: list[BridgedRequest] = []  # embeddings requests in flight
         self._listings: list[tuple[MMICall, asyncio.Future[ModelTable]]] = []  # model listings awaiting the broker
         self._refresh: MMICall | None = None  # the bridge's own last question for the model table
         self._next_refresh = 0.0
@@ -154,6 +156,16 @@ class Bridge:
         ask the broker questions on the gateway's one connection; it must never wait. Call before ``start``."""
         self._observers.append(observer)
 
+    def submit_embeddings(self, model: str, inputs: list[str]) -> BridgedRequest:
+        """Send texts to embed (``QMeshClient.submit_embeddings``); one event arrives: the Result with the vectors."""
+        bridged = BridgedRequest(model)
+        if self._stopping or not self._thread.is_alive():
+            error = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
+            bridged.events.put_nowait(Result(text="", model=model, error=error))
+            return bridged
+        self._call(lambda client: self._submit_embeddings(client, bridged, inputs))
+        return bridged
+
     def cancel(self, bridged: BridgedRequest) -> None:
         """Stop a generation: the broker tells the worker, which frees its llama-server slot."""
         if not bridged.finished:
@@ -203,6 +215,9 @@ class Bridge:
             for bridged in self._active.values():
                 if bridged.request is not None and not bridged.request.done:
                     client.cancel(bridged.request)
+            for bridged in self._batches:
+                assert bridged.batch is not None
+                bridged.batch.cancel()
             shutdown = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
             self._listings = [(_failed_listing(shutdown), listing) for _, listing in self._listings]
             self._pump()
@@ -235,10 +250,21 @@ class Bridge:
             return
         self._active[bridged.request.id] = bridged
 
+    def _submit_embeddings(self, client: QMeshClient, bridged: BridgedRequest, inputs: list[str]) -> None:
+        unreachable = client.known_unreachable()
+        if unreachable is not None:
+            self._deliver([(bridged, None, Result(text="", model=bridged.model, error=unreachable))])
+            return
+        bridged.batch = client.submit_embeddings(inputs, model=bridged.model)  # spread by the table kept fresh here
+        self._batches.append(bridged)
+
     def _cancel(self, client: QMeshClient, bridged: BridgedRequest) -> None:
         request = bridged.request
         if request is not None and self._active.pop(request.id, None) is not None:
             client.cancel(request)
+        if bridged.batch is not None and bridged in self._batches:
+            self._batches.remove(bridged)
+            bridged.batch.cancel()
 
     def _refresh_models(self, client: QMeshClient) -> None:
         """Ask for the model table again when it is due and the last question is settled; never waits. Not while
@@ -275,6 +301,12 @@ class Bridge:
                 del self._active[request_id]
             if delta is not None or request.final is not None:
                 batch.append((bridged, delta, request.final))
+        for bridged in list(self._batches):
+            assert bridged.batch is not None
+            outcome = bridged.batch.outcome()
+            if outcome is not None:
+                self._batches.remove(bridged)
+                batch.append((bridged, None, outcome))
         if batch:
             self._deliver(batch)
 

@@ -51,7 +51,7 @@ def from_mesh(error: MeshError) -> APIError:
     if isinstance(error, BrokerUnreachable):  # the gateway's own trouble, not a request's: whatever its code
         return APIError(503, error.message, SERVER, None, "broker_unreachable")
     status, type_, code = _BY_MESH_CODE.get(error.code, (500, SERVER, None))
-    param = "model" if error.code == p.UNKNOWN_MODEL else None
+    param = error.param or ("model" if error.code == p.UNKNOWN_MODEL else None)
     return APIError(status, error.message, type_, param, code)
 
 

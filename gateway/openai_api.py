@@ -9,13 +9,22 @@ session name, ...) are accepted.
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from qmesh.client.sdk import Result
-from qmesh.common.bodies import DEFAULT_MAX_TOKENS, MAX_STOPS, MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS
+from qmesh.common.bodies import (
+    DEFAULT_MAX_TOKENS,
+    MAX_EMBED_CHARS,
+    MAX_EMBED_INPUTS,
+    MAX_STOPS,
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_LOGPROBS,
+    pack_vector,
+)
 from qmesh.common.protocol import MAX_SESSION_LEN
 from qmesh.gateway.errors import bad_request
 
@@ -397,3 +406,54 @@ def _stops(value: Any) -> list[str] | None:
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
         raise bad_request(f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
     return stops
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+
+
+@dataclass(slots=True)
+class EmbeddingsRequest:
+    """A parsed ``/v1/embeddings`` request."""
+
+    model: str
+    inputs: list[str]
+    base64: bool = False  # encoding_format base64: each vector as base64 of its little-endian float32s
+    dimensions: int | None = None
+
+    def response(self, result: Result) -> dict[str, Any]:
+        """The vectors in OpenAI's shape. ``dimensions`` other than the model's size is a 400 naming it (QMesh does
+        not shorten vectors; the size is known once they come back)."""
+        vectors = result.embeddings or []
+        size = len(vectors[0]) if vectors else 0
+        if self.dimensions is not None and self.dimensions != size:
+            message = f"'dimensions' is {self.dimensions}, but {self.model} makes vectors of {size}"
+            raise bad_request(message + " (QMesh cannot shorten them)", "dimensions")
+        data = [{"object": "embedding", "index": i, "embedding": self._encoded(v)} for i, v in enumerate(vectors)]
+        tokens = result.prompt_tokens or 0
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": self.model, "usage": usage}
+
+    def _encoded(self, vector: list[float]) -> list[float] | str:
+        return base64.b64encode(pack_vector(vector)).decode("ascii") if self.base64 else vector
+
+
+def parse_embeddings(body: Any) -> EmbeddingsRequest:
+    body = _object(body)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' must be a non-empty string", "model")
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) else value
+    if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+        raise bad_request("'input' must be a string or a list of strings (token ids are not supported)", "input")
+    if not 0 < len(inputs) <= MAX_EMBED_INPUTS or not all(inputs):
+        raise bad_request(f"'input' must be 1-{MAX_EMBED_INPUTS} non-empty strings", "input")
+    if sum(map(len, inputs)) > MAX_EMBED_CHARS:
+        raise bad_request(f"'input' is longer than {MAX_EMBED_CHARS} characters in all", "input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise bad_request("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        dimensions = _int(dimensions, "dimensions", 1, 1_000_000)
+    return EmbeddingsRequest(model, inputs, base64=encoding == "base64", dimensions=dimensions)

@@ -94,14 +94,15 @@ def worker_settings(endpoint: str, slots: int = 2, heartbeat: float = 0.2, **ove
 def worker_threads(
     endpoint: str, count: int = 1, watcher_curve: CurveClientKeys | None = None, **options: object
 ) -> Iterator[list[WorkerNode]]:
-    """In-process worker threads (each with a real llama-server), registered before the block runs.
+    """In-process worker threads (each with a real llama-server), registered before the block runs (at least
+    ``count`` workers of their service, ``options["service"]`` or MODEL).
 
     ``watcher_curve``: the client keys used to watch for the registration on a CURVE broker."""
     nodes = [WorkerNode(worker_settings(endpoint, **options), index) for index in range(count)]
     for node in nodes:
         node.start()
     try:
-        wait_for_workers(endpoint, MODEL, count, 60, curve=watcher_curve)
+        wait_for_workers(endpoint, str(options.get("service", MODEL)), count, 60, curve=watcher_curve)
         yield nodes
     finally:
         for node in nodes:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import re
+import struct
+
 import pytest
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import BadRequest, GenerationRequest, resume_body
+from qmesh.common.bodies import (
+    MAX_EMBED_CHARS,
+    MAX_EMBED_INPUTS,
+    BadRequest,
+    EmbeddingRequest,
+    GenerationRequest,
+    pack_vector,
+    request_from_body,
+    resume_body,
+    unpack_vector,
+)
 from qmesh.common.errors import QMeshError
 
 
@@ -141,3 +154,42 @@ def test_resume_body_refuses_chunks_it_cannot_trust(delivered: bytes) -> None:
 
 def test_a_plain_prompt_cannot_be_resumed() -> None:
     assert resume_body([b"a plain MDP prompt"], _chunks([3])) is None
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+
+
+def test_a_body_is_a_generation_or_an_embeddings_request_by_its_fields() -> None:
+    embedding = EmbeddingRequest(["one", "two"])
+    assert p.unpack(embedding.to_body()) == {"embed": ["one", "two"]}
+    assert request_from_body([embedding.to_body()]) == embedding
+    assert request_from_body([GenerationRequest(prompt="hi").to_body()]) == GenerationRequest(prompt="hi")
+    assert request_from_body([b"a plain MDP prompt"]) == GenerationRequest(prompt="a plain MDP prompt")
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"embed": ["a"], "prompt": "b"}, "not a generation's fields (prompt)"),
+        ({"embed": ["a"], "max_tokens": 5}, "not a generation's fields (max_tokens)"),
+        ({"embed": []}, f"1-{MAX_EMBED_INPUTS} texts"),
+        ({"embed": ["a"] * (MAX_EMBED_INPUTS + 1)}, f"1-{MAX_EMBED_INPUTS} texts"),
+        ({"embed": "a"}, "must be a list"),
+        ({"embed": ["a", ""]}, "non-empty strings"),
+        ({"embed": ["a", 3]}, "non-empty strings"),
+        ({"embed": ["x" * (MAX_EMBED_CHARS // 2), "y" * (MAX_EMBED_CHARS // 2 + 1)]}, "longer than"),
+    ],
+    ids=["mixed-prompt", "mixed-option", "none", "too-many", "not-a-list", "empty-text", "not-text", "too-long"],
+)
+def test_an_embeddings_body_is_embed_and_nothing_else(fields: dict, reason: str) -> None:
+    with pytest.raises(BadRequest, match=re.escape(reason)):
+        request_from_body([p.pack(fields)])
+
+
+def test_a_vector_is_little_endian_float32() -> None:
+    vector = [0.5, -1.25, 3.0e-5, 0.0]
+    packed = pack_vector(vector)
+    assert packed == struct.pack("<4f", *vector)
+    assert unpack_vector(packed) == [struct.unpack("<f", struct.pack("<f", x))[0] for x in vector]
+    with pytest.raises(ValueError, match="float32"):
+        unpack_vector(packed[:-1])

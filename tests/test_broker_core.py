@@ -230,7 +230,14 @@ def test_slots_two_then_third_waits_until_a_final() -> None:
     out = xrequest(core, C1, b"3", b"third")
     assert to_worker(out, W1) == []
     assert statuses(to_client(out, C1)) == [{"state": "queued", "position": 1}]
-    assert core.service_table()[MODEL] == {"workers": 1, "slots": 2, "busy": 2, "queued": 1}
+    assert core.service_table()[MODEL] == {
+        "workers": 1,
+        "slots": 2,
+        "busy": 2,
+        "queued": 1,
+        "capabilities": ["chat"],
+        "by_capability": {"chat": {"workers": 1, "slots": 2, "busy": 2}},
+    }
 
     out = reply(core, W1, k2, b"done", final=True)
     assert only_final(out, C1).request_id == b"2"
@@ -358,7 +365,9 @@ def test_no_workers_at_all_queues_then_504() -> None:
     core = make_core(heartbeat_interval=100.0)
     out = request(core, C1, now=2.0)
     assert out == []
-    assert core.service_table() == {MODEL: {"workers": 0, "slots": 0, "busy": 0, "queued": 1}}
+    assert core.service_table() == {
+        MODEL: {"workers": 0, "slots": 0, "busy": 0, "queued": 1, "capabilities": [], "by_capability": {}}
+    }
     assert core.next_wakeup() == 2.0 + QUEUE_TIMEOUT
     out = tick(core, 2.0 + QUEUE_TIMEOUT)
     final = only_final(out, C1, extended=False)
@@ -800,9 +809,24 @@ def test_mmi_services_and_workers_tables() -> None:
     ready(core, W2, service=OTHER)
     xrequest(core, C2, b"r")
     services = p.unpack(mmi(core, "mmi.services", []).body[0])
+    chat = ["chat"]
     assert services == {
-        MODEL: {"workers": 1, "slots": 2, "busy": 1, "queued": 0},
-        OTHER: {"workers": 1, "slots": 1, "busy": 0, "queued": 0},
+        MODEL: {
+            "workers": 1,
+            "slots": 2,
+            "busy": 1,
+            "queued": 0,
+            "capabilities": chat,
+            "by_capability": {"chat": {"workers": 1, "slots": 2, "busy": 1}},
+        },
+        OTHER: {
+            "workers": 1,
+            "slots": 1,
+            "busy": 0,
+            "queued": 0,
+            "capabilities": chat,
+            "by_capability": {"chat": {"workers": 1, "slots": 1, "busy": 0}},
+        },
     }
     assert services == core.service_table()
     send(core, W1, p.heartbeat({"health": 0.5, "kv": 3}))
@@ -955,6 +979,92 @@ def test_a_plain_body_cannot_be_resumed_and_ends_in_502() -> None:
     ready(core, W2, slots=1)
     final = only_final(unreachable(core, W1), C1)
     assert error_code(final) == p.WORKER_FAILED and "cannot be resumed" in p.unpack(final.body[0])["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------------ capabilities
+
+
+def embeddings_request(core: BrokerCore, client: bytes, rid: bytes, service: str = MODEL, now: float = 0.0):
+    """An embeddings request: a hinted request whose hint asks for the embeddings capability."""
+    hint = p.RoutingHint(capability=p.EMBEDDINGS)
+    return send(core, client, p.client_request(service, [rid + b" texts"], rid, hint), now)
+
+
+def error_of(message: p.BrokerToClient) -> dict[str, Any]:
+    return p.unpack(message.body[0])["error"]
+
+
+def test_each_request_goes_only_to_workers_of_its_capability() -> None:
+    core = make_core()
+    ready(core, W1, slots=2)  # announces no capabilities: a chat worker
+    ready(core, W2, slots=2, capabilities=[p.EMBEDDINGS])
+    assert [only_request_to(embeddings_request(core, C1, rid), W2).body for rid in (b"e1", b"e2")] == [
+        [b"e1 texts"],
+        [b"e2 texts"],
+    ]
+    assert [only_request_to(xrequest(core, C1, rid, rid), W1).body for rid in (b"c1", b"c2")] == [[b"c1"], [b"c2"]]
+    table = core.service_table()[MODEL]
+    assert table["capabilities"] == ["chat", "embeddings"]
+    assert table["by_capability"] == {
+        "chat": {"workers": 1, "slots": 2, "busy": 2},
+        "embeddings": {"workers": 1, "slots": 2, "busy": 2},
+    }
+
+
+def test_a_waiting_chat_request_does_not_hold_up_an_embeddings_request_behind_it() -> None:
+    core = make_core()
+    ready(core, W1, slots=1)
+    ready(core, W2, slots=1, capabilities=[p.EMBEDDINGS])
+    embedding = only_request_to(embeddings_request(core, C1, b"e1"), W2).route_key
+    only_request_to(xrequest(core, C1, b"c1"), W1)
+    assert to_worker(xrequest(core, C1, b"c2"), W1) == []
+    assert to_worker(embeddings_request(core, C1, b"e2"), W2) == []
+    out = reply(core, W2, embedding, b"vectors", final=True)
+    assert only_request_to(out, W2).body == [b"e2 texts"], "the older chat request waits for the chat worker"
+    assert requests_to(out, W1) == []
+
+
+def test_a_kind_of_request_the_model_never_served_is_400_naming_model() -> None:
+    core = make_core()
+    ready(core, W1, slots=1)
+    ready(core, W2, service=OTHER, slots=1, capabilities=[p.EMBEDDINGS])
+    error = error_of(only_final(embeddings_request(core, C1, b"e"), C1))
+    assert error == {"code": p.BAD_REQUEST, "message": f"model '{MODEL}' does not serve embeddings", "param": "model"}
+    error = error_of(only_final(request(core, C2, service=OTHER), C2, extended=False))
+    assert error == {"code": p.BAD_REQUEST, "message": f"model '{OTHER}' serves embeddings only", "param": "model"}
+    assert core.requests == {} and all(not w.active for w in core.workers.values())
+
+
+def test_a_kind_of_request_whose_workers_left_waits_for_them() -> None:
+    """As for a model that lost its workers: a worker of that kind may be restarting."""
+    core = make_core()
+    ready(core, W1, slots=1)
+    ready(core, W2, slots=1, capabilities=[p.EMBEDDINGS])
+    unreachable(core, W2)
+    out = embeddings_request(core, C1, b"e1", now=1.0)
+    assert statuses(to_client(out, C1)) == [{"state": "queued", "position": 1}] and requests_to(out, W1) == []
+    only_request_to(ready(core, W3, slots=1, capabilities=[p.EMBEDDINGS], now=2.0), W3)
+    unreachable(core, W3, now=2.0)  # before it answered: the request waits again, and then times out
+    final = only_final(tick(core, 2.0 + QUEUE_TIMEOUT), C1)
+    assert error_code(final) == p.QUEUE_TIMEOUT and "(no worker serves it)" in error_of(final)["message"]
+
+
+def test_a_dead_workers_request_moves_only_to_a_worker_of_its_kind() -> None:
+    core = make_core()
+    ready(core, W1, slots=1, capabilities=[p.EMBEDDINGS])
+    ready(core, W2, slots=1)
+    only_request_to(embeddings_request(core, C1, b"e1"), W1)
+    assert requests_to(unreachable(core, W1), W2) == []
+    only_request_to(ready(core, W3, slots=1, capabilities=[p.CHAT, p.EMBEDDINGS]), W3)
+
+
+@pytest.mark.parametrize("capabilities", [[], "chat", [""], ["x" * 33], [1], ["chat", None], {"chat": 1}])
+def test_invalid_capabilities_disconnect(capabilities: Any) -> None:
+    core = make_core()
+    (refusal,) = to_worker(send(core, W1, p.ready(MODEL, {"slots": 1, "capabilities": capabilities})), W1)
+    assert refusal.command == p.W_DISCONNECT and refusal.refusal is not None
+    assert refusal.refusal[0] == p.BAD_REQUEST and "capabilities" in refusal.refusal[1]
+    assert core.workers == {}
 
 
 # --------------------------------------------------------------------- other framings: leading empty frame, 7/MDP

@@ -618,6 +618,16 @@ class BrokerMachine(RuleBasedStateMachine):
                 "slots": sum(w.slots for w in workers),
                 "busy": sum(len(w.held) for w in workers),
                 "queued": len(self.queues.get(name, [])),
+                "capabilities": ["chat"] if workers else [],  # every worker here is a chat worker
+                "by_capability": {
+                    "chat": {
+                        "workers": len(workers),
+                        "slots": sum(w.slots for w in workers),
+                        "busy": sum(len(w.held) for w in workers),
+                    }
+                }
+                if workers
+                else {},
             }
         assert self.core.service_table() == expected_services
 

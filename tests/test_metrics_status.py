@@ -185,7 +185,15 @@ def test_status_json_has_load_and_last_heartbeat(mesh):
     assert 0 <= worker["cpu_percent"] <= 100 and 0 < worker["memory_percent"] <= 100
     assert isinstance(worker["tokens_per_second"], float)
     assert 0 < worker["prompt_cache_hit_ratio"] < 1
-    assert snap["models"][MODEL] == {"workers": 1, "slots": 2, "busy": 0, "queued": 0, "context": 2048}
+    assert snap["models"][MODEL] == {
+        "workers": 1,
+        "slots": 2,
+        "busy": 0,
+        "queued": 0,
+        "capabilities": ["chat"],
+        "by_capability": {"chat": {"workers": 1, "slots": 2, "busy": 0}},
+        "context": 2048,
+    }
 
 
 def test_heartbeats_report_tokens_per_second_while_generating(mesh):

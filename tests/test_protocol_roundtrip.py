@@ -40,6 +40,13 @@ hints = st.one_of(
         session=st.one_of(
             st.none(), st.text(st.characters(codec="utf-8", categories=["L", "N"]), min_size=1, max_size=9)
         ),
+        capability=st.one_of(
+            st.none(),
+            st.sampled_from([p.CHAT, p.EMBEDDINGS]),
+            st.text(
+                st.characters(codec="utf-8", categories=["L", "N", "P"]), min_size=1, max_size=p.MAX_CAPABILITY_LEN
+            ),
+        ),
     ),
 )
 
@@ -54,7 +61,8 @@ def test_client_request(
     if framing.dialect is not p.Dialect.MDP02:
         request_id = None  # plain requests only: ids are QMesh's
     frames = p.client_request(service, body, request_id, hint, framing)
-    sent = hint if request_id is not None and hint is not None and (hint.prefix or hint.session) else None
+    says_something = hint is not None and (hint.prefix or hint.session is not None or hint.capability is not None)
+    sent = hint if request_id is not None and says_something else None
     assert p.parse_inbound(frames) == p.ClientRequest(service, request_id, body, sent, framing)
 
 

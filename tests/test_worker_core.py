@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import GenerationRequest
+from qmesh.common.bodies import EmbeddingRequest, GenerationRequest
 from qmesh.worker.core import (
     CancelJob,
     Close,
@@ -180,6 +180,35 @@ def test_a_bad_request_body_is_answered_with_a_400_final() -> None:
     (final,) = sent(out)
     assert isinstance(final, p.WorkerFinal) and final.route_key == b"k1"
     assert p.unpack(final.body[0])["error"]["code"] == p.BAD_REQUEST
+    assert core.jobs == {}
+
+
+def test_an_embeddings_request_becomes_a_job_of_an_embeddings_worker() -> None:
+    core = registered_core()
+    core.config.capability = p.EMBEDDINGS
+    job = started(core.on_broker_message(p.worker_request(b"k1", [EmbeddingRequest(["a", "b"]).to_body()]), 0.1))
+    assert job.request == EmbeddingRequest(["a", "b"])
+    assert job.credit is None, "it sends no PARTIALs: nothing to give credit for"
+    assert core.jobs == {b"k1": job}
+
+
+@pytest.mark.parametrize(
+    ("capability", "body", "reason"),
+    [
+        (p.CHAT, EmbeddingRequest(["a"]).to_body(), "does not serve embeddings"),
+        (p.EMBEDDINGS, GenerationRequest(prompt="hi").to_body(), "serves embeddings only"),
+        (p.EMBEDDINGS, b"a plain MDP prompt", "serves embeddings only"),
+    ],
+    ids=["embeddings-to-chat", "chat-to-embeddings", "plain-to-embeddings"],
+)
+def test_a_request_of_the_kind_the_worker_does_not_serve_is_a_400(capability: str, body: bytes, reason: str) -> None:
+    """The broker never sends one (it routes by capability): the worker refuses it all the same."""
+    core = registered_core()
+    core.config.capability = capability
+    (final,) = sent(core.on_broker_message(p.worker_request(b"k1", [body]), 0.1))
+    assert isinstance(final, p.WorkerFinal)
+    error = p.unpack(final.body[0])["error"]
+    assert error["code"] == p.BAD_REQUEST and reason in error["message"]
     assert core.jobs == {}
 
 

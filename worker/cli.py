@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 
 import psutil
@@ -27,6 +28,14 @@ from qmesh.worker.models import resolve_model
 from qmesh.worker.node import WorkerNode, WorkerSettings
 
 app = typer.Typer(add_completion=False, help="A QMesh worker: serves one model through the broker.")
+
+
+class Pooling(str, Enum):
+    """How an embeddings worker's llama-server makes one vector of a text's token vectors."""
+
+    MEAN = "mean"
+    CLS = "cls"
+    LAST = "last"
 
 
 @app.command()
@@ -71,6 +80,18 @@ def run(
     llama_server: str = typer.Option(
         None, "--llama-server", envvar="QMESH_LLAMA_SERVER", help="Path of the llama-server binary."
     ),
+    embeddings: bool = typer.Option(
+        False,
+        "--embeddings",
+        envvar="QMESH_EMBEDDINGS",
+        help="Serve embeddings (/v1/embeddings, QMeshClient.embed) instead of chat: llama-server in embedding mode.",
+    ),
+    pooling: Pooling = typer.Option(
+        None,
+        "--pooling",
+        envvar="QMESH_POOLING",
+        help="With --embeddings: how a text's token vectors become one vector (default: mean).",
+    ),
     heartbeat_ms: int = typer.Option(2500, "--heartbeat-ms", envvar="QMESH_HEARTBEAT_MS", min=10),
     liveness: int = typer.Option(3, "--liveness", envvar="QMESH_LIVENESS", min=1),
     grace: float = typer.Option(
@@ -96,6 +117,9 @@ def run(
     version: bool = version_option(),
 ) -> None:
     setup_logging(log_level, log_format)
+    if pooling is not None and not embeddings:
+        typer.echo("qmesh-worker: --pooling applies to an embeddings worker: add --embeddings", err=True)
+        raise typer.Exit(2)
     try:
         model_file = resolve_model(model)
         binary = find_llama_server(llama_server)
@@ -112,7 +136,8 @@ def run(
         ctx_size=ctx_size,
         gpu_layers=gpu_layers,
         cpu_threads=cpu_threads or max(1, (os.cpu_count() or 1) // threads),
-        cache_ram=default_cache_ram(threads) if cache_ram is None else cache_ram,
+        # An embedding reuses no earlier prompt: an embeddings worker keeps no prompt cache unless asked to.
+        cache_ram=(0 if embeddings else default_cache_ram(threads)) if cache_ram is None else cache_ram,
         heartbeat_interval=heartbeat_ms / 1000,
         liveness=liveness,
         grace=grace,
@@ -120,6 +145,8 @@ def run(
         stall_timeout=stall_timeout,
         worker_id=worker_id(),
         curve=curve,
+        embeddings=embeddings,
+        pooling=(pooling or Pooling.MEAN).value,
     )
     nodes = [WorkerNode(settings, index) for index in range(threads)]
 

@@ -21,7 +21,7 @@ from enum import Enum
 from typing import Any
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import BadRequest, GenerationRequest
+from qmesh.common.bodies import BadRequest, EmbeddingRequest, GenerationRequest, request_from_body
 from qmesh.worker.generation import Job
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class WorkerConfig:
     liveness: int = 3
     grace: float = 30.0  # seconds in-flight requests may take to finish at shutdown
     max_reconnect_delay: float = 30.0
+    capability: str = p.CHAT  # the kind of request it serves: CHAT (generations) or EMBEDDINGS
 
     @property
     def broker_ttl(self) -> float:
@@ -292,7 +293,8 @@ class WorkerCore:
 
     def _accept(self, route_key: bytes, body: list[bytes], out: list[Effect]) -> None:
         try:
-            request = GenerationRequest.from_body(body)
+            request = request_from_body(body)
+            self._check_kind(request)
         except BadRequest as exc:
             out.append(Send(p.worker_reply(True, route_key, [p.error_body(p.BAD_REQUEST, str(exc))])))
             return
@@ -303,6 +305,13 @@ class WorkerCore:
         job = Job(route_key, request, self.connection)
         self.jobs[route_key] = job
         out.append(StartJob(job))
+
+    def _check_kind(self, request: GenerationRequest | EmbeddingRequest) -> None:
+        """The broker sends each kind of request only to workers of that kind; this catches one that did not."""
+        embeddings = self.config.capability == p.EMBEDDINGS
+        if isinstance(request, EmbeddingRequest) != embeddings:
+            serves = "serves embeddings only" if embeddings else "does not serve embeddings"
+            raise BadRequest(f"this worker of {self.config.service} {serves}")
 
     def _on_disconnect(self, refusal: tuple[int, str] | None, out: list[Effect]) -> None:
         if refusal is not None and refusal[0] in FATAL_REFUSALS:

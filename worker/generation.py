@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from qmesh.common import protocol as p
-from qmesh.common.bodies import GenerationRequest, Message, final_body
+from qmesh.common.bodies import EmbeddingRequest, GenerationRequest, Message, final_body
 from qmesh.common.errors import SidecarRefused
 from qmesh.worker.http_client import Completion, CompletionChunk
 from qmesh.worker.tools import ContentDecoder, answer_schema, parse_answer, tool_messages
@@ -57,18 +57,22 @@ class Job:
     """A request held by a worker thread, shared by the loop (cancel, grant) and its slot thread (take credit).
 
     ``connection``: the number of the broker connection it came on. ``credit``: chunks the client will still
-    take (None: no flow control).
+    take (None: no flow control, as for an embedding, which streams nothing).
     """
 
     def __init__(
-        self, route_key: bytes, request: GenerationRequest, connection: int, wait: Wait = wait_on_condition
+        self,
+        route_key: bytes,
+        request: GenerationRequest | EmbeddingRequest,
+        connection: int,
+        wait: Wait = wait_on_condition,
     ) -> None:
         self.route_key = route_key
         self.request = request
         self.connection = connection
         self.cancelled = threading.Event()
         self.stream: SidecarStream | None = None
-        self.credit = request.window
+        self.credit = request.window if isinstance(request, GenerationRequest) else None
         self._credit_changed = threading.Condition()
         self._wait = wait
 

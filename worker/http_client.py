@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ Prompt = str | list[int]
 _STOP_REASONS = {"eos": "stop", "word": "stop", "limit": "length"}
 STOP_CANCELLED = "cancelled"  # stop_reason of a stream closed early
 _HEALTH_TIMEOUT = 5.0  # /health answers at once even while loading; a slower answer means "not healthy"
+# llama-server says an input longer than its batch (the worker makes a batch one slot's context) in words only, as a 500
+_INPUT_TOO_LONG = re.compile(r"input \((\d+) tokens\) is too large to process.*current batch size: (\d+)")
 
 
 @dataclass
@@ -51,6 +54,14 @@ class Completion:
     tokens_evaluated: int
     stop_reason: str
     timings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Embedded:
+    """The pooled embedding of each input, in input order, and how many tokens the inputs were together."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 class CompletionStream:
@@ -229,6 +240,26 @@ class LlamaHttpClient:
         **opts: Any,
     ) -> CompletionStream:
         return self.generate_stream(self.apply_template(messages), on_done=on_done, **opts)
+
+    def embed(self, inputs: list[str]) -> Embedded:
+        """Embed ``inputs`` (``/v1/embeddings`` of a llama-server started with ``--embeddings`` and a pooling). An
+        input longer than one batch raises PromptTooLong (with its tokens and the batch size)."""
+        try:
+            payload = self._call("POST", "/v1/embeddings", {"input": inputs})
+        except SidecarError as exc:
+            too_long = _INPUT_TOO_LONG.search(str(exc))
+            if too_long is None:
+                raise
+            raise PromptTooLong(int(too_long[1]), int(too_long[2])) from exc
+        try:
+            vectors = [item["embedding"] for item in sorted(payload["data"], key=lambda item: item["index"])]
+            prompt_tokens = int(payload["usage"]["prompt_tokens"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SidecarError(f"llama-server sent an unexpected embeddings answer: {str(payload)[:200]}") from exc
+        # Without pooling llama-server sends a vector per token (a list of lists): not what was asked for.
+        if len(vectors) != len(inputs) or not all(v and isinstance(v, list) and type(v[0]) is float for v in vectors):
+            raise SidecarError(f"llama-server sent {len(vectors)} embeddings, not one pooled vector per input")
+        return Embedded(vectors, prompt_tokens)
 
     def close(self) -> None:
         self._session.close()

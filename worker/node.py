@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import zmq
 
 from qmesh.common import protocol as p
+from qmesh.common.bodies import EmbeddingRequest
 from qmesh.common.errors import QMeshError, SidecarError
 from qmesh.common.keys import CurveClientKeys
 from qmesh.worker.binary import LlamaServerBinary
@@ -36,6 +37,7 @@ from qmesh.worker.core import (
     WorkerConfig,
     WorkerCore,
 )
+from qmesh.worker.embedding import Embedding
 from qmesh.worker.generation import Generation, Job
 from qmesh.worker.gguf import kv_bytes_per_token
 from qmesh.worker.http_client import LlamaHttpClient
@@ -70,6 +72,15 @@ class WorkerSettings:
     max_reconnect_delay: float = 30.0
     curve: CurveClientKeys | None = None  # own key pair and the broker's public key, when the broker uses CURVE
     cache_ram: int = 0  # MiB of host memory for llama-server's prompt cache (0: none)
+    embeddings: bool = False  # serve embeddings (llama-server in embedding mode) instead of chat
+    pooling: str = "mean"  # how an embedding worker's llama-server pools token vectors: mean, cls or last
+
+
+def embedding_args(settings: WorkerSettings) -> tuple[str, ...]:
+    """llama-server in embedding mode. It embeds a text in one batch, so a batch holds a whole slot's context:
+    any text that fits the context can be embedded."""
+    batch = str(settings.ctx_size)
+    return ("--embeddings", "--pooling", settings.pooling, "--batch-size", batch, "--ubatch-size", batch)
 
 
 def prefix_capacity(settings: WorkerSettings, context: int) -> int:
@@ -123,6 +134,7 @@ class WorkerNode(threading.Thread):
             "worker_id": settings.worker_id,
             "model_file": settings.model.path.name,
             "version": 1,
+            "capabilities": [p.EMBEDDINGS if settings.embeddings else p.CHAT],
         }
         config = WorkerConfig(
             broker=settings.broker,
@@ -133,6 +145,7 @@ class WorkerNode(threading.Thread):
             liveness=settings.liveness,
             grace=settings.grace,
             max_reconnect_delay=settings.max_reconnect_delay,
+            capability=p.EMBEDDINGS if settings.embeddings else p.CHAT,
         )
         self.core = WorkerCore(config, time.monotonic())
         self._wakeup = Wakeup()
@@ -160,7 +173,7 @@ class WorkerNode(threading.Thread):
             threads=s.cpu_threads,
             load_timeout=s.load_timeout,
             max_restarts=s.max_restarts,
-            extra_args=("--cache-ram", str(s.cache_ram)),
+            extra_args=("--cache-ram", str(s.cache_ram), *(embedding_args(s) if s.embeddings else ())),
         )
         self._wakeup.open()
         slot_threads = [
@@ -303,18 +316,23 @@ class WorkerNode(threading.Thread):
             events.put((job, body))
             wakeup.ring()
 
-        generation = Generation(
-            job,
-            self.watch.client,
-            send_chunk,
-            send_final,
-            worker_name=self.worker_name,
-            model=self.settings.service,
-            pause_after=self.settings.pause_after,
-            stall_timeout=self.settings.stall_timeout,
-        )
+        runner: Generation | Embedding
+        if isinstance(job.request, EmbeddingRequest):
+            name, model = self.worker_name, self.settings.service
+            runner = Embedding(job, self.watch.client, send_final, worker_name=name, model=model)
+        else:
+            runner = Generation(
+                job,
+                self.watch.client,
+                send_chunk,
+                send_final,
+                worker_name=self.worker_name,
+                model=self.settings.service,
+                pause_after=self.settings.pause_after,
+                stall_timeout=self.settings.stall_timeout,
+            )
         try:
-            generation.run()
+            runner.run()
         except SidecarError as exc:
             if job.cancelled.is_set():
                 send_final(p.error_body(p.CANCELLED, "cancelled"))
