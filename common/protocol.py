@@ -184,18 +184,23 @@ class Framing:
     delimited: bool = False  # a leading empty frame on every command (REQ-compatible framing)
 
 
+# The members under plain names for the checks made per message: reading a member off an Enum class costs a
+# descriptor call on CPython 3.11 (about 60 ns, as much as the rest of a check).
+_18MDP, _MAJORTOMO, _7MDP = Dialect.MDP02, Dialect.MAJORTOMO, Dialect.MDP01
 MDP02 = Framing()
-# One object per framing, so that parsing a message allocates none.
-_FRAMINGS = {(dialect, delimited): Framing(dialect, delimited) for dialect in Dialect for delimited in (False, True)}
+# Each dialect's framings without and with the leading empty frame, indexed by ``delimited``: parsing a message
+# allocates and hashes nothing.
+_18MDP_FRAMINGS = (MDP02, Framing(_18MDP, True))
+_MAJORTOMO_FRAMINGS = (Framing(_MAJORTOMO), Framing(_MAJORTOMO, True))
+_7MDP_FRAMINGS = (Framing(_7MDP), Framing(_7MDP, True))
 
 
 def _framed(framing: Framing, frames: list[bytes]) -> list[bytes]:
     return [b"", *frames] if framing.delimited else frames
 
 
-def _only_mdp02(framing: Framing, what: str) -> None:
-    if framing.dialect is not Dialect.MDP02:
-        raise ValueError(f"{what} exists only in 18/MDP framing, not in {framing.dialect.value}")
+def _only_in_18mdp(framing: Framing, what: str) -> ValueError:
+    return ValueError(f"{what} exists only in 18/MDP framing, not in {framing.dialect.value}")
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -339,14 +344,14 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
 
     Raises ProtocolError for anything malformed; never any other exception.
     """
-    delimited = bool(frames) and frames[0] == b""  # never a header, so a leading empty frame is unambiguous
-    if delimited:
-        frames = frames[1:]
+    delimited = False
+    if frames and not frames[0]:  # never a header, so a leading empty frame is unambiguous
+        delimited, frames = True, frames[1:]
     if len(frames) < 2:
         raise ProtocolError(f"too few frames ({len(frames)})")
     header, command = frames[0], frames[1]
     if header == CLIENT:
-        framing = _FRAMINGS[Dialect.MDP02, delimited]
+        framing = _18MDP_FRAMINGS[delimited]
         if command == C_REQUEST:
             if len(frames) < 3:
                 raise ProtocolError("REQUEST without service frame")
@@ -371,10 +376,10 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
         if command == MT_REQUEST:
             if len(frames) < 3:
                 raise ProtocolError("REQUEST without service frame")
-            return ClientRequest(_service(frames[2]), None, frames[3:], None, _FRAMINGS[Dialect.MAJORTOMO, delimited])
+            return ClientRequest(_service(frames[2]), None, frames[3:], None, _MAJORTOMO_FRAMINGS[delimited])
         raise ProtocolError(f"unknown client command {command!r}")
     if header == WORKER:
-        framing = _FRAMINGS[Dialect.MDP02, delimited]
+        framing = _18MDP_FRAMINGS[delimited]
         if command == W_READY:
             if len(frames) not in (3, 4):
                 raise ProtocolError("READY takes a service frame and an optional info frame")
@@ -394,9 +399,9 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
             return WorkerDisconnect(framing)
         raise ProtocolError(f"unknown worker command {command!r}")
     if header == CLIENT_01:  # 7/MDP: no command frame, the service comes second
-        return ClientRequest(_service(command), None, frames[2:], None, _FRAMINGS[Dialect.MDP01, delimited])
+        return ClientRequest(_service(command), None, frames[2:], None, _7MDP_FRAMINGS[delimited])
     if header == WORKER_01:
-        framing = _FRAMINGS[Dialect.MDP01, delimited]
+        framing = _7MDP_FRAMINGS[delimited]
         if command == W01_READY:
             if len(frames) != 3:
                 raise ProtocolError("a 7/MDP READY takes one service frame")
@@ -419,51 +424,60 @@ def client_reply(
 ) -> list[bytes]:
     """PARTIAL or FINAL to a client; an extended request's id leads the body. A 7/MDP client has only a REPLY,
     which the broker sends for the FINAL (with the PARTIAL bodies it held back); majortomo's names no service."""
-    if request_id is not None:
-        _only_mdp02(framing, "a request id")
     dialect = framing.dialect
-    if dialect is Dialect.MDP02:
+    if dialect is _18MDP:
         frames = [CLIENT, C_FINAL if final else C_PARTIAL, service.encode()]
         if request_id is not None:
             frames.append(request_id)
-    elif dialect is Dialect.MAJORTOMO:
+    elif request_id is not None:
+        raise _only_in_18mdp(framing, "a request id")
+    elif dialect is _MAJORTOMO:
         frames = [CLIENT, MT_FINAL if final else MT_PARTIAL]
     elif final:
         frames = [CLIENT_01, service.encode()]
     else:
         raise ValueError("7/MDP has no PARTIAL: a client gets one REPLY")
     frames.extend(body)
-    return _framed(framing, frames)
+    return [b"", *frames] if framing.delimited else frames
 
 
 def client_status(service: str, request_id: bytes, status: dict[str, Any], framing: Framing = MDP02) -> list[bytes]:
-    _only_mdp02(framing, "STATUS")
-    return _framed(framing, [CLIENT, C_STATUS, service.encode(), request_id, pack(status)])
+    if framing.dialect is not _18MDP:
+        raise _only_in_18mdp(framing, "STATUS")
+    frames = [CLIENT, C_STATUS, service.encode(), request_id, pack(status)]
+    return [b"", *frames] if framing.delimited else frames
 
 
 def _worker_header(framing: Framing) -> bytes:
-    if framing.dialect is Dialect.MAJORTOMO:
+    if framing.dialect is _MAJORTOMO:
         raise ValueError("majortomo's framing is a client's")
-    return WORKER_01 if framing.dialect is Dialect.MDP01 else WORKER
+    return WORKER_01 if framing.dialect is _7MDP else WORKER
 
 
 def worker_request(route_key: bytes, body: list[bytes], framing: Framing = MDP02) -> list[bytes]:
-    # REQUEST is 0x02 in both versions
-    return _framed(framing, [_worker_header(framing), W_REQUEST, route_key, b"", *body])
+    dialect = framing.dialect
+    if dialect is _MAJORTOMO:
+        raise ValueError("majortomo's framing is a client's")
+    frames = [WORKER_01 if dialect is _7MDP else WORKER, W_REQUEST, route_key, b"", *body]  # 0x02 in both versions
+    return [b"", *frames] if framing.delimited else frames
 
 
 def worker_cancel(route_key: bytes, framing: Framing = MDP02) -> list[bytes]:
-    _only_mdp02(framing, "CANCEL")
-    return _framed(framing, [WORKER, W_CANCEL, route_key])
+    if framing.dialect is not _18MDP:
+        raise _only_in_18mdp(framing, "CANCEL")
+    frames = [WORKER, W_CANCEL, route_key]
+    return [b"", *frames] if framing.delimited else frames
 
 
 def worker_credit(route_key: bytes, credit: int, framing: Framing = MDP02) -> list[bytes]:
-    _only_mdp02(framing, "CREDIT")
-    return _framed(framing, [WORKER, W_CREDIT, route_key, credit.to_bytes(4, "big")])
+    if framing.dialect is not _18MDP:
+        raise _only_in_18mdp(framing, "CREDIT")
+    frames = [WORKER, W_CREDIT, route_key, credit.to_bytes(4, "big")]
+    return [b"", *frames] if framing.delimited else frames
 
 
 def heartbeat(load: dict[str, Any] | None = None, framing: Framing = MDP02) -> list[bytes]:
-    if framing.dialect is Dialect.MDP01:
+    if framing.dialect is _7MDP:
         if load:
             raise ValueError("a 7/MDP HEARTBEAT carries no load")
         return _framed(framing, [WORKER_01, W01_HEARTBEAT])
@@ -476,7 +490,7 @@ def heartbeat(load: dict[str, Any] | None = None, framing: Framing = MDP02) -> l
 def disconnect(refusal: tuple[int, str] | None = None, framing: Framing = MDP02) -> list[bytes]:
     """DISCONNECT; to an extended worker the broker may add why it refused it (an error body), so that the
     worker can stop with that reason instead of registering again and again."""
-    if framing.dialect is Dialect.MDP01:
+    if framing.dialect is _7MDP:
         if refusal is not None:
             raise ValueError("a 7/MDP DISCONNECT carries no reason")
         return _framed(framing, [WORKER_01, W01_DISCONNECT])
@@ -490,7 +504,7 @@ def disconnect(refusal: tuple[int, str] | None = None, framing: Framing = MDP02)
 
 
 def ready(service: str, info: dict[str, Any] | None = None, framing: Framing = MDP02) -> list[bytes]:
-    if framing.dialect is Dialect.MDP01 and info:
+    if framing.dialect is _7MDP and info:
         raise ValueError("a 7/MDP READY carries no info")
     frames = [_worker_header(framing), W_READY, service.encode()]  # READY is 0x01 in both versions
     if info:
@@ -500,13 +514,16 @@ def ready(service: str, info: dict[str, Any] | None = None, framing: Framing = M
 
 def worker_reply(final: bool, route_key: bytes, body: list[bytes], framing: Framing = MDP02) -> list[bytes]:
     """PARTIAL or FINAL; a 7/MDP worker's one REPLY stands for its FINAL."""
-    if framing.dialect is Dialect.MDP01:
-        if not final:
-            raise ValueError("7/MDP has no PARTIAL: a worker sends one REPLY")
-        command = W01_REPLY
+    dialect = framing.dialect
+    if dialect is _18MDP:  # a QMesh worker's PARTIAL for each token
+        frames = [WORKER, W_FINAL if final else W_PARTIAL, route_key, b"", *body]
+    elif dialect is _7MDP and final:
+        frames = [WORKER_01, W01_REPLY, route_key, b"", *body]
+    elif dialect is _7MDP:
+        raise ValueError("7/MDP has no PARTIAL: a worker sends one REPLY")
     else:
-        command = W_FINAL if final else W_PARTIAL
-    return _framed(framing, [_worker_header(framing), command, route_key, b"", *body])
+        raise ValueError("majortomo's framing is a client's")
+    return [b"", *frames] if framing.delimited else frames
 
 
 def client_request(
@@ -517,12 +534,12 @@ def client_request(
     framing: Framing = MDP02,
 ) -> list[bytes]:
     """REQUEST (no id), XREQUEST (an id) or, with a routing hint that says anything, a hinted request."""
-    if request_id is not None:
-        _only_mdp02(framing, "a request id")
-    if framing.dialect is Dialect.MDP01:
+    if request_id is not None and framing.dialect is not _18MDP:
+        raise _only_in_18mdp(framing, "a request id")
+    if framing.dialect is _7MDP:
         return _framed(framing, [CLIENT_01, service.encode(), *body])
     if request_id is None:
-        command = MT_REQUEST if framing.dialect is Dialect.MAJORTOMO else C_REQUEST
+        command = MT_REQUEST if framing.dialect is _MAJORTOMO else C_REQUEST
         return _framed(framing, [CLIENT, command, service.encode(), *body])
     if hint is None or not hint.prefix and hint.session is None and hint.capability is None:
         return _framed(framing, [CLIENT, C_XREQUEST, service.encode(), request_id, *body])
@@ -535,13 +552,16 @@ def client_request(
 
 
 def client_cancel(request_id: bytes, framing: Framing = MDP02) -> list[bytes]:
-    _only_mdp02(framing, "CANCEL")
+    if framing.dialect is not _18MDP:
+        raise _only_in_18mdp(framing, "CANCEL")
     return _framed(framing, [CLIENT, C_CANCEL, request_id])
 
 
 def client_credit(request_id: bytes, credit: int, framing: Framing = MDP02) -> list[bytes]:
-    _only_mdp02(framing, "CREDIT")
-    return _framed(framing, [CLIENT, C_CREDIT, request_id, credit.to_bytes(4, "big")])
+    if framing.dialect is not _18MDP:
+        raise _only_in_18mdp(framing, "CREDIT")
+    frames = [CLIENT, C_CREDIT, request_id, credit.to_bytes(4, "big")]
+    return [b"", *frames] if framing.delimited else frames
 
 
 # -------------------------------------------------------------------------- parsing: what peers receive
@@ -623,15 +643,16 @@ class BrokerToClient:
 def parse_for_client(frames: list[bytes], extended: bool = True, framing: Framing = MDP02) -> BrokerToClient:
     """Parse a reply on a client socket whose requests were framed as ``framing``; ``extended`` says the client
     sent XREQUESTs (ids lead the body; 18/MDP framing only)."""
-    frames = _unframed(frames, framing)
-    if framing.dialect is Dialect.MDP01:
-        if len(frames) < 2 or frames[0] != CLIENT_01:
-            raise ProtocolError("not an MDPC01 reply")
-        return BrokerToClient(C_FINAL, _service(frames[1]), None, frames[2:])
-    if framing.dialect is Dialect.MAJORTOMO:
-        if len(frames) < 2 or frames[0] != CLIENT or frames[1] not in (MT_PARTIAL, MT_FINAL):
-            raise ProtocolError("not a PARTIAL or FINAL in majortomo's framing")
-        return BrokerToClient(C_FINAL if frames[1] == MT_FINAL else C_PARTIAL, "", None, frames[2:])
+    if framing is not MDP02:  # QMesh's SDK parses every chunk in the default framing: it skips these checks
+        frames = _unframed(frames, framing)
+        if framing.dialect is _7MDP:
+            if len(frames) < 2 or frames[0] != CLIENT_01:
+                raise ProtocolError("not an MDPC01 reply")
+            return BrokerToClient(C_FINAL, _service(frames[1]), None, frames[2:])
+        if framing.dialect is _MAJORTOMO:
+            if len(frames) < 2 or frames[0] != CLIENT or frames[1] not in (MT_PARTIAL, MT_FINAL):
+                raise ProtocolError("not a PARTIAL or FINAL in majortomo's framing")
+            return BrokerToClient(C_FINAL if frames[1] == MT_FINAL else C_PARTIAL, "", None, frames[2:])
     if len(frames) < 3 or frames[0] != CLIENT:
         raise ProtocolError("not an MDPC02 reply")
     command = frames[1]
