@@ -194,7 +194,7 @@ def test_concurrent_requests_share_the_one_connection(mesh, api):
 
 def test_bad_requests_are_400_with_the_parameter_named(mesh, api):
     with pytest.raises(openai.BadRequestError) as caught:
-        api.chat.completions.create(model=MODEL, messages=CHAT, n=2)
+        api.chat.completions.create(model=MODEL, messages=CHAT, n=17)  # more choices than MAX_CHOICES
     assert caught.value.status_code == 400 and caught.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as caught:
         api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=0)

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from qmesh.common.errors import LlamaServerNotFound, ModelNotFound, PromptTooLong, SidecarError, SidecarStartError
+from qmesh.common.errors import (
+    LlamaServerNotFound,
+    ModelNotFound,
+    PromptTooLong,
+    SidecarError,
+    SidecarRefused,
+    SidecarStartError,
+)
 from qmesh.testing import pid_alive, wait_for
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.engine import InferenceEngine
@@ -157,9 +164,15 @@ def test_close_from_another_thread_ends_the_iteration_quietly(engine: InferenceE
 
 
 def test_http_error_body_becomes_sidecar_error(engine: InferenceEngine) -> None:
-    with pytest.raises(SidecarError, match="400") as info:
+    with pytest.raises(SidecarError, match="404") as info:
+        engine.client._call("GET", "/no-such-endpoint")
+    assert "/no-such-endpoint" in str(info.value)
+
+
+def test_a_request_llama_server_calls_invalid_is_the_callers_error_naming_the_field(engine: InferenceEngine) -> None:
+    with pytest.raises(SidecarRefused) as info:
         engine.generate("hi", max_tokens=1, temperature="hot")  # llama-server refuses a field of the wrong type
-    assert "temperature" in str(info.value)
+    assert "temperature" in str(info.value) and "http" not in str(info.value)
 
 
 def test_a_prompt_longer_than_the_context_is_the_callers_error_with_both_sizes(engine: InferenceEngine) -> None:
