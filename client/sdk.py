@@ -363,10 +363,6 @@ class QMeshClient:
         if len(request.body) > p.MAX_BODY_BYTES:
             size = len(request.body)
             raise QMeshError(f"the request is {size} bytes; the largest message the mesh takes is {p.MAX_BODY_BYTES}")
-        refusal = self._refusal()
-        if refusal is not None:  # the broker will not let this client in: nothing to send it to
-            request._end(refusal)
-            return request
         try:
             GenerationRequest.from_body([request.body])  # what the worker would refuse, refused before it travels
         except BadRequest as exc:
@@ -380,9 +376,7 @@ class QMeshClient:
             )
             request._end(MeshError(p.BAD_REQUEST, message))
             return request
-        self._requests[request_id] = request
-        self._send(p.client_request(model, [request.body], request_id, request.hint))
-        return request
+        return self._start(request)
 
     def stream(self, prompt: str | None = None, **options: Any) -> Iterator[Chunk]:
         """Yield the answer's chunks; leaving the loop early cancels the generation."""
