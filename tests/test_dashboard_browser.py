@@ -17,7 +17,7 @@ from test_gateway import GatewayThread
 
 from meshkit import MODEL, BrokerThread, run_cli, worker_threads
 from qmesh.gateway.bridge import Bridge
-from qmesh.testing import ROOT, qmesh_command
+from qmesh.testing import ROOT, free_endpoint, qmesh_command
 
 KEY = "sk-dashboard-test"
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
@@ -179,6 +179,16 @@ def test_with_api_keys_the_page_asks_for_one_and_the_data_needs_it(mesh, page):
     play(page, "Say hello.", 8)  # the playground sends the key too: without it the answer would be a 401
     page.wait_for_function("document.getElementById('answer').dataset.state === 'done'", timeout=WAIT_MS)
     assert page.inner_text("#answer").strip()
+
+
+def test_the_page_says_when_the_broker_is_out_of_reach(page):
+    with GatewayThread(Bridge(free_endpoint(), connect_timeout=5)) as front:
+        page.goto(f"http://127.0.0.1:{front.port}/dashboard")
+        status = page.wait_for_selector("#status[data-state='error']", timeout=WAIT_MS)
+        page.wait_for_function(
+            "(status) => status.textContent.includes('cannot reach the broker')", arg=status, timeout=WAIT_MS
+        )
+        assert page.inner_text("#tile-workers") == "0"
 
 
 def test_it_reads_on_a_phone(mesh, browser):

@@ -48,27 +48,25 @@
   }
 
   async function poll() {
-    let response;
+    let delay = RETRY_MS; // unless the data arrives: then the usual pace, or none while a key is needed
     try {
-      response = await fetch("dashboard/data", { headers: authHeaders(), cache: "no-store" });
+      const response = await fetch("dashboard/data", { headers: authHeaders(), cache: "no-store" });
+      if (response.status === 401) {
+        askForKey(apiKey ? "That key was not accepted. Enter another:" : "This gateway needs an API key.");
+        delay = null; // polling resumes once a key is entered
+      } else if (!response.ok) {
+        setStatus("error", `the gateway answered ${response.status}`);
+      } else {
+        const data = await response.json();
+        $("key-section").hidden = true;
+        render(data);
+        delay = POLL_MS;
+      }
     } catch (err) {
-      setStatus("error", "the gateway does not answer");
-      schedule(RETRY_MS);
-      return;
+      setStatus("error", `no data from the gateway (${err.message})`);
+    } finally {
+      if (delay !== null) schedule(delay);
     }
-    if (response.status === 401) {
-      askForKey(apiKey ? "That key was not accepted. Enter another:" : "This gateway needs an API key.");
-      return; // polling resumes once a key is entered
-    }
-    if (!response.ok) {
-      setStatus("error", `the gateway answered ${response.status}`);
-      schedule(RETRY_MS);
-      return;
-    }
-    const data = await response.json();
-    $("key-section").hidden = true;
-    render(data);
-    schedule(POLL_MS);
   }
 
   function askForKey(message) {
