@@ -54,6 +54,7 @@ WIRE_FIELDS = {
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "stream",
 }
 
 Message = dict[str, Any]  # {"role", "content"} (+ "tool_calls" on an assistant turn, "tool_call_id" on a tool result)
@@ -89,6 +90,8 @@ class GenerationRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)  # {"name", "description", "parameters"}
     tool_choice: str | dict[str, str] = "auto"  # auto, none, required or {"name": one of the tools}
     parallel_tool_calls: bool = True
+    stream: bytes | None = None  # the generation's name (its client's request id): a worker that kept it running
+    # while it had no broker hands it back to the client that asks for it again (docs/PROTOCOL.md, broker pair)
 
     _OPTIONAL = (
         "prompt",
@@ -104,6 +107,7 @@ class GenerationRequest:
         "frequency_penalty",
         "logprobs",
         "json_schema",
+        "stream",
     )
 
     @property
@@ -183,6 +187,7 @@ class GenerationRequest:
             tools=_tools(fields.get("tools")),
             tool_choice=fields.get("tool_choice", "auto"),
             parallel_tool_calls=_optional(fields, "parallel_tool_calls", bool) is not False,
+            stream=_stream(fields.get("stream")),
         )
         _tool_choice(request.tool_choice, request.tools)
         if request.tools and request.json_schema is not None:
@@ -367,6 +372,14 @@ def _tool_calls(value: Any, where: str) -> list[str]:
         ):
             raise BadRequest(f"{where}.tool_calls: each is {{'id': str, 'name': str, 'arguments': str}}")
     return [call["id"] for call in value]
+
+
+def _stream(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or not 0 < len(value) <= p.MAX_STREAM_ID_LEN:
+        raise BadRequest(f"'stream' must be 1-{p.MAX_STREAM_ID_LEN} bytes")
+    return value
 
 
 def _logit_bias(value: Any) -> list[tuple[int, float]]:

@@ -60,6 +60,7 @@ W_DISCONNECT = b"\x06"
 # QMesh worker extension (broker -> extended worker only)
 W_CANCEL = b"\x07"  # route-key
 W_CREDIT = b"\x08"  # route-key, credit (4-byte big-endian chunk count)
+W_ATTACH = b"\x09"  # worker -> broker: stream-id: a generation it kept running while it had no broker
 
 # 7/MDP worker commands. Its client has no command frame: a REQUEST and its one REPLY are header, service, body.
 W01_READY = b"\x01"
@@ -86,10 +87,12 @@ CANCELLED = 499
 WORKER_FAILED = 502
 QUEUE_FULL = 503
 QUEUE_TIMEOUT = 504
+NOT_ACTIVE = 421  # this broker of a pair is passive: the other one serves (HTTP's "misdirected request")
 
 MAX_SERVICE_LEN = 255
 MAX_REQUEST_ID_LEN = 64
 MAX_SESSION_LEN = 128
+MAX_STREAM_ID_LEN = MAX_REQUEST_ID_LEN  # a stream is named by the request id its client gave it
 MAX_BODY_BYTES = 8 * 1024 * 1024  # also the sockets' MAXMSGSIZE
 MAX_HINT_BYTES = PREFIX_HASH_BYTES * MAX_PREFIX_BLOCKS
 MAX_CAPABILITY_LEN = 32
@@ -158,6 +161,12 @@ def unpack_map(data: bytes) -> dict[str, Any]:
     return obj
 
 
+def not_active_body(epoch: int, message: str) -> bytes:
+    """A passive broker's answer to a client (a 421 error FINAL): the epoch it knows lets the client tell a broker
+    that woke from a freeze (an older epoch) from the one it should follow."""
+    return pack({"error": {"code": NOT_ACTIVE, "message": message, "epoch": epoch}})
+
+
 def error_body(code: int, message: str, param: str | None = None) -> bytes:
     """Body of an error FINAL: ``{"error": {"code": int, "message": str}}``, with ``param`` naming the part of the
     request at fault when one is (``"model"``: the model does not serve this kind of request)."""
@@ -210,11 +219,18 @@ def _only_in_18mdp(framing: Framing, what: str) -> ValueError:
 class RoutingHint:
     """Where a request would best run: the chained hashes of its conversation's prefix blocks
     (``common.prefix``), the session it belongs to, if the client names one, and what it needs of a worker
-    (``capability``; None: CHAT)."""
+    (``capability``; None: CHAT). ``stream`` names the generation (its client's request id) and ``attach`` says the
+    client sends it again after losing its broker: a worker may still be generating it (``W_ATTACH``)."""
 
     prefix: bytes = b""
     session: str | None = None
     capability: str | None = None
+    stream: bytes | None = None
+    attach: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefix and self.session is None and self.capability is None and self.stream is None
 
 
 def is_capability(value: Any) -> bool:
@@ -284,8 +300,16 @@ class WorkerDisconnect:
     framing: Framing = MDP02
 
 
+@dataclass(slots=True)
+class WorkerAttach:
+    """A generation the worker kept running while it had no broker, offered to the new one by its stream id."""
+
+    stream: bytes
+    framing: Framing = MDP02
+
+
 ClientMessage = ClientRequest | ClientCancel | ClientCredit
-WorkerMessage = WorkerReady | WorkerPartial | WorkerFinal | WorkerHeartbeat | WorkerDisconnect
+WorkerMessage = WorkerReady | WorkerPartial | WorkerFinal | WorkerHeartbeat | WorkerDisconnect | WorkerAttach
 InboundMessage = ClientMessage | WorkerMessage
 
 
@@ -315,8 +339,8 @@ def _credit(frame: bytes) -> int:
 
 def _hint(frame: bytes) -> RoutingHint:
     fields = unpack_map(frame)
-    if not fields or set(fields) - {"prefix", "session", "capability"}:
-        raise ProtocolError("a routing hint has 'prefix', 'session' and/or 'capability' and nothing else")
+    if not fields or set(fields) - {"prefix", "session", "capability", "stream", "attach"}:
+        raise ProtocolError("a routing hint has 'prefix', 'session', 'capability', 'stream', 'attach' and nothing else")
     prefix, session, capability = fields.get("prefix", b""), fields.get("session"), fields.get("capability")
     if not isinstance(prefix, bytes) or len(prefix) % PREFIX_HASH_BYTES or len(prefix) > MAX_HINT_BYTES:
         raise ProtocolError(f"a hint's prefix is up to {MAX_HINT_BYTES} bytes of {PREFIX_HASH_BYTES}-byte hashes")
@@ -326,9 +350,15 @@ def _hint(frame: bytes) -> RoutingHint:
         raise ProtocolError(f"a hint's session is 1-{MAX_SESSION_LEN} printable characters")
     if capability is not None and not is_capability(capability):
         raise ProtocolError(f"a hint's capability is 1-{MAX_CAPABILITY_LEN} printable characters")
-    if not prefix and session is None and capability is None:
+    stream, attach = fields.get("stream"), fields.get("attach", False)
+    if stream is not None and (not isinstance(stream, bytes) or not 0 < len(stream) <= MAX_STREAM_ID_LEN):
+        raise ProtocolError(f"a hint's stream is 1-{MAX_STREAM_ID_LEN} bytes")
+    if attach is not True and "attach" in fields or attach and stream is None:
+        raise ProtocolError("a hint's attach is true, with a stream, or absent")
+    hint = RoutingHint(prefix, session, capability, stream, attach)
+    if hint.empty:
         raise ProtocolError("an empty routing hint")
-    return RoutingHint(prefix, session, capability)
+    return hint
 
 
 def _reply_envelope(frames: list[bytes], command: str) -> tuple[bytes, list[bytes]]:
@@ -397,6 +427,10 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
             if len(frames) != 2:
                 raise ProtocolError("DISCONNECT from a worker takes no frames")
             return WorkerDisconnect(framing)
+        if command == W_ATTACH:
+            if len(frames) != 3 or not 0 < len(frames[2]) <= MAX_STREAM_ID_LEN:
+                raise ProtocolError(f"ATTACH takes one stream id frame of 1-{MAX_STREAM_ID_LEN} bytes")
+            return WorkerAttach(frames[2], framing)
         raise ProtocolError(f"unknown worker command {command!r}")
     if header == CLIENT_01:  # 7/MDP: no command frame, the service comes second
         return ClientRequest(_service(command), None, frames[2:], None, _7MDP_FRAMINGS[delimited])
@@ -503,6 +537,10 @@ def disconnect(refusal: tuple[int, str] | None = None, framing: Framing = MDP02)
 # ------------------------------------------------------------------------------------- builders: peer side
 
 
+def attach(stream: bytes) -> list[bytes]:
+    return [WORKER, W_ATTACH, stream]
+
+
 def ready(service: str, info: dict[str, Any] | None = None, framing: Framing = MDP02) -> list[bytes]:
     if framing.dialect is _7MDP and info:
         raise ValueError("a 7/MDP READY carries no info")
@@ -541,13 +579,17 @@ def client_request(
     if request_id is None:
         command = MT_REQUEST if framing.dialect is _MAJORTOMO else C_REQUEST
         return _framed(framing, [CLIENT, command, service.encode(), *body])
-    if hint is None or not hint.prefix and hint.session is None and hint.capability is None:
+    if hint is None or hint.empty:
         return _framed(framing, [CLIENT, C_XREQUEST, service.encode(), request_id, *body])
     fields: dict[str, Any] = {"prefix": hint.prefix} if hint.prefix else {}
     if hint.session is not None:
         fields["session"] = hint.session
     if hint.capability is not None:
         fields["capability"] = hint.capability
+    if hint.stream is not None:
+        fields["stream"] = hint.stream
+        if hint.attach:
+            fields["attach"] = True
     return _framed(framing, [CLIENT, C_HINTED_REQUEST, service.encode(), request_id, pack(fields), *body])
 
 
@@ -574,6 +616,7 @@ class BrokerToWorker:
     body: list[bytes] = field(default_factory=list)
     credit: int = 0
     refusal: tuple[int, str] | None = None  # a DISCONNECT's reason, when the broker refused the worker
+    epoch: int | None = None  # a HEARTBEAT's: the epoch of the broker of a pair (it answers READY with one)
 
 
 def _unframed(frames: list[bytes], framing: Framing) -> list[bytes]:
@@ -612,8 +655,13 @@ def parse_for_worker(frames: list[bytes], framing: Framing = MDP02) -> BrokerToW
             raise ProtocolError("CREDIT takes a route key and a credit frame")
         return BrokerToWorker(command, frames[2], credit=_credit(frames[3]))
     if command == W_HEARTBEAT:
+        if len(frames) == 3:  # the broker of a pair says its epoch
+            epoch = unpack_map(frames[2]).get("epoch")
+            if set(unpack_map(frames[2])) != {"epoch"} or not isinstance(epoch, int) or isinstance(epoch, bool):
+                raise ProtocolError("a HEARTBEAT from the broker carries at most {'epoch': int}")
+            return BrokerToWorker(command, epoch=epoch)
         if len(frames) != 2:
-            raise ProtocolError("HEARTBEAT from the broker takes no frames")
+            raise ProtocolError("HEARTBEAT from the broker takes at most an epoch frame")
         return BrokerToWorker(command)
     if command == W_DISCONNECT:
         if len(frames) > 3:

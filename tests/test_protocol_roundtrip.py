@@ -9,6 +9,7 @@ majortomo's client framing and 7/MDP, each with and without a leading empty fram
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -47,6 +48,9 @@ hints = st.one_of(
                 st.characters(codec="utf-8", categories=["L", "N", "P"]), min_size=1, max_size=p.MAX_CAPABILITY_LEN
             ),
         ),
+        stream=st.one_of(st.none(), st.binary(min_size=1, max_size=p.MAX_STREAM_ID_LEN)),
+    ).flatmap(
+        lambda hint: st.builds(lambda attach: replace(hint, attach=attach and hint.stream is not None), st.booleans())
     ),
 )
 
@@ -61,8 +65,7 @@ def test_client_request(
     if framing.dialect is not p.Dialect.MDP02:
         request_id = None  # plain requests only: ids are QMesh's
     frames = p.client_request(service, body, request_id, hint, framing)
-    says_something = hint is not None and (hint.prefix or hint.session is not None or hint.capability is not None)
-    sent = hint if request_id is not None and says_something else None
+    sent = hint if request_id is not None and hint is not None and not hint.empty else None
     assert p.parse_inbound(frames) == p.ClientRequest(service, request_id, body, sent, framing)
 
 
@@ -133,6 +136,13 @@ def test_broker_to_worker(
         p.W_CREDIT, route_key, credit=credit
     )
     assert parse(p.disconnect(refusal, extended), extended) == p.BrokerToWorker(p.W_DISCONNECT, refusal=refusal)
+    # the broker of a pair answers READY with its epoch
+    assert parse(p.heartbeat({"epoch": credit}, extended), extended) == p.BrokerToWorker(p.W_HEARTBEAT, epoch=credit)
+
+
+@given(stream=st.binary(min_size=1, max_size=p.MAX_STREAM_ID_LEN))
+def test_attach(stream: bytes) -> None:
+    assert p.parse_inbound(p.attach(stream)) == p.WorkerAttach(stream)
 
 
 # ------------------------------------------------------------------------------------------------- broker -> client
@@ -203,6 +213,8 @@ def _rebuild_inbound(message: p.InboundMessage) -> list[bytes]:
         return p.worker_reply(isinstance(message, p.WorkerFinal), message.route_key, message.body, framing)
     if isinstance(message, p.WorkerHeartbeat):
         return p.heartbeat(message.load, framing)
+    if isinstance(message, p.WorkerAttach):
+        return p.attach(message.stream)
     return p.disconnect(framing=framing)
 
 
@@ -211,7 +223,7 @@ def _rebuild_for_worker(message: p.BrokerToWorker, framing: p.Framing) -> list[b
         p.W_REQUEST: lambda: p.worker_request(message.route_key, message.body, framing),
         p.W_CANCEL: lambda: p.worker_cancel(message.route_key, framing),
         p.W_CREDIT: lambda: p.worker_credit(message.route_key, message.credit, framing),
-        p.W_HEARTBEAT: lambda: p.heartbeat(framing=framing),
+        p.W_HEARTBEAT: lambda: p.heartbeat(None if message.epoch is None else {"epoch": message.epoch}, framing),
         p.W_DISCONNECT: lambda: p.disconnect(message.refusal, framing),
     }
     return builders[message.command]()
@@ -237,6 +249,8 @@ _valid = st.one_of(
     st.builds(p.worker_reply, st.booleans(), route_keys, bodies, mdp02_framings),
     st.builds(p.heartbeat, st.none(), worker_framings),
     st.builds(p.heartbeat, st.one_of(st.none(), maps), mdp02_framings),
+    st.builds(p.heartbeat, st.builds(lambda epoch: {"epoch": epoch}, st.integers(0, 2**40)), mdp02_framings),
+    st.builds(p.attach, st.binary(min_size=1, max_size=p.MAX_STREAM_ID_LEN)),
     st.builds(p.disconnect, st.none(), worker_framings),
     st.builds(p.disconnect, refusals, mdp02_framings),
     st.builds(p.worker_request, route_keys, bodies, worker_framings),
