@@ -44,6 +44,7 @@ class BrokerConfig:
     max_client_requests: int = 256  # requests in flight per client connection (429)
     heartbeat_batch: int = 64  # heartbeats sent per tick; a larger round is spread over several loop turns
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    attach_grace: float = 2.5  # seconds a stream sent again after a broker's death waits for the worker keeping it
 
     @property
     def worker_ttl(self) -> float:
@@ -68,10 +69,12 @@ class WorkerState:
     cached_tokens: int = 0
     capabilities: frozenset[str] = frozenset({p.CHAT})  # the kinds of request it serves (READY's info)
     framing: p.Framing = p.MDP02  # how it frames its commands, and so how the broker frames what it sends it
+    attached: dict[bytes, float] = field(default_factory=dict)  # streams it kept running, offered (ATTACH): until
+    # their clients ask for them again (or the time given here passes) they hold a slot each
 
     @property
     def free_slots(self) -> int:
-        return 0 if self.draining else self.slots - len(self.active)
+        return 0 if self.draining else self.slots - len(self.active) - len(self.attached)
 
 
 @dataclass(slots=True, frozen=True)
@@ -161,6 +164,8 @@ class RequestState:
     session: str | None = None
     predicted_blocks: int = 0  # prefix blocks the worker it went to was thought to hold
     capability: str = p.CHAT  # what it needs of a worker (its hint's; a request without one is a chat)
+    stream: bytes | None = None  # the generation's name (its client's request id), when the client gives it
+    attach_until: float = 0.0  # a stream sent again after a broker died waits until then for a worker keeping it
 
 
 @dataclass(slots=True)
@@ -192,6 +197,9 @@ class BrokerCore:
         self.finished: deque[FinishedRequest] = deque(maxlen=100_000)  # drained by the metrics, if any
         self.recent: deque[RecentRequest] = deque(maxlen=RECENT_REQUESTS)  # read (not drained) by mmi.requests
         self._recent_seq = count(1)
+        self.epoch = 0  # of the broker pair's last takeover (0: a broker without a peer): fences stale brokers
+        self.streams: dict[bytes, bytes] = {}  # stream id -> route key of the live request that names it
+        self._next_stream_check = float("inf")  # the earliest attach wait or attached stream that runs out
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -290,6 +298,8 @@ class BrokerCore:
             self._remove_worker(identity, now, "missed heartbeats", out)
         if now >= self._earliest_deadline:
             self._expire_queued(now, out)
+        if now >= self._next_stream_check:
+            self._check_streams(now, out)
         return out
 
     def next_wakeup(self) -> float:
@@ -300,7 +310,7 @@ class BrokerCore:
         """
         if self._heartbeat_round:
             return self._now
-        return min(self._next_heartbeat, self._earliest_deadline)
+        return min(self._next_heartbeat, self._earliest_deadline, self._next_stream_check)
 
     def _send_heartbeats(self, out: list[Outgoing]) -> None:
         """Send the next batch of the round. One burst to a thousand workers would stall every stream for tens
@@ -390,10 +400,22 @@ class BrokerCore:
         else:
             request.partial_prefix = p.client_reply(False, service_name, request_id, [], framing)
         request.capability = capability
-        if message.hint is not None:
-            request.prefix, request.session = split_hashes(message.hint.prefix), message.hint.session
+        hint = message.hint
+        if hint is not None:
+            request.prefix, request.session = split_hashes(hint.prefix), hint.session
         self.requests[key] = request
         self.client_requests.setdefault(client, {}).setdefault(request_id, set()).add(key)
+        if hint is not None and hint.stream is not None and hint.stream not in self.streams:
+            request.stream = hint.stream
+            self.streams[hint.stream] = key
+            keeper = self._keeper_of(hint.stream, service_name)
+            if keeper is not None:  # the worker that kept generating it takes it back
+                del keeper.attached[hint.stream]
+                self._assign(request, keeper, out)
+                return
+            if hint.attach:  # its worker may still be on its way to this broker: give it a moment
+                request.attach_until = now + self.config.attach_grace
+                self._next_stream_check = min(self._next_stream_check, request.attach_until)
         service.queue.append(key)
         self._dispatch(service_name, out)
         if request.worker is None:
@@ -437,6 +459,12 @@ class BrokerCore:
                 out.append((worker.identity, p.worker_credit(key, message.credit, worker.framing)))
 
     def _status(self, request: RequestState) -> dict[str, Any]:
+        status = self._placement(request)
+        if self.epoch:
+            status["epoch"] = self.epoch  # clients of a pair follow the broker of the newest epoch
+        return status
+
+    def _placement(self, request: RequestState) -> dict[str, Any]:
         if request.worker is None:
             queue = self.services[request.service].queue
             return {"state": "queued", "position": queue.index(request.key) + 1}
@@ -504,8 +532,9 @@ class BrokerCore:
         self.known_services.add(message.service)
         self.known_capabilities.setdefault(message.service, set()).update(worker.capabilities)
         log.info("worker %s ready for %s with %d slot(s)", worker.name, message.service, slots)
-        # the answer a worker waits for before it calls itself registered
-        out.append((identity, p.heartbeat(framing=worker.framing)))
+        # the answer a worker waits for before it calls itself registered; a broker of a pair says its epoch
+        epoch = {"epoch": self.epoch} if self.epoch and worker.extended and worker.framing == p.MDP02 else None
+        out.append((identity, p.heartbeat(epoch, framing=worker.framing)))
         self._dispatch(message.service, out)
 
     def _on_worker_message(self, identity: bytes, message: p.InboundMessage, now: float, out: list[Outgoing]) -> None:
@@ -521,6 +550,9 @@ class BrokerCore:
         worker.expires_at = now + self._worker_ttl
         if isinstance(message, p.WorkerHeartbeat):
             self._apply_load(worker, message.load, out)
+            return
+        if isinstance(message, p.WorkerAttach):
+            self._on_attach(worker, message.stream, now, out)
             return
         assert isinstance(message, (p.WorkerPartial, p.WorkerFinal))
         request = self.requests.get(message.route_key)
@@ -596,6 +628,94 @@ class BrokerCore:
                 out.append((request.client, status))
         self._prune(worker.service)
 
+    # ------------------------------------------------------------------------------------ a broker of a pair
+
+    def _on_attach(self, worker: WorkerState, stream: bytes, now: float, out: list[Outgoing]) -> None:
+        """A worker offers a generation it kept running while it had no broker. Its client, which lost the same
+        broker, sends the request again naming the stream: whichever comes first waits for the other."""
+        key = self.streams.get(stream)
+        request = self.requests.get(key) if key is not None else None
+        if request is not None and request.worker is None and request.service == worker.service:
+            self.services[request.service].queue.remove(request.key)
+            self._assign(request, worker, out)  # the client asked first: the generation goes on where it is
+        elif request is not None or not worker.extended or worker.free_slots <= 0:
+            out.append((worker.identity, p.worker_cancel(stream)))  # it runs elsewhere already: drop this copy
+        else:
+            worker.attached[stream] = now + self.config.queue_timeout
+            self._next_stream_check = min(self._next_stream_check, worker.attached[stream])
+
+    def _keeper_of(self, stream: bytes, service: str) -> WorkerState | None:
+        for identity in self.services[service].workers:
+            worker = self.workers[identity]
+            if stream in worker.attached:
+                return worker
+        return None
+
+    def _check_streams(self, now: float, out: list[Outgoing]) -> None:
+        """Kept streams no client asked for in time are dropped; requests that waited for their keeper in vain
+        are placed like any other (a failover from the tokens their client has)."""
+        upcoming = float("inf")
+        for worker in self.workers.values():
+            for stream, until in list(worker.attached.items()):
+                if until <= now:
+                    del worker.attached[stream]
+                    out.append((worker.identity, p.worker_cancel(stream)))
+                else:
+                    upcoming = min(upcoming, until)
+        waited: set[str] = set()
+        for request in self.requests.values():
+            if request.attach_until and request.attach_until <= now:
+                request.attach_until = 0.0
+                waited.add(request.service)
+            elif request.attach_until:
+                upcoming = min(upcoming, request.attach_until)
+        self._next_stream_check = upcoming
+        for service in waited:
+            self._dispatch(service, out)
+
+    def answer_passive(self, identity: bytes, frames: list[bytes], epoch: int) -> list[Outgoing]:
+        """What a passive broker of a pair says to a client or worker: "not active, the other broker serves"
+        (a 421, with the newest epoch it knows); nothing to what needs no answer."""
+        try:
+            message = p.parse_inbound(frames)
+        except p.ProtocolError:
+            return []
+        text = "this broker is the passive one of a pair: use the other"
+        if isinstance(message, p.ClientRequest):
+            body = [p.not_active_body(epoch, text)]
+            return [(identity, p.client_reply(True, message.service, message.request_id, body, message.framing))]
+        if isinstance(message, p.WorkerReady):  # a QMesh worker is told why, and tries the other broker at once
+            told = message.extended and message.framing == p.MDP02
+            return [(identity, p.disconnect((p.NOT_ACTIVE, text) if told else None, message.framing))]
+        if isinstance(message, p.WorkerMessage) and not isinstance(message, p.WorkerDisconnect):
+            return [(identity, p.disconnect(framing=message.framing))]  # it registers again, and hears why then
+        return []
+
+    def step_down(self, now: float) -> list[Outgoing]:
+        """This broker is no longer the active one of its pair (the other has a newer epoch): every worker is told
+        to go to the other broker, every client to send its requests there (where the workers' generations join
+        them again), and everything is forgotten."""
+        self._now = now
+        out: list[Outgoing] = []
+        text = "this broker stepped down: the other broker of the pair serves"
+        for worker in self.workers.values():
+            refusal = (p.NOT_ACTIVE, text) if worker.extended and worker.framing == p.MDP02 else None
+            out.append((worker.identity, p.disconnect(refusal, worker.framing)))
+        for request in self.requests.values():
+            if not request.cancelled:
+                body = [p.not_active_body(self.epoch, text)]
+                out.append(
+                    (request.client, p.client_reply(True, request.service, request.request_id, body, request.framing))
+                )
+        # A passive broker keeps nothing of what it served (the records of ended requests stay for the metrics).
+        for table in (self.workers, self.requests, self.services, self.client_requests, self.sessions, self.streams):
+            table.clear()
+        self.known_services.clear()
+        self.known_capabilities.clear()
+        self._heartbeat_round.clear()
+        self._earliest_deadline = self._next_stream_check = float("inf")
+        return out
+
     # ------------------------------------------------------------------------------------------ dispatch
 
     def _dispatch(self, service_name: str, out: list[Outgoing]) -> None:
@@ -618,7 +738,7 @@ class BrokerCore:
         full: set[str] = set()  # capabilities none of whose workers is free: the requests of another may start
         for key in service.queue:
             request = self.requests[key]
-            if request.capability in full:
+            if request.capability in full or request.attach_until > self._now:  # the latter waits for its keeper
                 continue
             placement = self._policy(self._candidates(request, workers, waiting), len(request.prefix), self._routing)
             if placement is None:
@@ -671,6 +791,8 @@ class BrokerCore:
     def _finish(self, request: RequestState, out: list[Outgoing], *body: bytes, notify: bool = True) -> None:
         """Remove a request from every table; send the client its FINAL unless told not to."""
         self.requests.pop(request.key, None)
+        if request.stream is not None and self.streams.get(request.stream) == request.key:
+            del self.streams[request.stream]
         summary = _summary(body)
         if request.worker is not None:
             worker = self.workers.get(request.worker)
@@ -828,7 +950,7 @@ class BrokerCore:
         active: set[bytes] = set()
         for identity, worker in self.workers.items():
             assert identity in self.services[worker.service].workers
-            assert 0 <= len(worker.active) <= worker.slots, "credit out of range"
+            assert 0 <= len(worker.active) + len(worker.attached) <= worker.slots, "credit out of range"
             for key in worker.active:
                 assert self.requests[key].worker == identity
                 assert self.requests[key].capability in worker.capabilities, "a worker holds a kind it cannot serve"
@@ -839,6 +961,11 @@ class BrokerCore:
         indexed = {k for by_id in self.client_requests.values() for keys in by_id.values() for k in keys}
         live = {k for k, r in self.requests.items() if not r.cancelled}
         assert indexed == live, "client index out of sync"
+        for stream, key in self.streams.items():
+            assert self.requests[key].stream == stream, "stream index out of sync"
+        assert not any(stream in self.streams for w in self.workers.values() for stream in w.attached), (
+            "a stream both kept by a worker and asked for by its client"
+        )
 
 
 def _summary(body: tuple[bytes, ...]) -> dict[str, Any]:
