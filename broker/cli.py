@@ -11,17 +11,21 @@ from pathlib import Path
 import typer
 
 from qmesh.broker.core import BrokerConfig
-from qmesh.broker.loop import Broker
+from qmesh.broker.loop import Broker, PairSettings
+from qmesh.broker.pair import Role
 from qmesh.broker.routing import POLICIES, RoutingConfig
 from qmesh.broker.security import BrokerSecurity, is_loopback
 from qmesh.common.config import config_option, version_option
 from qmesh.common.errors import ConfigError, QMeshError
+from qmesh.common.keys import load_public_key
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 DEFAULT_ROUTING = RoutingConfig()
 Routing = enum.Enum("Routing", {name.replace("-", "_"): name for name in POLICIES}, type=str)  # --routing's choices
+
+HaRole = enum.Enum("HaRole", {role.value: role.value for role in Role}, type=str)  # --ha's choices
 
 app = typer.Typer(add_completion=False, help="The QMesh broker: routes prompts from clients to workers (MDP/0.2).")
 
@@ -84,6 +88,25 @@ def run(
         max=1.0,
         help="cache-aware: the share of a request's prefix a worker must hold to be preferred.",
     ),
+    ha: HaRole = typer.Option(
+        None,
+        "--ha",
+        envvar="QMESH_HA",
+        help="Run as the primary or the backup of a broker pair (with --ha-bind and --ha-peer): one serves, the "
+        "other takes over when it dies. Workers and clients list both: --broker tcp://A:5555,tcp://B:5556.",
+    ),
+    ha_bind: str = typer.Option(
+        None, "--ha-bind", envvar="QMESH_HA_BIND", help="Where this broker of a pair publishes its state to its peer."
+    ),
+    ha_peer: str = typer.Option(
+        None, "--ha-peer", envvar="QMESH_HA_PEER", help="The peer broker's --ha-bind endpoint."
+    ),
+    ha_peer_key: Path = typer.Option(
+        None,
+        "--ha-peer-key",
+        envvar="QMESH_HA_PEER_KEY",
+        help="With CURVE: the peer broker's public key file; each broker's key must be on the other's allow-lists.",
+    ),
     curve_secret: Path = typer.Option(
         None, "--curve-secret", envvar="QMESH_CURVE_SECRET", help="The broker's key pair (NAME.key_secret): CURVE on."
     ),
@@ -125,6 +148,7 @@ def run(
     )
     try:
         security = _security(bind, curve_secret, allow_workers, allow_clients, insecure)
+        pair = _pair(ha, ha_bind, ha_peer, ha_peer_key, security, insecure)
     except QMeshError as exc:
         typer.echo(f"qmesh-broker: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -136,7 +160,7 @@ def run(
             metrics = BrokerMetrics()
             metrics.serve(metrics_port, metrics_host)
             logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
-        broker = Broker(bind, settings, metrics=metrics, security=security)
+        broker = Broker(bind, settings, metrics=metrics, security=security, pair=pair)
     except OSError as exc:
         if metrics is not None:
             metrics.close()
@@ -167,6 +191,28 @@ def _security(
     if allow_workers is None or allow_clients is None:
         raise ConfigError("CURVE needs both allow-lists: --allow-workers DIR and --allow-clients DIR")
     return BrokerSecurity(secret, allow_workers, allow_clients)
+
+
+def _pair(
+    role: HaRole | None,
+    bind: str | None,
+    peer: str | None,
+    peer_key: Path | None,
+    security: BrokerSecurity | None,
+    insecure: bool,
+) -> PairSettings | None:
+    if role is None:
+        if bind or peer:
+            raise ConfigError("--ha-bind and --ha-peer need --ha primary or --ha backup")
+        return None
+    if not bind or not peer:
+        raise ConfigError("a broker pair needs --ha-bind (where this broker publishes) and --ha-peer (the other's)")
+    if security is None and not insecure and not (is_loopback(bind) and is_loopback(peer)):
+        raise ConfigError(f"refusing an HA link over {bind} and {peer} without CURVE (see README), or --insecure")
+    if security is not None and peer_key is None:
+        raise ConfigError("with CURVE, the HA link needs the peer broker's public key: --ha-peer-key FILE")
+    key = load_public_key(peer_key) if peer_key is not None else None
+    return PairSettings(Role(role.value), bind, peer, key)
 
 
 def main() -> None:

@@ -1,4 +1,9 @@
-"""The broker's socket loop: one ROUTER socket around ``BrokerCore``. It only moves bytes and reads the clock."""
+"""The broker's socket loop: one ROUTER socket around ``BrokerCore``. It only moves bytes and reads the clock.
+
+A broker of a pair (``PairSettings``) also has the HA link: a PUB socket its peer subscribes to, and a SUB socket
+on the peer's. ``PairCore`` decides whether it is active; while it is not, every client and worker message is a
+vote (which may make it active) or gets the core's "not active" answer.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,14 @@ import socket
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.broker.core import BrokerConfig, BrokerCore, Outgoing
+from qmesh.broker.pair import PairCore, PairState, Role
 from qmesh.common import protocol as p
 from qmesh.common.errors import QMeshError
 from qmesh.common.fastio import recv_routed, send_routed
@@ -28,6 +36,16 @@ MAX_POLL_MS = 250  # how often a stop request is noticed when nothing else happe
 DRAIN_BATCH = 2000  # messages handled per wake-up before timers get a turn
 
 
+@dataclass(slots=True, frozen=True)
+class PairSettings:
+    """This broker's place in a primary/backup pair (``--ha``, ``--ha-bind``, ``--ha-peer``)."""
+
+    role: Role
+    bind: str  # where this broker publishes its state
+    peer: str  # where the peer publishes its state
+    peer_key: bytes | None = None  # the peer's CURVE public key (z85), when the brokers use CURVE
+
+
 class Broker:
     """Binds a ROUTER socket and runs the core until ``stop()``. ``run()`` may be called in any one thread."""
 
@@ -38,6 +56,7 @@ class Broker:
         context: zmq.Context | None = None,
         metrics: BrokerMetrics | None = None,
         security: BrokerSecurity | None = None,
+        pair: PairSettings | None = None,
     ) -> None:
         self.config = config or BrokerConfig()
         self.core = BrokerCore(self.config, time.monotonic())
@@ -70,6 +89,29 @@ class Broker:
                 security.stop()
             raise OSError(f"cannot bind the broker to {bind}: {exc}") from exc
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pair: PairCore | None = None
+        if pair is not None:
+            self._open_pair(pair)
+
+    def _open_pair(self, settings: PairSettings) -> None:
+        self.pair = PairCore(settings.role, time.monotonic(), self.config.heartbeat_interval, self.config.liveness)
+        self._ha_pub = self._context.socket(zmq.PUB)
+        self._ha_pub.setsockopt(zmq.LINGER, 0)
+        self._ha_sub = self._context.socket(zmq.SUB)
+        self._ha_sub.setsockopt(zmq.LINGER, 0)
+        self._ha_sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if self.security is not None:  # the link is encrypted; only the real peer, holding its secret, can publish
+            self.security.configure(self._ha_pub)
+            self.security.configure_peer(self._ha_sub, settings.peer_key)
+        self._ha_events = self._ha_sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            self._ha_pub.bind(settings.bind)
+        except zmq.ZMQError as exc:
+            raise OSError(f"cannot bind the broker pair's HA link to {settings.bind}: {exc}") from exc
+        self._ha_sub.connect(settings.peer)
+        log.info(
+            "broker pair: %s, publishing on %s, listening to %s", settings.role.value, settings.bind, settings.peer
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -84,11 +126,16 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self._wake_reader, zmq.POLLIN)
+        if self.pair is not None:
+            poller.register(self._ha_sub, zmq.POLLIN)
+            poller.register(self._ha_events, zmq.POLLIN)
         log.info("broker listening on %s", self.endpoint)
         try:
             while not self._stop.is_set():
-                timeout = (self.core.next_wakeup() - time.monotonic()) * 1000
+                timeout = (self._next_wakeup() - time.monotonic()) * 1000
                 ready = dict(poller.poll(min(MAX_POLL_MS, max(0, timeout))))
+                if self.pair is not None:  # first: a broker that woke from a freeze hears of a newer epoch first
+                    self._drain_pair(ready)
                 if self.socket in ready:
                     self._drain()
                 if self._wake_reader.fileno() in ready:  # pyzmq names a plain socket by its descriptor
@@ -99,15 +146,56 @@ class Broker:
                 if now >= self.core.next_wakeup():
                     self._send(self.core.tick(now), now)
                     self._reload_keys_if_needed()
+                if self.pair is not None and self.pair.tick(now):
+                    self._ha_pub.send_multipart(p.pair_state(self.pair.state.value, self.pair.epoch))
                 if self.metrics is not None:
-                    self.metrics.update(self.core, now)  # once per wake-up, not per message
+                    self.metrics.update(self.core, now, self.pair)  # once per wake-up, not per message
         finally:
             self.socket.close(linger=0)
+            if self.pair is not None:
+                self._ha_sub.disable_monitor()
+                for ha_socket in (self._ha_events, self._ha_sub, self._ha_pub):
+                    ha_socket.close(linger=0)
             self._wake_reader.close()
             self._wake_writer.close()
             if self.security is not None:
                 self.security.stop()
             log.info("broker stopped")
+
+    def _next_wakeup(self) -> float:
+        wakeup = self.core.next_wakeup()
+        return wakeup if self.pair is None else min(wakeup, self.pair.next_wakeup())
+
+    def _drain_pair(self, ready: dict[object, int]) -> None:
+        """The peer's announcements, and its HA link closing (its process died), into the pair's state machine."""
+        assert self.pair is not None
+        was_active = self.pair.active
+        if self._ha_events in ready:
+            with contextlib.suppress(zmq.Again):
+                while True:
+                    if recv_monitor_message(self._ha_events, zmq.NOBLOCK)["event"] == zmq.EVENT_DISCONNECTED:
+                        self.pair.on_peer_gone(time.monotonic())
+        if self._ha_sub in ready:
+            with contextlib.suppress(zmq.Again):
+                while True:
+                    frames = self._ha_sub.recv_multipart(zmq.NOBLOCK)
+                    try:
+                        state, epoch = p.parse_pair_state(frames)
+                    except p.ProtocolError as exc:
+                        log.warning("dropped a malformed message on the HA link: %s", exc)
+                        continue
+                    self.pair.on_peer(PairState(state), epoch, time.monotonic())
+        self._follow_pair(was_active)
+
+    def _follow_pair(self, was_active: bool) -> None:
+        """Carry a change of the pair's state into the core: a takeover gives it the new epoch; stepping down hands
+        every worker and client to the peer."""
+        assert self.pair is not None
+        now = time.monotonic()
+        if self.pair.active and not was_active:
+            self.core.epoch = self.pair.epoch
+        elif was_active and not self.pair.active:
+            self._send(self.core.step_down(now), now)
 
     def _reload_keys_if_needed(self) -> None:
         if self.security is None:
@@ -140,7 +228,14 @@ class Broker:
             if count % 64 == 63 and now >= wakeup:
                 self._send(core.tick(now), now)
                 wakeup = core.next_wakeup()
-            out = core.on_message(identity, frames, now, peer)
+            pair = self.pair
+            if pair is None or pair.active:
+                out = core.on_message(identity, frames, now, peer)
+            elif pair.on_vote(now):  # a client or worker asked, and the peer is gone: this broker takes over
+                self._follow_pair(False)
+                out = core.on_message(identity, frames, now, peer)
+            else:
+                out = core.answer_passive(identity, frames, pair.epoch)
             if out:
                 self._send(out, now)
 

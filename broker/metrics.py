@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from qmesh.broker.core import BrokerCore
+    from qmesh.broker.pair import PairCore
 
 # Seconds, from a warm cached prompt on one machine to a long answer behind a queue.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -75,6 +76,12 @@ class BrokerMetrics:
             ["model", "state"],
             registry=r,
         )
+        self.active = Gauge(
+            "qmesh_broker_active", "1 if this broker serves (the active one of a pair, or a broker alone)", registry=r
+        )
+        self.epoch = Gauge(
+            "qmesh_broker_epoch", "The epoch of the broker pair's last takeover (0: no pair).", registry=r
+        )
         self.slots = Gauge("qmesh_worker_slots", "Generation slots of the live workers.", ["model"], registry=r)
         self._next_refresh = float("-inf")
         self._gauge_labels: set[str] = set()
@@ -94,8 +101,11 @@ class BrokerMetrics:
             self._server.server_close()
             self._server = None
 
-    def update(self, core: BrokerCore, now: float) -> None:
-        """Fold in what ended since the last call; refresh the gauges if they are due."""
+    def update(self, core: BrokerCore, now: float, pair: PairCore | None = None) -> None:
+        """Fold in what ended since the last call; refresh the gauges if they are due (a broker without a peer
+        counts as active, at epoch 0)."""
+        self.active.set(1 if pair is None or pair.active else 0)
+        self.epoch.set(0 if pair is None else pair.epoch)
         finished, known = core.finished, core.known_services
         while finished:
             record = finished.popleft()

@@ -68,7 +68,7 @@ class PairCore:
     def on_peer(self, state: PairState, epoch: int, now: float) -> bool:
         """The peer announced its state and epoch over the HA link."""
         self.now = now
-        before, mine = self.state, self.epoch
+        before, mine, previous = self.state, self.epoch, self.peer_state
         self.peer_state, self.peer_expires = state, now + self.ttl
         self.epoch = max(self.epoch, epoch)
         if state is PairState.ACTIVE:
@@ -83,8 +83,9 @@ class PairCore:
             elif self.state is PairState.PASSIVE and self.role is Role.PRIMARY:
                 log.error("two passive brokers: the primary takes over")
                 self._take_over("both brokers were passive")
-        elif self.state is PairState.PASSIVE:  # the peer is starting: it restarted and whatever it served is gone
-            self._take_over("the peer restarted")
+        elif self.state is PairState.PASSIVE:
+            if previous is PairState.ACTIVE:  # it served, and now it is starting: it restarted, and lost all of it
+                self._take_over("the peer restarted")
         elif self.state.value == state.value:
             log.error("both brokers of the pair are configured as %s: give one --ha backup", state.value)
         elif self.state is PairState.PRIMARY:

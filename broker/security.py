@@ -61,6 +61,15 @@ class BrokerSecurity:
         socket.curve_secretkey = self.keys.secret
         socket.curve_publickey = self.keys.public
 
+    def configure_peer(self, socket: zmq.Socket, peer_key: bytes | None) -> None:
+        """The HA link's SUB socket: a CURVE client with this broker's own key pair, connecting to the peer broker's
+        public key; the peer admits it only if this broker's key is on one of its allow-lists."""
+        if peer_key is None:
+            raise ValueError("a broker pair with CURVE needs the peer broker's public key (--ha-peer-key)")
+        socket.curve_secretkey = self.keys.secret
+        socket.curve_publickey = self.keys.public
+        socket.curve_serverkey = peer_key
+
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: admit a connection whose key is on either list."""
         allowed = key.decode() in self._peers

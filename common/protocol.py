@@ -36,6 +36,7 @@ from qmesh.common.prefix import MAX_BLOCKS as MAX_PREFIX_BLOCKS
 
 CLIENT = b"MDPC02"
 WORKER = b"MDPW02"
+PAIR = b"QMPAIR1"  # the HA link between the brokers of a pair: state and epoch, each heartbeat
 CLIENT_01 = b"MDPC01"  # 7/MDP (MDP/0.1), spoken by the zguide's Majordomo clients and workers
 WORKER_01 = b"MDPW01"
 
@@ -308,9 +309,90 @@ class WorkerAttach:
     framing: Framing = MDP02
 
 
+# Model transfers (section 11 of docs/PROTOCOL.md): what a puller, a pusher and a holder send the broker.
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    """A model file as the mesh knows it: by name, and by content (its sha256, hex) and size in bytes."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(slots=True, frozen=True)
+class ModelFetch:
+    """A puller asks for a model by name (and, optionally, for exactly this content)."""
+
+    transfer_id: bytes
+    name: str
+    sha256: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ChunkRequest:
+    """A puller asks for ``length`` bytes of its transfer's model from ``offset``: one unit of its credit."""
+
+    transfer_id: bytes
+    offset: int
+    length: int
+
+
+@dataclass(slots=True, frozen=True)
+class ModelPush:
+    """A client offers a model for the broker's store."""
+
+    transfer_id: bytes
+    model: ModelInfo
+
+
+@dataclass(slots=True, frozen=True)
+class PushChunk:
+    transfer_id: bytes
+    offset: int
+    data: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class TransferEnd:
+    """A puller or pusher ends its transfer: ``outcome`` is one of TRANSFER_OUTCOMES."""
+
+    transfer_id: bytes
+    outcome: str
+
+
+@dataclass(slots=True, frozen=True)
+class HolderData:
+    """A holder's answer to READ: the bytes of the range it was asked for."""
+
+    read_key: bytes
+    offset: int
+    data: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class HolderReadFailed:
+    read_key: bytes
+    code: int
+    message: str
+
+
+@dataclass(slots=True, frozen=True)
+class HolderRead:
+    """What READ asks a holder for: ``length`` bytes from ``offset`` of the file whose sha256 this is."""
+
+    sha256: str
+    offset: int
+    length: int
+
+
+TransferMessage = ModelFetch | ChunkRequest | ModelPush | PushChunk | TransferEnd | HolderData | HolderReadFailed
+
+
 ClientMessage = ClientRequest | ClientCancel | ClientCredit
 WorkerMessage = WorkerReady | WorkerPartial | WorkerFinal | WorkerHeartbeat | WorkerDisconnect | WorkerAttach
-InboundMessage = ClientMessage | WorkerMessage
+InboundMessage = ClientMessage | WorkerMessage | TransferMessage
 
 
 def _service(frame: bytes) -> str:
@@ -407,6 +489,8 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
             if len(frames) < 3:
                 raise ProtocolError("REQUEST without service frame")
             return ClientRequest(_service(frames[2]), None, frames[3:], None, _MAJORTOMO_FRAMINGS[delimited])
+        if command in _FROM_PULLER:
+            return _transfer_from_client(command, frames[2:], delimited)
         raise ProtocolError(f"unknown client command {command!r}")
     if header == WORKER:
         framing = _18MDP_FRAMINGS[delimited]
@@ -431,6 +515,8 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
             if len(frames) != 3 or not 0 < len(frames[2]) <= MAX_STREAM_ID_LEN:
                 raise ProtocolError(f"ATTACH takes one stream id frame of 1-{MAX_STREAM_ID_LEN} bytes")
             return WorkerAttach(frames[2], framing)
+        if command in _FROM_HOLDER:
+            return _transfer_from_holder(command, frames[2:], delimited)
         raise ProtocolError(f"unknown worker command {command!r}")
     if header == CLIENT_01:  # 7/MDP: no command frame, the service comes second
         return ClientRequest(_service(command), None, frames[2:], None, _7MDP_FRAMINGS[delimited])
@@ -617,6 +703,7 @@ class BrokerToWorker:
     credit: int = 0
     refusal: tuple[int, str] | None = None  # a DISCONNECT's reason, when the broker refused the worker
     epoch: int | None = None  # a HEARTBEAT's: the epoch of the broker of a pair (it answers READY with one)
+    read: HolderRead | None = None  # a READ's: the range of a model file it holds
 
 
 def _unframed(frames: list[bytes], framing: Framing) -> list[bytes]:
@@ -667,6 +754,9 @@ def parse_for_worker(frames: list[bytes], framing: Framing = MDP02) -> BrokerToW
         if len(frames) > 3:
             raise ProtocolError("DISCONNECT takes at most one reason frame")
         return BrokerToWorker(command, refusal=_refusal(frames[2]) if len(frames) == 3 else None)
+    if command == W_READ and not framing.delimited:  # a holder's commands exist without that frame only
+        read_key, read = _holder_read(frames[2:])
+        return BrokerToWorker(command, read_key, read=read)
     raise ProtocolError(f"unexpected command {command!r} for a worker")
 
 
@@ -716,3 +806,294 @@ def parse_for_client(frames: list[bytes], extended: bool = True, framing: Framin
             raise ProtocolError("STATUS takes a request id and one status frame")
         unpack_map(frames[4])
     return BrokerToClient(command, service, _request_id(frames[3]), frames[4:])
+
+
+# -------------------------------------------------------------------------- the HA link of a broker pair
+
+PAIR_STATES = ("primary", "backup", "active", "passive")
+
+
+def pair_state(state: str, epoch: int) -> list[bytes]:
+    """What a broker of a pair publishes to its peer every heartbeat: its state and the newest epoch it knows."""
+    return [PAIR, state.encode(), epoch.to_bytes(8, "big")]
+
+
+def parse_pair_state(frames: list[bytes]) -> tuple[str, int]:
+    if len(frames) != 3 or frames[0] != PAIR or len(frames[2]) != 8:
+        raise ProtocolError("not a broker pair's state message")
+    state = frames[1].decode("ascii", "replace")
+    if state not in PAIR_STATES:
+        raise ProtocolError(f"unknown pair state {state!r}")
+    return state, int.from_bytes(frames[2], "big")
+
+
+# ------------------------------------------------------------------------------------------------ model transfers
+#
+# Models travel through the broker in chunks, pulled with a bounded number in flight (credit, as in the zguide's
+# "Transferring Files"). Every command carries an id the sender chose (a transfer id, a read key) and offsets as
+# 8-byte big-endian integers; 18/MDP framing only, without a leading empty frame.
+
+C_FETCH = b"\x21"  # client -> broker: transfer-id, msgpack {"name"[, "sha256"]}: send me this model
+C_CHUNK = b"\x22"  # client -> broker: transfer-id, offset, length (4 bytes): the next chunk of it
+C_PUSH = b"\x23"  # client -> broker: transfer-id, msgpack {"name", "sha256", "size"}: keep this model in your store
+C_PUSH_DATA = b"\x24"  # client -> broker: transfer-id, offset, bytes: a chunk of the model it pushes
+C_END = b"\x25"  # client -> broker: transfer-id, msgpack {"outcome"}: the client is done with the transfer
+C_OFFER = b"\x26"  # broker -> client: transfer-id, msgpack {"name", "sha256", "size", "offset", "chunk", "window"}
+C_DATA = b"\x27"  # broker -> client: transfer-id, offset, bytes: a chunk it asked for
+C_ACK = b"\x28"  # broker -> client: transfer-id, offset: its push is stored up to there (credit for more)
+C_ENDED = b"\x29"  # broker -> client: transfer-id, msgpack: an error body, or the model its push stored
+W_READ = b"\x21"  # broker -> holder: read-key, sha256 (64 hex characters), offset, length (4 bytes)
+W_DATA = b"\x22"  # holder -> broker: read-key, offset, bytes
+W_READ_FAILED = b"\x23"  # holder -> broker: read-key, error body
+
+# How a client ends a transfer: verified and kept; the bytes did not hash to the sha256 (the holders that served
+# them are not asked again); given up (or a push stopped).
+OUTCOME_OK = "ok"
+OUTCOME_MISMATCH = "mismatch"
+OUTCOME_CANCELLED = "cancelled"
+TRANSFER_OUTCOMES = frozenset({OUTCOME_OK, OUTCOME_MISMATCH, OUTCOME_CANCELLED})
+
+CONFLICT = 409  # two different files under one model name
+RANGE_NOT_SATISFIABLE = 416  # a holder's copy is shorter than the size it announced (a truncated file)
+INSUFFICIENT_STORAGE = 507  # not enough disk space for a model
+
+MAX_MODEL_NAME_LEN = 128
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # what one CHUNK may ask for; the broker offers less (its --transfer-chunk)
+MAX_MODEL_BYTES = 2**48  # 256 TiB: any model file, and a bound that keeps offsets within 8 bytes
+MAX_TRANSFER_WINDOW = 64  # chunks in flight on one transfer
+SHA256_HEX_LEN = 64
+_MODEL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
+_HEX = frozenset("0123456789abcdef")
+_FROM_PULLER = frozenset({C_FETCH, C_CHUNK, C_PUSH, C_PUSH_DATA, C_END})
+_FROM_HOLDER = frozenset({W_DATA, W_READ_FAILED})
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a model file (it becomes ``NAME.gguf`` in a models folder), or None if it can."""
+    if not 0 < len(name) <= MAX_MODEL_NAME_LEN:
+        return f"a model name is 1-{MAX_MODEL_NAME_LEN} characters, got {len(name)}"
+    if not set(name) <= _MODEL_NAME_CHARS or name[0] in ".-+" or ".." in name:
+        return (
+            f"model name {name!r} is not allowed: letters, digits, '.', '_', '+' and '-' only, starting with a letter "
+            "or a digit, with no '..' (it names a file)"
+        )
+    return None
+
+
+def is_sha256(value: Any) -> bool:
+    """A sha256 digest as the mesh writes it: 64 lowercase hex characters."""
+    return isinstance(value, str) and len(value) == SHA256_HEX_LEN and set(value) <= _HEX
+
+
+def _offset(frame: bytes) -> int:
+    if len(frame) != 8:
+        raise ProtocolError("an offset is 8 bytes, big-endian")
+    offset = int.from_bytes(frame, "big")
+    if offset >= MAX_MODEL_BYTES:
+        raise ProtocolError(f"an offset is below {MAX_MODEL_BYTES}")
+    return offset
+
+
+def _length(frame: bytes) -> int:
+    if len(frame) != 4:
+        raise ProtocolError("a length is 4 bytes, big-endian")
+    length = int.from_bytes(frame, "big")
+    if not 0 < length <= MAX_CHUNK_BYTES:
+        raise ProtocolError(f"a chunk is 1-{MAX_CHUNK_BYTES} bytes")
+    return length
+
+
+def _chunk_data(frame: bytes) -> bytes:
+    if not 0 < len(frame) <= MAX_CHUNK_BYTES:
+        raise ProtocolError(f"a chunk is 1-{MAX_CHUNK_BYTES} bytes")
+    return frame
+
+
+def _model_fields(fields: dict[str, Any]) -> ModelInfo:
+    """``{"name", "sha256", "size"}`` (and nothing else: the caller takes its own fields out first)."""
+    name, sha256, size = fields.get("name"), fields.get("sha256"), fields.get("size")
+    if set(fields) != {"name", "sha256", "size"}:
+        raise ProtocolError("a model is {'name', 'sha256', 'size'}")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LEN:
+        raise ProtocolError(f"a model's name is 1-{MAX_MODEL_NAME_LEN} characters")
+    if not is_sha256(sha256):
+        raise ProtocolError("a model's sha256 is 64 lowercase hex characters")
+    if not _count(size, 1, MAX_MODEL_BYTES):
+        raise ProtocolError(f"a model's size is 1-{MAX_MODEL_BYTES} bytes")
+    return ModelInfo(name, sha256, size)
+
+
+def _count(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _error(frame: bytes) -> tuple[int, str]:
+    """An error body, ``{"error": {"code": int, "message": str}}``, exactly."""
+    fields = unpack_map(frame)
+    error = fields.get("error")
+    if set(fields) != {"error"} or not isinstance(error, dict) or set(error) != {"code", "message"}:
+        raise ProtocolError("an error body is {'error': {'code', 'message'}}")
+    if not _count(error["code"], 100, 999) or not isinstance(error["message"], str):
+        raise ProtocolError("an error has a code from 100 to 999 and a message")
+    return error["code"], error["message"]
+
+
+def _model_map(model: ModelInfo) -> dict[str, Any]:
+    return {"name": model.name, "sha256": model.sha256, "size": model.size}
+
+
+def _transfer_from_client(command: bytes, frames: list[bytes], delimited: bool) -> TransferMessage:
+    """A puller's or pusher's command (``frames``: after the command frame)."""
+    if delimited:
+        raise ProtocolError("model transfers exist only in 18/MDP framing without a leading empty frame")
+    if len(frames) != (3 if command in (C_CHUNK, C_PUSH_DATA) else 2):
+        raise ProtocolError("wrong number of frames for a transfer command")
+    transfer_id = _request_id(frames[0])
+    if command == C_FETCH:
+        fields = unpack_map(frames[1])
+        name, sha256 = fields.get("name"), fields.get("sha256")
+        if set(fields) - {"name", "sha256"} or not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LEN:
+            raise ProtocolError(f"FETCH is {{'name': 1-{MAX_MODEL_NAME_LEN} characters[, 'sha256']}}")
+        if "sha256" in fields and not is_sha256(sha256):
+            raise ProtocolError("FETCH's sha256 is 64 lowercase hex characters")
+        return ModelFetch(transfer_id, name, sha256)
+    if command == C_CHUNK:
+        return ChunkRequest(transfer_id, _offset(frames[1]), _length(frames[2]))
+    if command == C_PUSH:
+        return ModelPush(transfer_id, _model_fields(unpack_map(frames[1])))
+    if command == C_PUSH_DATA:
+        return PushChunk(transfer_id, _offset(frames[1]), _chunk_data(frames[2]))
+    fields = unpack_map(frames[1])
+    if set(fields) != {"outcome"} or fields["outcome"] not in TRANSFER_OUTCOMES:
+        raise ProtocolError(f"END is {{'outcome': one of {', '.join(sorted(TRANSFER_OUTCOMES))}}}")
+    return TransferEnd(transfer_id, fields["outcome"])
+
+
+def _transfer_from_holder(command: bytes, frames: list[bytes], delimited: bool) -> TransferMessage:
+    if delimited:
+        raise ProtocolError("model transfers exist only in 18/MDP framing without a leading empty frame")
+    if len(frames) != (3 if command == W_DATA else 2) or not frames[0]:
+        raise ProtocolError("a holder's answer is a read key and its data, or a read key and an error body")
+    if command == W_DATA:
+        return HolderData(frames[0], _offset(frames[1]), _chunk_data(frames[2]))
+    return HolderReadFailed(frames[0], *_error(frames[1]))
+
+
+def _holder_read(frames: list[bytes]) -> tuple[bytes, HolderRead]:
+    """READ's read key and range (``frames``: after the command frame)."""
+    if len(frames) != 4 or not frames[0]:
+        raise ProtocolError("READ takes a read key, a sha256, an offset and a length")
+    try:
+        sha256 = frames[1].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("READ's sha256 is 64 lowercase hex characters") from exc
+    if not is_sha256(sha256):
+        raise ProtocolError("READ's sha256 is 64 lowercase hex characters")
+    return frames[0], HolderRead(sha256, _offset(frames[2]), _length(frames[3]))
+
+
+# builders: puller and pusher
+
+
+def model_fetch(transfer_id: bytes, name: str, sha256: str | None = None) -> list[bytes]:
+    fields: dict[str, Any] = {"name": name}
+    if sha256 is not None:
+        fields["sha256"] = sha256
+    return [CLIENT, C_FETCH, transfer_id, pack(fields)]
+
+
+def chunk_request(transfer_id: bytes, offset: int, length: int) -> list[bytes]:
+    return [CLIENT, C_CHUNK, transfer_id, offset.to_bytes(8, "big"), length.to_bytes(4, "big")]
+
+
+def model_push(transfer_id: bytes, model: ModelInfo) -> list[bytes]:
+    return [CLIENT, C_PUSH, transfer_id, pack(_model_map(model))]
+
+
+def push_chunk(transfer_id: bytes, offset: int, data: bytes) -> list[bytes]:
+    return [CLIENT, C_PUSH_DATA, transfer_id, offset.to_bytes(8, "big"), data]
+
+
+def transfer_end(transfer_id: bytes, outcome: str) -> list[bytes]:
+    return [CLIENT, C_END, transfer_id, pack({"outcome": outcome})]
+
+
+# builders: broker and holders
+
+
+def model_offer(transfer_id: bytes, model: ModelInfo, offset: int, chunk: int, window: int) -> list[bytes]:
+    """The broker takes the transfer on: the model, where the bytes start (a push resumes where the store's copy
+    ends), the largest chunk to ask for or send, and how many chunks may be in flight."""
+    fields = {**_model_map(model), "offset": offset, "chunk": chunk, "window": window}
+    return [CLIENT, C_OFFER, transfer_id, pack(fields)]
+
+
+def model_data(transfer_id: bytes, offset: int, data: bytes) -> list[bytes]:
+    return [CLIENT, C_DATA, transfer_id, offset.to_bytes(8, "big"), data]
+
+
+def push_ack(transfer_id: bytes, offset: int) -> list[bytes]:
+    return [CLIENT, C_ACK, transfer_id, offset.to_bytes(8, "big")]
+
+
+def transfer_ended(transfer_id: bytes, error: tuple[int, str] | None, model: ModelInfo | None = None) -> list[bytes]:
+    """The broker ends a transfer: with an error, or (a push) with the model now in its store."""
+    if error is not None and model is None:
+        return [CLIENT, C_ENDED, transfer_id, error_body(*error)]
+    if error is None and model is not None:
+        return [CLIENT, C_ENDED, transfer_id, pack(_model_map(model))]
+    raise ValueError("a transfer ends with an error or with the model stored: one of them")
+
+
+def holder_read(read_key: bytes, sha256: str, offset: int, length: int) -> list[bytes]:
+    return [WORKER, W_READ, read_key, sha256.encode("ascii"), offset.to_bytes(8, "big"), length.to_bytes(4, "big")]
+
+
+def holder_data(read_key: bytes, offset: int, data: bytes) -> list[bytes]:
+    return [WORKER, W_DATA, read_key, offset.to_bytes(8, "big"), data]
+
+
+def holder_read_failed(read_key: bytes, code: int, message: str) -> list[bytes]:
+    return [WORKER, W_READ_FAILED, read_key, error_body(code, message)]
+
+
+# parsing: what a puller or pusher receives
+
+
+@dataclass(slots=True, frozen=True)
+class TransferReply:
+    """The broker's answer on a transfer: ``command`` is C_OFFER (``model``, ``offset``, ``chunk``, ``window``),
+    C_DATA (``offset``, ``data``), C_ACK (``offset``) or C_ENDED (``error``, else the stored ``model``)."""
+
+    command: bytes
+    transfer_id: bytes
+    model: ModelInfo | None = None
+    offset: int = 0
+    chunk: int = 0
+    window: int = 0
+    data: bytes = b""
+    error: tuple[int, str] | None = None
+
+
+def parse_transfer_reply(frames: list[bytes]) -> TransferReply:
+    if len(frames) < 4 or frames[0] != CLIENT or frames[1] not in (C_OFFER, C_DATA, C_ACK, C_ENDED):
+        raise ProtocolError("not a transfer reply")
+    command, transfer_id = frames[1], _request_id(frames[2])
+    if len(frames) != (5 if command == C_DATA else 4):
+        raise ProtocolError("wrong number of frames for a transfer reply")
+    if command == C_DATA:
+        return TransferReply(command, transfer_id, offset=_offset(frames[3]), data=_chunk_data(frames[4]))
+    if command == C_ACK:
+        return TransferReply(command, transfer_id, offset=_offset(frames[3]))
+    if command == C_ENDED:
+        if unpack_map(frames[3]).keys() == {"error"}:
+            return TransferReply(command, transfer_id, error=_error(frames[3]))
+        return TransferReply(command, transfer_id, model=_model_fields(unpack_map(frames[3])))
+    fields = unpack_map(frames[3])
+    offset, chunk, window = (fields.pop(key, None) for key in ("offset", "chunk", "window"))
+    model = _model_fields(fields)
+    if not _count(offset, 0, model.size) or not _count(chunk, 1, MAX_CHUNK_BYTES):
+        raise ProtocolError(f"an OFFER's offset is within the model, its chunk 1-{MAX_CHUNK_BYTES} bytes")
+    if not _count(window, 1, MAX_TRANSFER_WINDOW):
+        raise ProtocolError(f"an OFFER's window is 1-{MAX_TRANSFER_WINDOW} chunks")
+    return TransferReply(command, transfer_id, model, offset, chunk, window)

@@ -99,6 +99,13 @@ def test_a_passive_whose_peer_restarted_takes_over() -> None:
         assert passive.epoch == (7 if passive.role is Role.PRIMARY else 6)
 
 
+def test_a_late_announcement_of_a_starting_peer_is_not_a_restart() -> None:
+    backup = core(Role.BACKUP)
+    backup.on_peer(P, 0, 0.0)  # the primary is starting: the backup waits, passive
+    assert not backup.on_peer(P, 0, 0.1) and backup.state is S  # its next (or delayed) announcement, the same
+    assert not backup.active
+
+
 def test_it_publishes_every_interval_and_at_once_after_a_takeover() -> None:
     backup = core(Role.BACKUP)
     assert backup.tick(0.0) and not backup.tick(0.5) and backup.tick(1.0)

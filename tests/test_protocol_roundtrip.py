@@ -145,6 +145,20 @@ def test_attach(stream: bytes) -> None:
     assert p.parse_inbound(p.attach(stream)) == p.WorkerAttach(stream)
 
 
+@given(state=st.sampled_from(p.PAIR_STATES), epoch=st.integers(0, 2**64 - 1))
+def test_pair_state(state: str, epoch: int) -> None:
+    assert p.parse_pair_state(p.pair_state(state, epoch)) == (state, epoch)
+
+
+@given(frames=st.lists(st.binary(max_size=9), max_size=4))
+def test_the_pair_state_parser_accepts_only_what_its_builder_makes(frames: list[bytes]) -> None:
+    try:
+        state, epoch = p.parse_pair_state(frames)
+    except p.ProtocolError:
+        return
+    assert p.pair_state(state, epoch) == frames
+
+
 # ------------------------------------------------------------------------------------------------- broker -> client
 
 
