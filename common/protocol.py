@@ -692,6 +692,315 @@ def client_credit(request_id: bytes, credit: int, framing: Framing = MDP02) -> l
     return [b"", *frames] if framing.delimited else frames
 
 
+# ------------------------------------------------------------------------------------------------- shards
+#
+# Models bigger than one machine (docs/PROTOCOL.md, section 11). A shard host offers the memory of a llama.cpp
+# rpc-server; a split worker asks the broker for some and runs its llama-server over them. Each speaks to the
+# broker on a DEALER of its own, in MDPW02 framing (never delimited, never 7/MDP) with the commands below, and with
+# the workers' HEARTBEAT (both ways; a shard peer's carries no load) and DISCONNECT. The codes sit far above the
+# worker commands so that extensions of those never collide with them.
+
+W_SHARD_READY = b"\x21"  # shard host -> broker: msgpack offer
+W_SHARD_REQUEST = b"\x22"  # split worker -> broker: msgpack ask
+W_SHARD_GRANT = b"\x23"  # broker -> split worker: msgpack grant, or an error body
+W_SHARD_LOST = b"\x24"  # broker -> split worker: msgpack {"name"}: a host of its grant is gone
+W_SHARD_ASSIGN = b"\x25"  # broker -> shard host: msgpack {"worker", "key"}: who may use it now
+W_SHARD_RELEASE = b"\x26"  # broker -> shard host: its worker let it go (it restarts rpc-server, registers again)
+SHARD_HELLOS = (W_SHARD_READY, W_SHARD_REQUEST)  # how a shard peer's first message starts, after the header
+MAX_SHARD_NAME_LEN = 255
+MAX_SHARDS = 64  # hosts in one grant, and names in an ask's exclude
+CURVE_KEY_LEN = 40  # a z85 CURVE public key
+_ALNUM = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_HOST_CHARS = frozenset(_ALNUM + ".-")  # a host name or an IPv4 address
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+_Z85_CHARS = frozenset(_ALNUM + ".-:+=^!/*?&<>()[]{}@%$#")
+
+
+@dataclass(slots=True, frozen=True)
+class ShardOffer:
+    """A shard host's READY: what it offers and where a split worker reaches it. ``endpoint`` (``host:port``) is
+    its rpc-server itself, or, ``bridged``, its end of the CURVE bridge (common/tunnel.py), whose key is the one the
+    host authenticated with at the broker."""
+
+    name: str  # the shard host, unique in the mesh ("machine/pid")
+    host: str  # its machine
+    device: str  # what its rpc-server computes on ("CPU", "Vulkan0")
+    memory: int  # MiB it offers
+    endpoint: str
+    bridged: bool
+
+
+@dataclass(slots=True, frozen=True)
+class ShardAsk:
+    """A split worker's request for shard hosts: ``count`` of them (0: as few as fit) with ``memory`` MiB together
+    for ``model``, none of those named in ``exclude`` (hosts it found it could not reach)."""
+
+    name: str  # the split worker
+    model: str
+    memory: int
+    count: int
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class ShardPlace:
+    """One host of a grant: where to reach it, its key when ``bridged``, and the MiB of the model put on it."""
+
+    name: str
+    host: str
+    device: str
+    endpoint: str
+    bridged: bool
+    key: str | None
+    memory: int
+
+
+@dataclass(slots=True, frozen=True)
+class ShardAssign:
+    """To a shard host: the split worker that holds it now, and that worker's CURVE key (None without CURVE): the
+    only key its bridge admits."""
+
+    worker: str
+    key: str | None
+
+
+@dataclass(slots=True)
+class ToShardPeer:
+    """What the broker sent a shard host or a split worker."""
+
+    command: bytes  # W_HEARTBEAT, W_DISCONNECT, W_SHARD_GRANT, W_SHARD_LOST, W_SHARD_ASSIGN or W_SHARD_RELEASE
+    grant: tuple[ShardPlace, ...] = ()
+    refusal: tuple[int, str] | None = None  # a DISCONNECT's reason, or a GRANT that is an error body
+    lost: str = ""
+    assign: ShardAssign | None = None
+
+
+def _name(value: Any, what: str, limit: int = MAX_SHARD_NAME_LEN) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= limit or not value.isprintable():
+        raise ProtocolError(f"{what} must be 1-{limit} printable characters")
+    return value
+
+
+def _mib(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**40:
+        raise ProtocolError(f"{what} must be a positive number of MiB")
+    return value
+
+
+def _host_port(value: Any) -> str:
+    """``host:port`` (a name or IPv4 address, or an IPv6 address in brackets), as llama-server's ``--rpc`` list
+    takes it: nothing that could add a second server to that list."""
+    text = _name(value, "a shard endpoint")
+    host, _, port = text.rpartition(":")
+    bracketed = len(host) > 2 and host[0] == "[" and host[-1] == "]" and set(host[1:-1]) <= _IPV6_CHARS
+    named = host[:1].isalnum() and set(host) <= _HOST_CHARS
+    numeric = port.isascii() and port.isdigit() and str(int(port)) == port
+    if not (bracketed or named) or not numeric or not 0 < int(port) < 65536:
+        raise ProtocolError(f"a shard endpoint is host:port, got {text!r}")
+    return text
+
+
+def _curve_key(value: Any) -> str:
+    if not isinstance(value, str) or len(value) != CURVE_KEY_LEN or not set(value) <= _Z85_CHARS:
+        raise ProtocolError(f"a CURVE key is {CURVE_KEY_LEN} z85 characters")
+    return value
+
+
+def _error(frame: bytes) -> tuple[int, str]:
+    """The (code, message) of an error body as ``error_body`` makes it without ``param``."""
+    fields = unpack_map(frame)
+    error = fields.get("error")
+    if set(fields) != {"error"} or not isinstance(error, dict) or set(error) != {"code", "message"}:
+        raise ProtocolError("an error body holds a code and a message")
+    return _refusal(frame)
+
+
+def _fields(frame: bytes, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+    fields = unpack_map(frame)
+    if not required <= fields.keys() <= required | optional:
+        raise ProtocolError(f"expected the fields {sorted(required)}, maybe {sorted(optional)}; got {sorted(fields)}")
+    return fields
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what} must be true or false")
+    return value
+
+
+def shard_ready(offer: ShardOffer) -> list[bytes]:
+    fields = {
+        "name": offer.name,
+        "host": offer.host,
+        "device": offer.device,
+        "memory": offer.memory,
+        "endpoint": offer.endpoint,
+        "bridged": offer.bridged,
+    }
+    return [WORKER, W_SHARD_READY, pack(fields)]
+
+
+def shard_request(ask: ShardAsk) -> list[bytes]:
+    fields: dict[str, Any] = {"name": ask.name, "model": ask.model, "memory": ask.memory, "count": ask.count}
+    if ask.exclude:
+        fields["exclude"] = list(ask.exclude)
+    return [WORKER, W_SHARD_REQUEST, pack(fields)]
+
+
+def shard_grant(places: tuple[ShardPlace, ...]) -> list[bytes]:
+    hosts = []
+    for place in places:
+        host: dict[str, Any] = {
+            "name": place.name,
+            "host": place.host,
+            "device": place.device,
+            "endpoint": place.endpoint,
+            "bridged": place.bridged,
+            "memory": place.memory,
+        }
+        if place.key is not None:
+            host["key"] = place.key
+        hosts.append(host)
+    return [WORKER, W_SHARD_GRANT, pack({"shards": hosts})]
+
+
+def shard_refusal(code: int, message: str) -> list[bytes]:
+    """A GRANT that says no: 503 none fit now (ask again later), 403 the key may not, 400 a malformed ask."""
+    return [WORKER, W_SHARD_GRANT, error_body(code, message)]
+
+
+def shard_lost(name: str) -> list[bytes]:
+    return [WORKER, W_SHARD_LOST, pack({"name": name})]
+
+
+def shard_assign(assign: ShardAssign) -> list[bytes]:
+    fields: dict[str, Any] = {"worker": assign.worker}
+    if assign.key is not None:
+        fields["key"] = assign.key
+    return [WORKER, W_SHARD_ASSIGN, pack(fields)]
+
+
+def shard_release() -> list[bytes]:
+    return [WORKER, W_SHARD_RELEASE]
+
+
+def parse_from_shard_peer(frames: list[bytes]) -> ShardOffer | ShardAsk | WorkerHeartbeat | WorkerDisconnect:
+    """Parse what a shard host or a split worker sent the broker (frames after the routing id)."""
+    if len(frames) < 2 or frames[0] != WORKER:
+        raise ProtocolError("not an MDPW02 message")
+    command, rest = frames[1], frames[2:]
+    if command == W_HEARTBEAT:
+        if rest:
+            raise ProtocolError("a shard peer's HEARTBEAT takes no frames")
+        return WorkerHeartbeat()
+    if command == W_DISCONNECT:
+        if rest:
+            raise ProtocolError("DISCONNECT from a shard peer takes no frames")
+        return WorkerDisconnect()
+    if len(rest) != 1:
+        raise ProtocolError("a shard offer or ask is one msgpack frame")
+    if command == W_SHARD_READY:
+        fields = _fields(rest[0], {"name", "host", "device", "memory", "endpoint", "bridged"})
+        return ShardOffer(
+            _name(fields["name"], "a shard host's name"),
+            _name(fields["host"], "a shard host's machine"),
+            _name(fields["device"], "a shard host's device", MAX_CAPABILITY_LEN),
+            _mib(fields["memory"], "a shard host's memory"),
+            _host_port(fields["endpoint"]),
+            _bool(fields["bridged"], "bridged"),
+        )
+    if command == W_SHARD_REQUEST:
+        fields = _fields(rest[0], {"name", "model", "memory", "count"}, frozenset({"exclude"}))
+        count, model = fields["count"], fields["model"]
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_SHARDS:
+            raise ProtocolError(f"an ask's count is 0 (as few as fit) to {MAX_SHARDS}")
+        if not isinstance(model, str):
+            raise ProtocolError("an ask's model is a service name")
+        excluded: tuple[str, ...] = ()
+        if "exclude" in fields:
+            exclude = fields["exclude"]
+            if not isinstance(exclude, list) or not 0 < len(exclude) <= MAX_SHARDS:
+                raise ProtocolError(f"an ask's exclude is a list of 1-{MAX_SHARDS} host names, or absent")
+            excluded = tuple(_name(name, "an excluded host") for name in exclude)
+        name, memory = _name(fields["name"], "a split worker's name"), _mib(fields["memory"], "an ask's memory")
+        return ShardAsk(name, _service(model.encode()), memory, count, excluded)
+    raise ProtocolError(f"unknown shard command {command!r}")
+
+
+def parse_for_shard_peer(frames: list[bytes]) -> ToShardPeer:
+    """Parse what the broker sent a shard host or a split worker."""
+    if len(frames) < 2 or frames[0] != WORKER:
+        raise ProtocolError("not an MDPW02 message")
+    command, rest = frames[1], frames[2:]
+    if command == W_HEARTBEAT:
+        if rest:
+            raise ProtocolError("a HEARTBEAT to a shard peer takes no frames")
+        return ToShardPeer(command)
+    if command == W_DISCONNECT:
+        if len(rest) > 1:
+            raise ProtocolError("DISCONNECT takes at most one reason frame")
+        return ToShardPeer(command, refusal=_error(rest[0]) if rest else None)
+    if command == W_SHARD_RELEASE:
+        if rest:
+            raise ProtocolError("RELEASE takes no frames")
+        return ToShardPeer(command)
+    if len(rest) != 1:
+        raise ProtocolError("a GRANT, LOST or ASSIGN is one msgpack frame")
+    if command == W_SHARD_GRANT:
+        fields = unpack_map(rest[0])
+        if "error" in fields:
+            return ToShardPeer(command, refusal=_error(rest[0]))
+        hosts = fields.get("shards")
+        if set(fields) != {"shards"} or not isinstance(hosts, list) or not 0 < len(hosts) <= MAX_SHARDS:
+            raise ProtocolError(f"a GRANT holds 1-{MAX_SHARDS} shard hosts")
+        return ToShardPeer(command, grant=tuple(_place(host) for host in hosts))
+    if command == W_SHARD_LOST:
+        fields = _fields(rest[0], {"name"})
+        return ToShardPeer(command, lost=_name(fields["name"], "a lost host's name"))
+    if command == W_SHARD_ASSIGN:
+        fields = _fields(rest[0], {"worker"}, frozenset({"key"}))
+        key = _curve_key(fields["key"]) if "key" in fields else None
+        return ToShardPeer(command, assign=ShardAssign(_name(fields["worker"], "a split worker's name"), key))
+    raise ProtocolError(f"unexpected command {command!r} for a shard peer")
+
+
+def _place(host: Any) -> ShardPlace:
+    if not isinstance(host, dict):
+        raise ProtocolError("a granted shard host is a map")
+    required = {"name", "host", "device", "endpoint", "bridged", "memory"}
+    if not required <= host.keys() <= required | {"key"}:
+        raise ProtocolError(f"a granted shard host has the fields {sorted(required)} and maybe 'key'")
+    bridged = _bool(host["bridged"], "bridged")
+    key = _curve_key(host["key"]) if "key" in host else None
+    if bridged and key is None:
+        raise ProtocolError("a bridged shard host comes with its key")
+    return ShardPlace(
+        _name(host["name"], "a shard host's name"),
+        _name(host["host"], "a shard host's machine"),
+        _name(host["device"], "a shard host's device", MAX_CAPABILITY_LEN),
+        _host_port(host["endpoint"]),
+        bridged,
+        key,
+        _mib(host["memory"], "a shard's memory"),
+    )
+
+
+# The CURVE bridge (common/tunnel.py) carries the TCP connections of llama.cpp's RPC protocol as messages of two
+# frames: a connection number (4 bytes, big-endian, chosen by the worker's end) and data; empty data closes it.
+MAX_TUNNEL_CHUNK = 256 * 1024  # bytes read from a TCP connection into one message
+
+
+def tunnel_frames(connection: int, data: bytes) -> list[bytes]:
+    return [connection.to_bytes(4, "big"), data]
+
+
+def parse_tunnel(frames: list[bytes]) -> tuple[int, bytes]:
+    """(connection, data) of a bridge message; empty data: the connection is closed."""
+    if len(frames) != 2 or len(frames[0]) != 4 or len(frames[1]) > MAX_TUNNEL_CHUNK:
+        raise ProtocolError(f"a bridge message is a 4-byte connection number and at most {MAX_TUNNEL_CHUNK} bytes")
+    return int.from_bytes(frames[0], "big"), frames[1]
+
+
 # -------------------------------------------------------------------------- parsing: what peers receive
 
 

@@ -345,3 +345,134 @@ def _same_frames(built: list[bytes], received: list[bytes]) -> bool:
             except p.ProtocolError:
                 return False
     return True
+
+
+# ------------------------------------------------------------------------------------------------------- shards
+
+names = st.text(st.characters(codec="utf-8", categories=["L", "N", "P"]), min_size=1, max_size=12)
+devices = st.sampled_from(["CPU", "Vulkan0", "CUDA1"])
+mibs = st.integers(1, 2**40 - 1)
+hosts = st.one_of(
+    st.from_regex(r"[a-z0-9][a-z0-9.-]{0,12}", fullmatch=True),
+    st.from_regex(r"\[[0-9a-f:]{2,12}\]", fullmatch=True),
+)
+endpoints = st.builds(lambda host, port: f"{host}:{port}", hosts, st.integers(1, 65535))
+curve_keys = st.text(st.sampled_from(sorted(p._Z85_CHARS)), min_size=p.CURVE_KEY_LEN, max_size=p.CURVE_KEY_LEN)
+offers = st.builds(p.ShardOffer, names, names, devices, mibs, endpoints, st.booleans())
+asks = st.builds(
+    p.ShardAsk, names, services, mibs, st.integers(0, p.MAX_SHARDS), st.lists(names, max_size=3).map(tuple)
+)
+places = st.builds(p.ShardPlace, names, names, devices, endpoints, st.booleans(), curve_keys, mibs) | st.builds(
+    p.ShardPlace, names, names, devices, endpoints, st.just(False), st.none(), mibs
+)
+grants = st.lists(places, min_size=1, max_size=4).map(tuple)
+assigns = st.builds(p.ShardAssign, names, st.one_of(st.none(), curve_keys))
+
+
+@given(offer=offers, ask=asks)
+def test_what_shard_peers_send(offer: p.ShardOffer, ask: p.ShardAsk) -> None:
+    assert p.parse_from_shard_peer(p.shard_ready(offer)) == offer
+    assert p.parse_from_shard_peer(p.shard_request(ask)) == ask
+    assert p.parse_from_shard_peer(p.heartbeat()) == p.WorkerHeartbeat()
+    assert p.parse_from_shard_peer(p.disconnect()) == p.WorkerDisconnect()
+
+
+@given(grant=grants, assign=assigns, lost=names, refusal=st.tuples(st.integers(100, 599), st.text(max_size=20)))
+def test_what_shard_peers_receive(
+    grant: tuple[p.ShardPlace, ...], assign: p.ShardAssign, lost: str, refusal: tuple[int, str]
+) -> None:
+    parse = p.parse_for_shard_peer
+    assert parse(p.shard_grant(grant)) == p.ToShardPeer(p.W_SHARD_GRANT, grant=grant)
+    assert parse(p.shard_refusal(*refusal)) == p.ToShardPeer(p.W_SHARD_GRANT, refusal=refusal)
+    assert parse(p.shard_lost(lost)) == p.ToShardPeer(p.W_SHARD_LOST, lost=lost)
+    assert parse(p.shard_assign(assign)) == p.ToShardPeer(p.W_SHARD_ASSIGN, assign=assign)
+    assert parse(p.shard_release()) == p.ToShardPeer(p.W_SHARD_RELEASE)
+    assert parse(p.heartbeat()) == p.ToShardPeer(p.W_HEARTBEAT)
+    assert parse(p.disconnect(refusal)) == p.ToShardPeer(p.W_DISCONNECT, refusal=refusal)
+
+
+@given(connection=st.integers(0, 2**32 - 1), data=st.binary(max_size=64))
+def test_tunnel(connection: int, data: bytes) -> None:
+    assert p.parse_tunnel(p.tunnel_frames(connection, data)) == (connection, data)
+
+
+def test_an_endpoint_never_names_two_rpc_servers() -> None:
+    """llama-server takes ``--rpc a:1,b:2``: a comma (or a space) in a host's endpoint would add a server."""
+    fields = {"name": "n", "host": "h", "device": "CPU", "memory": 1, "bridged": False}
+    assert p.parse_from_shard_peer([p.WORKER, p.W_SHARD_READY, p.pack({**fields, "endpoint": "[::1]:50052"})])
+    for endpoint in ("a:1,b:2", "a,b:2", "a b:2", " a:1", "a:01", "a:0", "a:65536", "[]:1", "a:", ":1", "a:\uff11"):
+        with pytest.raises(p.ProtocolError, match="host:port"):
+            p.parse_from_shard_peer([p.WORKER, p.W_SHARD_READY, p.pack({**fields, "endpoint": endpoint})])
+
+
+def _rebuild_from_shard_peer(message: Any) -> list[bytes]:
+    if isinstance(message, p.ShardOffer):
+        return p.shard_ready(message)
+    if isinstance(message, p.ShardAsk):
+        return p.shard_request(message)
+    return p.heartbeat() if isinstance(message, p.WorkerHeartbeat) else p.disconnect()
+
+
+def _rebuild_for_shard_peer(message: p.ToShardPeer) -> list[bytes]:
+    if message.command == p.W_SHARD_GRANT:
+        return p.shard_refusal(*message.refusal) if message.refusal else p.shard_grant(message.grant)
+    if message.command == p.W_SHARD_LOST:
+        return p.shard_lost(message.lost)
+    if message.command == p.W_SHARD_ASSIGN:
+        assert message.assign is not None
+        return p.shard_assign(message.assign)
+    if message.command == p.W_SHARD_RELEASE:
+        return p.shard_release()
+    return p.heartbeat() if message.command == p.W_HEARTBEAT else p.disconnect(message.refusal)
+
+
+_shard_valid = st.one_of(
+    st.builds(p.shard_ready, offers),
+    st.builds(p.shard_request, asks),
+    st.builds(p.shard_grant, grants),
+    st.builds(p.shard_refusal, st.integers(100, 599), st.text(max_size=9)),
+    st.builds(p.shard_lost, names),
+    st.builds(p.shard_assign, assigns),
+    st.just(p.shard_release()),
+    st.just(p.heartbeat()),
+    st.builds(p.disconnect, refusals),
+    st.builds(p.tunnel_frames, st.integers(0, 2**32 - 1), st.binary(max_size=9)),
+)
+
+
+def _map_edit(frames: list[bytes], key: str, value: Any) -> list[bytes]:
+    """A near miss inside a msgpack frame: one field set to another value (or added)."""
+    if len(frames) < 3:
+        return frames
+    try:
+        fields = p.unpack_map(frames[2])
+    except p.ProtocolError:
+        return frames
+    return [*frames[:2], p.pack({**fields, key: value}), *frames[3:]]
+
+
+_shard_anything = st.one_of(
+    _shard_valid,
+    st.builds(_edit, _shard_valid, _frame_edits),
+    st.builds(
+        _map_edit,
+        _shard_valid,
+        st.sampled_from(["name", "memory", "count", "endpoint", "bridged", "key", "exclude", "shards", "error", "x"]),
+        st.one_of(plain_values, st.lists(plain_values, max_size=2), maps),
+    ),
+)
+
+
+@settings(max_examples=2000)
+@given(frames=_shard_anything)
+def test_shard_parsers_accept_only_what_builders_make(frames: list[bytes]) -> None:
+    for parse, rebuild in (
+        (p.parse_from_shard_peer, _rebuild_from_shard_peer),
+        (p.parse_for_shard_peer, _rebuild_for_shard_peer),
+        (p.parse_tunnel, lambda message: p.tunnel_frames(*message)),
+    ):
+        try:
+            message = parse(frames)
+        except p.ProtocolError:
+            continue
+        assert _same_frames(rebuild(message), frames), f"{frames!r} parsed to {message!r}, which no builder makes"
