@@ -19,6 +19,7 @@ from itertools import count
 from typing import Any
 
 from qmesh.broker.routing import POLICIES, TOKENS_PER_BLOCK, Candidate, PrefixIndex, RoutingConfig
+from qmesh.broker.shards import ShardRegistry
 from qmesh.common import protocol as p
 from qmesh.common.bodies import resume_body
 from qmesh.common.prefix import split_hashes
@@ -85,6 +86,7 @@ class Peer:
     worker: bool
     client: bool
     models: frozenset[str] | None  # None: any model
+    key: str | None = None  # its z85 public key: what a shard host's bridge admits (broker/shards.py)
 
 
 @dataclass(slots=True, frozen=True)
@@ -200,6 +202,7 @@ class BrokerCore:
         self.epoch = 0  # of the broker pair's last takeover (0: a broker without a peer): fences stale brokers
         self.streams: dict[bytes, bytes] = {}  # stream id -> route key of the live request that names it
         self._next_stream_check = float("inf")  # the earliest attach wait or attached stream that runs out
+        self.shards = ShardRegistry(self._worker_ttl)  # shard hosts and split workers' leases (issue 19)
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -220,6 +223,13 @@ class BrokerCore:
                 out: list[Outgoing] = []
                 self._forward_partial(request, frames[4:], now, out)
                 return out
+        shards = self.shards  # a shard peer's messages go to its registry (about 50 ns for any other message)
+        if (
+            identity in shards.hosts
+            or identity in shards.leases
+            or (len(frames) > 1 and frames[1] in p.SHARD_HELLOS and frames[0] == p.WORKER)
+        ):
+            return shards.on_message(identity, frames, now, peer)
         try:
             message = p.parse_inbound(frames)
         except p.ProtocolError as exc:
@@ -276,6 +286,8 @@ class BrokerCore:
     def on_unreachable(self, identity: bytes, now: float) -> list[Outgoing]:
         """A send to ``identity`` failed: the peer is gone. A worker is removed; a client's requests are cancelled."""
         self._now = now
+        if identity in self.shards:
+            return self.shards.on_unreachable(identity)
         out: list[Outgoing] = []
         if identity in self.workers:
             self._remove_worker(identity, now, "unreachable", out)
@@ -292,6 +304,7 @@ class BrokerCore:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval
             self._heartbeat_round = deque(self.workers)
+            out.extend(self.shards.heartbeat_round(now))
         if self._heartbeat_round:
             self._send_heartbeats(out)
         for identity in [w.identity for w in self.workers.values() if w.expires_at <= now]:
@@ -713,6 +726,7 @@ class BrokerCore:
         self.known_services.clear()
         self.known_capabilities.clear()
         self._heartbeat_round.clear()
+        out.extend(self.shards.forget_all())
         self._earliest_deadline = self._next_stream_check = float("inf")
         return out
 
@@ -881,6 +895,8 @@ class BrokerCore:
             return [p.pack(self.service_table())]
         if service_name == "mmi.workers":
             return [p.pack(self.worker_table())]
+        if service_name == "mmi.shards":
+            return [p.pack(self.shards.table(self._now))]
         if service_name == "mmi.requests":
             return [p.pack([record.as_map(self._now) for record in self.recent])]
         return [b"501"]
@@ -958,6 +974,7 @@ class BrokerCore:
                 active.add(key)
         assert queued.isdisjoint(active)
         assert queued | active == set(self.requests), "a request is neither queued nor held"
+        self.shards.check_invariants()
         indexed = {k for by_id in self.client_requests.values() for keys in by_id.values() for k in keys}
         live = {k for k, r in self.requests.items() if not r.cancelled}
         assert indexed == live, "client index out of sync"

@@ -36,7 +36,9 @@ class BrokerSecurity:
         for key in workers.keys() | clients.keys():
             listed = workers.get(key) or clients[key]
             models = workers[key].models if key in workers else frozenset()
-            peers[key.decode()] = Peer(listed.name, worker=key in workers, client=key in clients, models=models)
+            peers[key.decode()] = Peer(
+                listed.name, worker=key in workers, client=key in clients, models=models, key=key.decode()
+            )
         self._peers = peers  # one assignment: the ZAP thread sees the old or the new table, never half of one
         self._stamp = self._directory_stamp()
         log.info("allow-lists loaded: %d worker key(s), %d client key(s)", len(workers), len(clients))
