@@ -1142,18 +1142,18 @@ def parse_pair_state(frames: list[bytes]) -> tuple[str, int]:
 # "Transferring Files"). Every command carries an id the sender chose (a transfer id, a read key) and offsets as
 # 8-byte big-endian integers; 18/MDP framing only, without a leading empty frame.
 
-C_FETCH = b"\x21"  # client -> broker: transfer-id, msgpack {"name"[, "sha256"]}: send me this model
-C_CHUNK = b"\x22"  # client -> broker: transfer-id, offset, length (4 bytes): the next chunk of it
-C_PUSH = b"\x23"  # client -> broker: transfer-id, msgpack {"name", "sha256", "size"}: keep this model in your store
-C_PUSH_DATA = b"\x24"  # client -> broker: transfer-id, offset, bytes: a chunk of the model it pushes
-C_END = b"\x25"  # client -> broker: transfer-id, msgpack {"outcome"}: the client is done with the transfer
-C_OFFER = b"\x26"  # broker -> client: transfer-id, msgpack {"name", "sha256", "size", "offset", "chunk", "window"}
-C_DATA = b"\x27"  # broker -> client: transfer-id, offset, bytes: a chunk it asked for
-C_ACK = b"\x28"  # broker -> client: transfer-id, offset: its push is stored up to there (credit for more)
-C_ENDED = b"\x29"  # broker -> client: transfer-id, msgpack: an error body, or the model its push stored
-W_READ = b"\x21"  # broker -> holder: read-key, sha256 (64 hex characters), offset, length (4 bytes)
-W_DATA = b"\x22"  # holder -> broker: read-key, offset, bytes
-W_READ_FAILED = b"\x23"  # holder -> broker: read-key, error body
+C_FETCH = b"\x31"  # client -> broker: transfer-id, msgpack {"name"[, "sha256"]}: send me this model
+C_CHUNK = b"\x32"  # client -> broker: transfer-id, offset, length (4 bytes): the next chunk of it
+C_PUSH = b"\x33"  # client -> broker: transfer-id, msgpack {"name", "sha256", "size"}: keep this model in your store
+C_PUSH_DATA = b"\x34"  # client -> broker: transfer-id, offset, bytes: a chunk of the model it pushes
+C_END = b"\x35"  # client -> broker: transfer-id, msgpack {"outcome"}: the client is done with the transfer
+C_OFFER = b"\x36"  # broker -> client: transfer-id, msgpack {"name", "sha256", "size", "offset", "chunk", "window"}
+C_DATA = b"\x37"  # broker -> client: transfer-id, offset, bytes: a chunk it asked for
+C_ACK = b"\x38"  # broker -> client: transfer-id, offset: its push is stored up to there (credit for more)
+C_ENDED = b"\x39"  # broker -> client: transfer-id, msgpack: an error body, or the model its push stored
+W_READ = b"\x31"  # broker -> holder: read-key, sha256 (64 hex characters), offset, length (4 bytes)
+W_DATA = b"\x32"  # holder -> broker: read-key, offset, bytes
+W_READ_FAILED = b"\x33"  # holder -> broker: read-key, error body
 
 # How a client ends a transfer: verified and kept; the bytes did not hash to the sha256 (the holders that served
 # them are not asked again); given up (or a push stopped).
@@ -1406,3 +1406,32 @@ def parse_transfer_reply(frames: list[bytes]) -> TransferReply:
     if not _count(window, 1, MAX_TRANSFER_WINDOW):
         raise ProtocolError(f"an OFFER's window is 1-{MAX_TRANSFER_WINDOW} chunks")
     return TransferReply(command, transfer_id, model, offset, chunk, window)
+
+
+# the broker's store: what the broker hands it and what it answers (in the broker's process, never on the wire)
+
+
+def parse_for_store(frames: list[bytes]) -> BrokerToWorker | ModelPush | PushChunk | TransferEnd:
+    """A READ (as a holder gets it), or a push relayed under the broker's transfer key (as a client sends it)."""
+    if frames[:1] == [WORKER]:
+        read = parse_for_worker(frames)
+        if read.command != W_READ:
+            raise ProtocolError("the store serves READs only")
+        return read
+    message = parse_inbound(frames)
+    if not isinstance(message, (ModelPush, PushChunk, TransferEnd)):
+        raise ProtocolError("the store takes READ, PUSH, push DATA and END only")
+    return message
+
+
+def parse_store_reply(frames: list[bytes]) -> HolderData | HolderReadFailed | TransferReply:
+    """A read's answer (as a holder sends it), or where a push stands (ACK or ENDED, as a client gets them)."""
+    if frames[:1] == [WORKER]:
+        message = parse_inbound(frames)
+        if not isinstance(message, (HolderData, HolderReadFailed)):
+            raise ProtocolError("the store answers a READ with DATA or READ_FAILED")
+        return message
+    reply = parse_transfer_reply(frames)
+    if reply.command not in (C_ACK, C_ENDED):
+        raise ProtocolError("the store answers a push with ACK or ENDED")
+    return reply
