@@ -134,7 +134,7 @@ class Run:
         self.generation = Generation(
             self.job,
             self.sidecar,
-            lambda body: self.sent.append(("chunk", self.clock.now, p.unpack(body))),
+            lambda body, tokens: self.sent.append(("chunk", self.clock.now, p.unpack(body))),
             lambda body: self.sent.append(("final", self.clock.now, p.unpack(body))),
             worker_name="host/1/0",
             model="m",

@@ -23,6 +23,7 @@ from qmesh.worker.core import (
     Exit,
     GrantCredit,
     Phase,
+    Rebind,
     Send,
     SendHeartbeat,
     StartJob,
@@ -37,11 +38,12 @@ TTL = INTERVAL * LIVENESS
 GRACE = 5.0
 MAX_DELAY = 16.0
 SERVICE = "smollm2-135m"
+ENDPOINT = "tcp://broker:5555"
 
 
 def make_core(seed: int = 0, now: float = 0.0) -> WorkerCore:
     config = WorkerConfig(
-        broker="tcp://broker:5555",
+        brokers=("tcp://broker:5555",),
         service=SERVICE,
         slots=2,
         info={"slots": 2, "name": "host/1/0", "version": 1},
@@ -87,7 +89,7 @@ def test_nothing_is_offered_until_llama_server_is_healthy() -> None:
     assert core.tick(100.0) == [] and core.next_wakeup() == float("inf")
     assert core.on_sidecar(False, 100.0) == []
     out = core.on_sidecar(True, 100.0)
-    assert out[0] == Connect(1)
+    assert out[0] == Connect(1, ENDPOINT)
     (ready,) = sent(out)
     assert isinstance(ready, p.WorkerReady) and ready.service == SERVICE and ready.info["slots"] == 2
 
@@ -121,7 +123,7 @@ def test_a_broker_that_never_answers_is_retried_with_growing_delays_and_never_ca
             core.tick(now)
             now = core.next_wakeup()
         out = core.tick(now)
-        assert Connect(core.connection) in out and not core.registered
+        assert Connect(core.connection, ENDPOINT) in out and not core.registered
         attempts.append(now)
     waits = [later - earlier - TTL for earlier, later in zip(attempts, attempts[1:], strict=False)]
     for attempt, wait in enumerate(waits, start=1):
@@ -149,10 +151,10 @@ def test_a_disconnect_before_registration_backs_off_and_one_after_registration_r
     assert not of_type(out, Connect) and core.phase is Phase.BACKING_OFF
     assert core.next_wakeup() >= 0.1 + 0.5 * INTERVAL
     out = core.tick(core.next_wakeup())
-    assert of_type(out, Connect) == [Connect(2)]
+    assert of_type(out, Connect) == [Connect(2, ENDPOINT)]
     core.on_broker_message(p.heartbeat(), 2.0)
     out = core.on_broker_message(p.disconnect(), 2.5)  # a restarted broker that does not know us
-    assert out[0] == Close(flush=False) and of_type(out, Connect) == [Connect(3)]
+    assert out[0] == Close(flush=False) and of_type(out, Connect) == [Connect(3, ENDPOINT)]
 
 
 def test_a_silent_broker_ends_the_connection_and_its_jobs() -> None:
@@ -160,7 +162,7 @@ def test_a_silent_broker_ends_the_connection_and_its_jobs() -> None:
     job = started(core.on_broker_message(request_frames(b"k1"), 0.5))
     out = core.tick(0.5 + TTL)
     assert out[:2] == [CancelJob(job), Close(flush=False)]
-    assert of_type(out, Connect) == [Connect(2)] and core.jobs == {}
+    assert of_type(out, Connect) == [Connect(2, ENDPOINT)] and core.jobs == {}
     assert core.on_job_finished(job, p.pack({"tokens": 1}), 4.0) == []  # its FINAL has no connection to go to
 
 
@@ -248,7 +250,7 @@ def test_llama_server_down_leaves_the_broker_and_hands_back_every_job() -> None:
     assert isinstance(sent(out)[-1], p.WorkerDisconnect) and out[-1] == Close(flush=True)
     assert core.jobs == {} and core.phase is Phase.WAITING_SIDECAR
     assert core.tick(100.0) == []  # no reconnection, no heartbeat while llama-server is down
-    assert of_type(core.on_sidecar(True, 100.0), Connect) == [Connect(2)]
+    assert of_type(core.on_sidecar(True, 100.0), Connect) == [Connect(2, ENDPOINT)]
 
 
 def test_llama_server_failed_for_good_ends_the_worker() -> None:
@@ -292,9 +294,10 @@ def test_stop_without_a_connection_ends_at_once() -> None:
 class WorkerCoreMachine(RuleBasedStateMachine):
     """Random events against the core, checked through a model of the connection it drives.
 
-    Every job must end exactly once: by a FINAL on its own connection, or by being cancelled when that
-    connection closes (the broker then resumes it). Nothing is sent without an open connection; llama-server
-    being down never leaves a job or a connection behind; nothing happens after Exit.
+    Every job must end exactly once: by a FINAL on its connection, or by being cancelled when that connection
+    closes (the broker then resumes it), or (a job whose client named its stream, when its broker died) by being
+    kept running and then claimed on a later connection or cancelled. Nothing is sent without an open connection;
+    llama-server being down never leaves a job or a connection behind; nothing happens after Exit.
     """
 
     def __init__(self) -> None:
@@ -302,16 +305,19 @@ class WorkerCoreMachine(RuleBasedStateMachine):
         self.core = make_core(seed=1)
         self.now = 0.0
         self.open: int | None = None  # the connection the effects have opened
-        self.live: dict[bytes, Job] = {}  # jobs started and not yet ended
+        self.live: dict[bytes, Job] = {}  # jobs started and not yet ended, by route key on the open connection
+        self.kept: dict[bytes, Job] = {}  # jobs kept running without a broker, by stream id
         self.ended: list[Job] = []
         self.exited = False
         self.keys: dict[int | None, int] = {}  # route keys per connection: a new broker counts from 1 again
+        self.streams = 0
         self.steps = 0
 
     def apply(self, effects: list[Effect]) -> None:
         self.steps += 1
         assert not (self.exited and effects), f"effects after Exit: {effects}"
         cancelled: set[int] = set()
+        closed: list[Job] = []  # live when their connection closed, not cancelled: the core must keep them
         for effect in effects:
             if isinstance(effect, Connect):
                 assert self.open is None, "a second connection opened over the first"
@@ -322,28 +328,41 @@ class WorkerCoreMachine(RuleBasedStateMachine):
                     self._check_sent(p.parse_inbound(effect.frames))
             elif isinstance(effect, Close):
                 assert self.open is not None
-                stranded = [job for job in self.live.values() if id(job) not in cancelled]
-                assert not stranded, "a connection closed with a job that was never told to stop"
-                self.ended.extend(self.live.values())
+                closed += [job for job in self.live.values() if id(job) not in cancelled]
+                self.ended.extend(job for job in self.live.values() if id(job) in cancelled)
                 self.live.clear()
                 self.open = None
             elif isinstance(effect, StartJob):
                 assert effect.job.connection == self.open and effect.job.route_key not in self.live
                 self.live[effect.job.route_key] = effect.job
             elif isinstance(effect, CancelJob):
-                assert effect.job in self.live.values(), "cancelled a job that is not live"
+                kept = [stream for stream, job in self.kept.items() if job is effect.job]
+                just_kept = [job for job in closed if job is effect.job]  # kept at a Close, then dropped (a stop)
+                assert effect.job in self.live.values() or kept or just_kept, "cancelled a job neither live nor kept"
                 cancelled.add(id(effect.job))
+                for stream in kept:
+                    self.ended.append(self.kept.pop(stream))
+                for job in just_kept:
+                    closed.remove(job)
+                    self.ended.append(job)
             elif isinstance(effect, GrantCredit):
                 assert effect.job in self.live.values()
+            elif isinstance(effect, Rebind):
+                assert effect.job in self.kept.values() and effect.connection == self.open, "rebound a job not kept"
+                self.kept = {s: j for s, j in self.kept.items() if j is not effect.job}
+                self.live[effect.route_key] = effect.job
             elif isinstance(effect, Exit):
                 assert self.open is None, "exited with the connection open"
                 self.exited = True
+        for job in closed:
+            assert job.stream_id is not None and self.core.held.get(job.stream_id, None) is not None, (
+                "a connection closed with a job that was neither told to stop nor kept"
+            )
+            self.kept[job.stream_id] = job
 
     def _check_sent(self, message: p.InboundMessage) -> None:
         if isinstance(message, p.WorkerFinal) and message.route_key in self.live:
-            job = self.live.pop(message.route_key)
-            assert job.connection == self.open
-            self.ended.append(job)
+            self.ended.append(self.live.pop(message.route_key))
 
     # ----------------------------------------------------------------------------------------- events
 
@@ -366,12 +385,41 @@ class WorkerCoreMachine(RuleBasedStateMachine):
     def broker_heartbeat(self) -> None:
         self.apply(self.core.on_broker_message(p.heartbeat(), self.now))
 
-    @rule(valid=st.booleans())
-    def broker_request(self, valid: bool) -> None:
+    @rule(valid=st.booleans(), stream=st.booleans())
+    def broker_request(self, valid: bool, stream: bool) -> None:
         self.keys[self.open] = self.keys.get(self.open, 0) + 1
         key = self.keys[self.open].to_bytes(4, "big")
-        frames = request_frames(key) if valid else p.worker_request(key, [p.pack({"nothing": 1})])
+        self.streams += 1
+        if not valid:
+            frames = p.worker_request(key, [p.pack({"nothing": 1})])
+        elif stream:  # its client names the stream: it may outlive the broker
+            frames = p.worker_request(key, [GenerationRequest(prompt="hi", stream=b"s%d" % self.streams).to_body()])
+        else:
+            frames = request_frames(key)
         self.apply(self.core.on_broker_message(frames, self.now))
+
+    @precondition(lambda self: self.kept and self.open is not None)
+    @rule(data=st.data())
+    def client_asks_for_a_kept_stream(self, data: st.DataObject) -> None:
+        stream = data.draw(st.sampled_from(sorted(self.kept)))
+        self.keys[self.open] = self.keys.get(self.open, 0) + 1
+        key = self.keys[self.open].to_bytes(4, "big")
+        body = GenerationRequest(prompt="hi", stream=stream, resume_tokens=[1, 2], failovers=1).to_body()
+        job = self.kept[stream]
+        out = self.core.on_broker_message(p.worker_request(key, [body]), self.now)
+        self.apply(out)
+        if self.core.registered:
+            assert any(isinstance(e, Rebind) and e.job is job for e in out), "a kept stream was not handed back"
+
+    @precondition(lambda self: self.kept)
+    @rule(data=st.data())
+    def a_kept_stream_ends(self, data: st.DataObject) -> None:
+        job = self.kept[data.draw(st.sampled_from(sorted(self.kept)))]
+        assert self.core.on_job_finished(job, p.pack({"finish_reason": "stop"}), self.now) == [], "sent with no client"
+
+    @rule()
+    def broker_gone(self) -> None:
+        self.apply(self.core.on_broker_gone(self.now))
 
     @rule(data=st.data(), cancel=st.booleans())
     def broker_cancel_or_credit(self, data: st.DataObject, cancel: bool) -> None:
@@ -428,7 +476,7 @@ class WorkerCoreMachine(RuleBasedStateMachine):
     @invariant()
     def jobs_are_the_live_ones_of_the_open_connection(self) -> None:
         assert self.core.jobs == self.live, "the core's jobs and the jobs that have not ended differ"
-        assert all(job.connection == self.open for job in self.core.jobs.values())
+        assert {s: k.job for s, k in self.core.held.items()} == self.kept, "the core keeps other jobs than these"
         assert (self.open is not None) == (self.core.phase in (Phase.CONNECTING, Phase.REGISTERED))
         if self.open is not None:
             assert self.open == self.core.connection
@@ -458,3 +506,100 @@ def test_the_backoff_never_drops_below_half_the_nominal_delay(seed: int) -> None
         assert core.reconnect_at - closed_at >= 0.5 * nominal - 1e-9
         core.tick(core.reconnect_at)
         assert core.phase is Phase.CONNECTING
+
+
+# ------------------------------------------------------------------------------------------------ a broker pair
+
+PAIR = ("tcp://a:5555", "tcp://b:5556")
+
+
+def pair_core() -> WorkerCore:
+    config = WorkerConfig(
+        brokers=PAIR,
+        service=SERVICE,
+        slots=2,
+        info={"slots": 2, "name": "host/1/0", "version": 1},
+        heartbeat_interval=INTERVAL,
+        liveness=LIVENESS,
+        max_reconnect_delay=MAX_DELAY,
+        hold_streams=20.0,
+    )
+    core = WorkerCore(config, 0.0, rng=random.Random(0))
+    core.on_sidecar(True, 0.0)
+    return core
+
+
+def streamed(key: bytes, stream: bytes, **fields: Any) -> list[bytes]:
+    return p.worker_request(key, [GenerationRequest(prompt="hi", stream=stream, **fields).to_body()])
+
+
+def test_a_passive_broker_sends_the_worker_to_the_other_at_once_and_a_round_of_refusals_backs_off() -> None:
+    core = pair_core()
+    out = core.on_broker_message(p.disconnect((p.NOT_ACTIVE, "passive")), 0.1)
+    assert of_type(out, Connect) == [Connect(2, PAIR[1])], "the other broker of the pair, at once"
+    out = core.on_broker_message(p.disconnect((p.NOT_ACTIVE, "passive")), 0.2)
+    assert not of_type(out, Connect) and core.phase is Phase.BACKING_OFF  # both said no: wait a little
+    assert of_type(core.tick(core.reconnect_at), Connect) == [Connect(3, PAIR[0])]
+    core.on_broker_message(p.heartbeat({"epoch": 3}), 5.0)
+    assert core.registered and core.max_epoch == 3
+
+
+def test_a_broker_of_an_older_epoch_is_left_for_the_other() -> None:
+    core = pair_core()
+    core.on_broker_message(p.heartbeat({"epoch": 4}), 0.1)
+    core.on_broker_gone(0.2)
+    out = core.on_broker_message(p.heartbeat({"epoch": 3}), 0.3)  # the old active, woken from a freeze
+    assert not core.registered and of_type(out, Connect) == [Connect(3, PAIR[0])]
+
+
+def test_generations_with_a_stream_outlive_their_broker_and_go_on_for_their_clients() -> None:
+    core = pair_core()
+    core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
+    kept = started(core.on_broker_message(streamed(b"k1", b"s1", window=8), 0.1))
+    plain = started(core.on_broker_message(request_frames(b"k2"), 0.1))
+    out = core.on_broker_gone(1.0)  # its process died
+    assert CancelJob(plain) in out and CancelJob(kept) not in out, "only a named stream can be found again"
+    assert core.held.keys() == {b"s1"} and core.jobs == {}
+    assert of_type(out, Connect) == [Connect(2, PAIR[1])]
+    (attach,) = sent(core.on_broker_message(p.heartbeat({"epoch": 2}), 1.1))
+    assert attach == p.WorkerAttach(b"s1")
+    resent = GenerationRequest(prompt="hi", stream=b"s1", window=8, resume_tokens=[5, 6, 7], failovers=1)
+    out = core.on_broker_message(p.worker_request(b"n1", [resent.to_body()]), 1.2)
+    assert out == [Rebind(kept, b"n1", 2, 3, 8)] and core.jobs == {b"n1": kept} and core.held == {}
+    assert not of_type(out, StartJob), "the same generation, not a new one"
+
+
+def test_a_kept_generation_that_ended_meanwhile_sends_its_final_when_claimed() -> None:
+    core = pair_core()
+    core.on_broker_message(p.heartbeat(), 0.0)
+    kept = started(core.on_broker_message(streamed(b"k1", b"s1"), 0.1))
+    core.tick(0.1 + TTL)  # silent broker
+    assert core.on_job_finished(kept, p.pack({"finish_reason": "stop"}), 3.5) == []
+    core.on_broker_message(p.heartbeat(), 4.0)
+    out = core.on_broker_message(streamed(b"n1", b"s1"), 4.1)
+    assert isinstance(out[0], Rebind)
+    (final,) = sent(out)
+    assert isinstance(final, p.WorkerFinal) and final.route_key == b"n1" and core.jobs == {}
+
+
+def test_a_kept_generation_nobody_claims_is_cancelled() -> None:
+    core = pair_core()
+    core.on_broker_message(p.heartbeat(), 0.0)
+    kept = started(core.on_broker_message(streamed(b"k1", b"s1"), 0.1))
+    core.on_broker_message(p.disconnect(), 0.5)  # a new broker that does not know us
+    assert b"s1" in core.held and core.next_wakeup() <= 20.5
+    assert CancelJob(kept) in core.tick(20.5) and core.held == {}
+    again = pair_core()
+    again.on_broker_message(p.heartbeat(), 0.0)
+    kept = started(again.on_broker_message(streamed(b"k1", b"s1"), 0.1))
+    again.on_broker_gone(0.2)
+    again.on_broker_message(p.heartbeat(), 0.3)
+    assert again.on_broker_message(p.worker_cancel(b"s1"), 0.4) == [CancelJob(kept)]  # it runs elsewhere already
+
+
+def test_a_stopping_worker_drops_what_it_kept() -> None:
+    core = pair_core()
+    core.on_broker_message(p.heartbeat(), 0.0)
+    kept = started(core.on_broker_message(streamed(b"k1", b"s1"), 0.1))
+    core.on_broker_gone(0.2)
+    assert CancelJob(kept) in core.stop(0.3) and core.held == {}

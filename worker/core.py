@@ -8,8 +8,14 @@ in ``worker.node`` only carries them out, so every rule here is unit-tested and 
 A connection goes through three phases. ``CONNECTING``: READY is sent, nothing heard yet. ``REGISTERED``: the
 broker answered (it answers READY with a HEARTBEAT). Without a connection the core is ``WAITING_SIDECAR``
 (llama-server is not healthy: nothing to offer) or ``BACKING_OFF`` (the next attempt is due at
-``reconnect_at``). Each connection has a number; a job belongs to the connection it came on, and when that
-connection ends its jobs end with it (the broker resumes them elsewhere).
+``reconnect_at``). Each connection has a number; a job belongs to the connection it came on.
+
+With a pair of brokers (``brokers``: several endpoints) each new connection tries the next endpoint, and a
+passive broker's 421 sends the worker on at once. When a connection ends because its broker died (silent, gone,
+or a new broker that asks it to register again), generations whose clients named them (a stream id) are *kept*
+running (``held``) and offered to the next broker (ATTACH); the client sends its request again, naming the
+stream, and the generation goes on where the client is: the answer is exactly the uninterrupted one. Every other
+ending of a connection ends its jobs (the broker resumes them elsewhere).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ class Phase(Enum):
 
 @dataclass(slots=True)
 class WorkerConfig:
-    broker: str  # the endpoint, for messages
+    brokers: tuple[str, ...]  # one broker's endpoint, or a pair's two
     service: str
     slots: int
     info: dict[str, Any]  # READY's info frame
@@ -49,6 +55,7 @@ class WorkerConfig:
     grace: float = 30.0  # seconds in-flight requests may take to finish at shutdown
     max_reconnect_delay: float = 30.0
     capability: str = p.CHAT  # the kind of request it serves: CHAT (generations) or EMBEDDINGS
+    hold_streams: float = 30.0  # seconds a generation kept running without a broker waits for its client
 
     @property
     def broker_ttl(self) -> float:
@@ -60,9 +67,10 @@ class WorkerConfig:
 
 @dataclass(slots=True, frozen=True)
 class Connect:
-    """Open connection number ``connection`` (a new DEALER, hence a new routing id)."""
+    """Open connection number ``connection`` (a new DEALER, hence a new routing id) to ``endpoint``."""
 
     connection: int
+    endpoint: str
 
 
 @dataclass(slots=True, frozen=True)
@@ -102,13 +110,34 @@ class GrantCredit:
 
 
 @dataclass(slots=True, frozen=True)
+class Rebind:
+    """A kept generation goes on for its client on this connection, as ``route_key``: send what the client has
+    not got (it has ``delivered_tokens`` tokens), then let the client's credit (``window`` chunks) run again."""
+
+    job: Job
+    route_key: bytes
+    connection: int
+    delivered_tokens: int
+    window: int
+
+
+@dataclass(slots=True, frozen=True)
 class Exit:
     """The thread ends; ``failure`` says why when it failed."""
 
     failure: str | None
 
 
-Effect = Connect | Send | SendHeartbeat | Close | StartJob | CancelJob | GrantCredit | Exit
+Effect = Connect | Send | SendHeartbeat | Close | StartJob | CancelJob | GrantCredit | Rebind | Exit
+
+
+@dataclass(slots=True)
+class Kept:
+    """A generation kept running while the worker has no broker: until its client asks again, or ``until``."""
+
+    job: Job
+    until: float
+    final: bytes | None = None  # its FINAL, if it ended in the meantime
 
 
 # ---------------------------------------------------------------------------------------------- the core
@@ -128,6 +157,9 @@ class WorkerCore:
     broker_expires: float = 0.0  # the broker is dead if silent until then
     next_heartbeat: float = float("inf")
     drain_deadline: float | None = None  # set when a stop was asked for
+    endpoint: int = 0  # index into config.brokers of the current (or next) connection
+    max_epoch: int = 0  # the newest epoch of a broker pair seen: a broker of an older one is stale
+    held: dict[bytes, Kept] = field(default_factory=dict)  # stream id -> generation kept without a broker
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -173,31 +205,50 @@ class WorkerCore:
             self._on_disconnect(message.refusal, out)
             return out
         if self.phase is Phase.CONNECTING:
-            self.phase = Phase.REGISTERED
-            self.failed_attempts = 0
-            log.info(
-                "%s: registered for %s with %d slot(s) at %s",
-                self._name,
-                self.config.service,
-                self.config.slots,
-                self.config.broker,
-            )
+            if message.epoch is not None and message.epoch < self.max_epoch:  # a broker that missed a takeover
+                log.warning(
+                    "%s: the broker at %s is of epoch %d, older than %d: trying the other",
+                    self._name,
+                    self._endpoint,
+                    message.epoch,
+                    self.max_epoch,
+                )
+                self._drop_connection(out, keep_streams=True)
+                return out
+            self._register(message.epoch, out)
         if message.command == p.W_REQUEST:
             self._accept(message.route_key, message.body, out)
+        elif message.command == p.W_CANCEL and message.route_key in self.held:  # nobody claims a kept stream
+            out.append(CancelJob(self.held.pop(message.route_key).job))
         elif message.command in (p.W_CANCEL, p.W_CREDIT):
             job = self.jobs.get(message.route_key)
             if job is not None:
                 out.append(CancelJob(job) if message.command == p.W_CANCEL else GrantCredit(job, message.credit))
         return out
 
+    def on_broker_gone(self, now: float) -> list[Effect]:
+        """The connection to a registered broker closed under us (its process died): go to the other at once."""
+        self.now = now
+        out: list[Effect] = []
+        if self.phase is Phase.REGISTERED:
+            log.warning("%s: the broker at %s is gone", self._name, self._endpoint)
+            self._drop_connection(out, keep_streams=True)
+        return out
+
     def on_job_finished(self, job: Job, body: bytes, now: float) -> list[Effect]:
         """A slot thread finished ``job`` with this FINAL body (after sending every chunk itself)."""
         self.now = now
         out: list[Effect] = []
-        if self.jobs.get(job.route_key) is job:  # else it belonged to a connection that has ended
-            del self.jobs[job.route_key]
-            out.append(Send(p.worker_reply(True, job.route_key, [body])))
+        kept = self.held.get(job.stream_id) if job.stream_id is not None else None
+        # Its key on this connection (a kept generation handed to a new broker has a new one); none: it belonged
+        # to a connection that has ended.
+        route_key = next((key for key, held in self.jobs.items() if held is job), None)
+        if route_key is not None:
+            del self.jobs[route_key]
+            out.append(Send(p.worker_reply(True, route_key, [body])))
             self._exit_if_drained(out)
+        elif kept is not None and kept.job is job:
+            kept.final = body  # sent when its client asks for the stream again
         return out
 
     def on_connection_lost(self, why: str, now: float) -> list[Effect]:
@@ -238,17 +289,23 @@ class WorkerCore:
                 log.warning("%s: %d request(s) handed back to the broker", self._name, len(self.jobs))
             self._stop(out, None)
             return out
+        for stream, kept in list(self.held.items()):
+            if now >= kept.until:  # its client never asked for it again
+                del self.held[stream]
+                out.append(CancelJob(kept.job))
         if now >= self.broker_expires:
             if self.phase is Phase.CONNECTING:
                 log.warning(
                     "%s: no answer from the broker at %s within %g s (is qmesh-broker running there?)",
                     self._name,
-                    self.config.broker,
+                    self._endpoint,
                     self.config.broker_ttl,
                 )
             else:
-                log.warning("%s: the broker was silent for %g s", self._name, self.config.broker_ttl)
-            self._drop_connection(out)
+                log.warning(
+                    "%s: the broker at %s was silent for %g s", self._name, self._endpoint, self.config.broker_ttl
+                )
+            self._drop_connection(out, keep_streams=True)
             return out
         if now >= self.next_heartbeat:
             out.append(SendHeartbeat(busy=len(self.jobs), draining=self.drain_deadline is not None))
@@ -257,11 +314,12 @@ class WorkerCore:
 
     def next_wakeup(self) -> float:
         """The monotonic time by which ``tick`` must run next."""
+        kept = min((k.until for k in self.held.values()), default=float("inf"))
         if self.phase is Phase.BACKING_OFF:
-            return self.reconnect_at
+            return min(self.reconnect_at, kept)
         if not self._connected:
-            return float("inf")
-        wakeup = min(self.next_heartbeat, self.broker_expires)
+            return kept
+        wakeup = min(self.next_heartbeat, self.broker_expires, kept)
         return wakeup if self.drain_deadline is None else min(wakeup, self.drain_deadline)
 
     @property
@@ -282,14 +340,33 @@ class WorkerCore:
     def _name(self) -> str:
         return str(self.config.info.get("name", "worker"))
 
+    @property
+    def _endpoint(self) -> str:
+        return self.config.brokers[self.endpoint]
+
     def _connect(self, out: list[Effect]) -> None:
         self.connection += 1
         self.phase = Phase.CONNECTING
         self.broker_expires = self.now + self.config.broker_ttl
         self.next_heartbeat = self.now + self.config.heartbeat_interval
-        out.append(Connect(self.connection))
+        out.append(Connect(self.connection, self._endpoint))
         out.append(Send(p.ready(self.config.service, self.config.info)))
-        log.info("%s: connecting to the broker at %s", self._name, self.config.broker)
+        log.info("%s: connecting to the broker at %s", self._name, self._endpoint)
+
+    def _register(self, epoch: int | None, out: list[Effect]) -> None:
+        """The broker answered READY: offer it the generations kept since the last one died."""
+        self.phase = Phase.REGISTERED
+        self.failed_attempts = 0
+        self.max_epoch = max(self.max_epoch, epoch or 0)
+        log.info(
+            "%s: registered for %s with %d slot(s) at %s%s",
+            self._name,
+            self.config.service,
+            self.config.slots,
+            self._endpoint,
+            f" (epoch {epoch})" if epoch else "",
+        )
+        out.extend(Send(p.attach(stream)) for stream in self.held)
 
     def _accept(self, route_key: bytes, body: list[bytes], out: list[Effect]) -> None:
         try:
@@ -298,6 +375,9 @@ class WorkerCore:
         except BadRequest as exc:
             out.append(Send(p.worker_reply(True, route_key, [p.error_body(p.BAD_REQUEST, str(exc))])))
             return
+        if isinstance(request, GenerationRequest) and request.stream in self.held:
+            self._resume_kept(self.held.pop(request.stream), route_key, request, out)
+            return
         previous = self.jobs.get(route_key)
         if previous is not None:  # the broker never reuses a key on one connection: a bug, but never two jobs
             log.warning("%s: the broker sent route key %s twice; cancelling the first", self._name, route_key.hex())
@@ -305,6 +385,15 @@ class WorkerCore:
         job = Job(route_key, request, self.connection)
         self.jobs[route_key] = job
         out.append(StartJob(job))
+
+    def _resume_kept(self, kept: Kept, route_key: bytes, request: GenerationRequest, out: list[Effect]) -> None:
+        """The client of a kept generation asked for it again: it goes on where the client is."""
+        job = kept.job
+        out.append(Rebind(job, route_key, self.connection, len(request.resume_tokens), request.window or 0))
+        if kept.final is not None:
+            out.append(Send(p.worker_reply(True, route_key, [kept.final])))
+            return
+        self.jobs[route_key] = job
 
     def _check_kind(self, request: GenerationRequest | EmbeddingRequest) -> None:
         """The broker sends each kind of request only to workers of that kind; this catches one that did not."""
@@ -315,30 +404,41 @@ class WorkerCore:
 
     def _on_disconnect(self, refusal: tuple[int, str] | None, out: list[Effect]) -> None:
         if refusal is not None and refusal[0] in FATAL_REFUSALS:
-            self._stop(out, f"the broker at {self.config.broker} refused this worker: {refusal[1]}", leave=False)
+            self._stop(out, f"the broker at {self._endpoint} refused this worker: {refusal[1]}", leave=False)
             return
-        if self.phase is Phase.CONNECTING:
+        if refusal is not None and refusal[0] == p.NOT_ACTIVE:
+            log.info("%s: the broker at %s is not the active one of its pair", self._name, self._endpoint)
+        elif self.phase is Phase.CONNECTING:
             why = f": {refusal[1]}" if refusal is not None else ""
             log.warning("%s: the broker refused the registration%s", self._name, why)
         else:
             log.warning("%s: the broker asked us to register again", self._name)
-        self._drop_connection(out)
+        # A broker that asks a registered worker to register again is a new one (a restart, the other of a pair):
+        # what the worker was generating is kept for the clients that will ask the new broker for it.
+        self._drop_connection(out, keep_streams=self.phase is Phase.REGISTERED)
 
-    def _drop_connection(self, out: list[Effect]) -> None:
-        """End the connection without a DISCONNECT (the broker already dropped us or cannot hear us), then back
-        off: at once after a registered connection, exponentially longer after each attempt that got no answer."""
+    def _drop_connection(self, out: list[Effect], keep_streams: bool = False) -> None:
+        """End the connection without a DISCONNECT (the broker already dropped us or cannot hear us) and try the
+        next endpoint: at once after a registered connection, and at once while a pair's other broker is untried;
+        exponentially later (with jitter) after each round of attempts that got no answer. ``keep_streams``: its
+        broker died, so generations with a stream id go on (``held``) for clients to find again."""
         registered = self.phase is Phase.REGISTERED
+        if keep_streams:
+            self._keep_streams(out)
         self._orphan_jobs(out)
         out.append(Close(flush=False))
         self.phase = Phase.WAITING_SIDECAR
+        self.endpoint = (self.endpoint + 1) % len(self.config.brokers)
         if self._exit_if_stopping(out) or not self.sidecar_healthy:
             return
         delay = 0.0
         if not registered:
             self.failed_attempts += 1
-            doubled = self.config.heartbeat_interval * 2 ** (self.failed_attempts - 1)
-            delay = min(doubled, self.config.max_reconnect_delay) * self.rng.uniform(0.5, 1.5)
-            log.warning("%s: next attempt in %.1f s", self._name, delay)
+            rounds = self.failed_attempts // len(self.config.brokers)  # the other broker of a pair is tried at once
+            if rounds:
+                doubled = self.config.heartbeat_interval * 2 ** (rounds - 1)
+                delay = min(doubled, self.config.max_reconnect_delay) * self.rng.uniform(0.5, 1.5)
+                log.warning("%s: next attempt in %.1f s", self._name, delay)
         self.phase = Phase.BACKING_OFF
         self.reconnect_at = self.now + delay
         if delay == 0.0:
@@ -350,6 +450,13 @@ class WorkerCore:
         out.append(Send(p.disconnect()))
         out.append(Close(flush=True))
 
+    def _keep_streams(self, out: list[Effect]) -> None:
+        for route_key, job in list(self.jobs.items()):
+            stream = job.stream_id
+            if stream is not None and stream not in self.held:
+                del self.jobs[route_key]
+                self.held[stream] = Kept(job, self.now + self.config.hold_streams)
+
     def _orphan_jobs(self, out: list[Effect]) -> None:
         """Requests of a connection that ends can no longer be answered on it: stop them and forget them."""
         out.extend(CancelJob(job) for job in self.jobs.values())
@@ -358,6 +465,8 @@ class WorkerCore:
     def _stop(self, out: list[Effect], failure: str | None, leave: bool = True) -> None:
         if self.phase is Phase.STOPPED:
             return
+        out.extend(CancelJob(kept.job) for kept in self.held.values())
+        self.held.clear()
         if self._connected:
             if leave:
                 self._leave(out)

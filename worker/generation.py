@@ -20,6 +20,7 @@ from qmesh.worker.http_client import Completion, CompletionChunk
 from qmesh.worker.tools import ContentDecoder, answer_schema, parse_answer, tool_messages
 
 SendBody = Callable[[bytes], None]
+SendChunk = Callable[[bytes, int], None]  # a PARTIAL body and how many tokens it carries
 # How a slot thread waits for credit: (condition, predicate, timeout) -> the predicate's final value. Tests
 # pass a simulated clock here, so pauses and stalls are driven without sleeping.
 Wait = Callable[[threading.Condition, Callable[[], bool], float], bool]
@@ -56,8 +57,10 @@ class Sidecar(Protocol):
 class Job:
     """A request held by a worker thread, shared by the loop (cancel, grant) and its slot thread (take credit).
 
-    ``connection``: the number of the broker connection it came on. ``credit``: chunks the client will still
-    take (None: no flow control, as for an embedding, which streams nothing).
+    ``connection`` and ``route_key``: the broker connection it is answered on and its name there; both change when
+    a generation kept running after its broker died is handed to the next one (``BrokerLink.rebind``, which also
+    keeps ``sent``, every PARTIAL body and its token count, to send again what the client did not get).
+    ``credit``: chunks the client will still take (None: no flow control, as for an embedding, which streams nothing).
     """
 
     def __init__(
@@ -73,8 +76,21 @@ class Job:
         self.cancelled = threading.Event()
         self.stream: SidecarStream | None = None
         self.credit = request.window if isinstance(request, GenerationRequest) else None
+        self.sent: list[tuple[bytes, int]] = []  # PARTIAL bodies and their token counts (BrokerLink's lock)
         self._credit_changed = threading.Condition()
         self._wait = wait
+
+    @property
+    def stream_id(self) -> bytes | None:
+        """The generation's name, when its client gave one: it may then outlive a broker (docs/PROTOCOL.md)."""
+        return self.request.stream if isinstance(self.request, GenerationRequest) else None
+
+    def reset_credit(self, credit: int) -> None:
+        """The client's credit starts again (a new broker, a new request for the same stream)."""
+        with self._credit_changed:
+            if self.credit is not None:
+                self.credit = credit
+                self._credit_changed.notify_all()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -121,7 +137,7 @@ class Generation:
         self,
         job: Job,
         sidecar: Sidecar,
-        send_chunk: SendBody,
+        send_chunk: SendChunk,
         send_final: SendBody,
         *,
         worker_name: str,
@@ -235,7 +251,7 @@ class Generation:
         body: dict[str, Any] = {"text": text, "tokens": chunk.token_ids}
         if self.request.logprobs is not None:
             body["logprobs"] = [_logprob(entry, self.request.logprobs) for entry in chunk.probabilities]
-        self.send_chunk(p.pack(body))
+        self.send_chunk(p.pack(body), len(chunk.token_ids))
         self.delivered.extend(chunk.token_ids)
 
     def _final(self, finish_reason: str | None, prompt_tokens: int, timings: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from qmesh.common import protocol as p
 from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
+from qmesh.worker.generation import Job
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,10 @@ class Wakeup:
 
 class BrokerLink:
     def __init__(
-        self, context: zmq.Context, endpoint: str, wakeup: Wakeup, curve: CurveClientKeys | None = None
+        self, context: zmq.Context, wakeup: Wakeup, curve: CurveClientKeys | None = None
     ) -> None:
         self.context = context
-        self.endpoint = endpoint
+        self.endpoint = ""  # of the open (or last) connection
         self.curve = curve
         self.wakeup = wakeup
         self.connection = 0  # the number of the open connection, 0 when none is open
@@ -78,8 +79,8 @@ class BrokerLink:
 
     # ------------------------------------------------------------------------------------------ loop thread
 
-    def open(self, connection: int) -> None:
-        """A new DEALER (a new routing id) for connection number ``connection``."""
+    def open(self, connection: int, endpoint: str) -> None:
+        """A new DEALER (a new routing id) to ``endpoint``, for connection number ``connection``."""
         with self._lock:
             assert self._dealer is None, "open() while a connection is open"
             dealer = self.context.socket(zmq.DEALER)
@@ -87,8 +88,9 @@ class BrokerLink:
             dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
             if self.curve is not None:
                 self.curve.apply(dealer)
-            self._handshake_events = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
-            dealer.connect(self.endpoint)
+            self._handshake_events = dealer.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
+            self.endpoint = endpoint
+            dealer.connect(endpoint)
             self._dealer, self.connection, self.broken = dealer, connection, False
 
     def close(self, flush: bool) -> None:
@@ -127,26 +129,32 @@ class BrokerLink:
             assert self._handshake_events is not None
             return [self._dealer.getsockopt(zmq.FD), self._handshake_events, self.wakeup.fd]
 
-    def handshake_failure(self) -> str | None:
-        """Why the broker refused the secure handshake, if it did (a refusal that retrying cannot fix)."""
+    def connection_events(self) -> tuple[str | None, bool]:
+        """(why the broker refused the secure handshake, if it did: a refusal that retrying cannot fix; whether the
+        connection closed under us: the broker's process died, or its machine is gone)."""
+        gone = False
         with self._lock:
             while self._handshake_events is not None and self._handshake_events.poll(0):
                 event = recv_monitor_message(self._handshake_events)["event"]
                 failure = handshake_failure(event, self.endpoint)
                 if failure is not None:
-                    return failure
-        return None
+                    return failure, gone
+                gone |= event == zmq.EVENT_DISCONNECTED
+        return None, gone
 
     # ------------------------------------------------------------------------------------------ slot threads
 
-    def send_chunk(self, connection: int, frames: list[bytes]) -> bool:
-        """A slot thread's PARTIAL for a job of connection ``connection``: sent only on that connection. Rings
-        the loop when the send found a broker message waiting or broke the connection."""
+    def send_chunk(self, job: Job, body: bytes, tokens: int) -> bool:
+        """A slot thread's PARTIAL of ``job``: kept in ``job.sent`` (a stream may outlive its broker), and sent only
+        on the connection the job belongs to. Rings the loop when the send found a broker message waiting or broke
+        the connection."""
         with self._lock:
-            if connection != self.connection:
-                return False  # a request of an earlier connection
+            if job.stream_id is not None:  # only a named stream can be handed to another broker
+                job.sent.append((body, tokens))
+            if job.connection != self.connection:
+                return False  # a request of an earlier connection (or one kept while there is no broker)
             was_broken = self.broken
-            sent = self._send(frames)
+            sent = self._send(p.worker_reply(False, job.route_key, [body]))
             if sent:
                 self.chunks_sent += 1
                 assert self._dealer is not None
@@ -156,6 +164,22 @@ class BrokerLink:
         if wake:
             self.wakeup.ring()
         return sent
+
+    def rebind(self, job: Job, route_key: bytes, connection: int, delivered_tokens: int) -> int:
+        """Hand a generation kept running to a new broker connection, where its client asked for it again having
+        received ``delivered_tokens`` tokens: the PARTIALs after those are sent at once (the slot thread's next
+        ones follow on the new connection). Returns how many were sent."""
+        with self._lock:
+            job.route_key, job.connection = route_key, connection
+            skipped, resent = 0, 0
+            for body, tokens in job.sent:
+                if skipped < delivered_tokens:
+                    skipped += tokens
+                    continue
+                if not self._send(p.worker_reply(False, route_key, [body])):
+                    break
+                resent += 1
+            return resent
 
     # ------------------------------------------------------------------------------------------ internals
 

@@ -21,6 +21,7 @@ import zmq
 
 from qmesh.common import protocol as p
 from qmesh.common.bodies import EmbeddingRequest
+from qmesh.common.endpoints import broker_endpoints
 from qmesh.common.errors import QMeshError, SidecarError
 from qmesh.common.keys import CurveClientKeys
 from qmesh.worker.binary import LlamaServerBinary
@@ -31,6 +32,7 @@ from qmesh.worker.core import (
     Effect,
     Exit,
     GrantCredit,
+    Rebind,
     Send,
     SendHeartbeat,
     StartJob,
@@ -137,7 +139,7 @@ class WorkerNode(threading.Thread):
             "capabilities": [p.EMBEDDINGS if settings.embeddings else p.CHAT],
         }
         config = WorkerConfig(
-            broker=settings.broker,
+            brokers=broker_endpoints(settings.broker),
             service=settings.service,
             slots=settings.slots,
             info=info,
@@ -149,7 +151,7 @@ class WorkerNode(threading.Thread):
         )
         self.core = WorkerCore(config, time.monotonic())
         self._wakeup = Wakeup()
-        self.link = BrokerLink(self.context, settings.broker, self._wakeup, settings.curve)
+        self.link = BrokerLink(self.context, self._wakeup, settings.curve)
         self._stop_requested = threading.Event()
         self._jobs_to_run: queue.Queue[Job | None] = queue.Queue()
         self._slot_events: queue.SimpleQueue[tuple[Job, bytes | None]] = queue.SimpleQueue()  # None: sidecar down
@@ -228,9 +230,11 @@ class WorkerNode(threading.Thread):
             for frames in link.receive():  # whatever woke us: a slot's send may have taken the DEALER's signal
                 self._apply(core.on_broker_message(frames, now))
             self._take_slot_events(now)
-            refusal = link.handshake_failure()
+            refusal, gone = link.connection_events()
             if refusal is not None:
                 self._apply(core.fail(self._with_key(refusal), now, leave=False))
+            elif gone:
+                self._apply(core.on_broker_gone(now))
             self._apply(core.tick(now))
 
     def _sidecar_state(self, now: float) -> list[Effect]:
@@ -260,8 +264,8 @@ class WorkerNode(threading.Thread):
                     link.send(frames)
                 case SendHeartbeat(busy, draining):
                     link.send(p.heartbeat(self._load(busy, draining)))
-                case Connect(connection):
-                    link.open(connection)
+                case Connect(connection, endpoint):
+                    link.open(connection, endpoint)
                 case Close(flush):
                     link.close(flush)
                 case StartJob(job):
@@ -270,6 +274,9 @@ class WorkerNode(threading.Thread):
                     job.cancel()
                 case GrantCredit(job, credit):
                     job.grant(credit)
+                case Rebind(job, route_key, connection, delivered_tokens, window):
+                    resent = link.rebind(job, route_key, connection, delivered_tokens)
+                    job.reset_credit(max(0, window - resent))
                 case Exit(failure):
                     self.failure = failure
         if self.core.registered:
@@ -309,8 +316,8 @@ class WorkerNode(threading.Thread):
         assert self.manager is not None and self.watch is not None
         link, events, wakeup = self.link, self._slot_events, self._wakeup
 
-        def send_chunk(body: bytes) -> None:
-            link.send_chunk(job.connection, p.worker_reply(False, job.route_key, [body]))
+        def send_chunk(body: bytes, tokens: int) -> None:
+            link.send_chunk(job, body, tokens)
 
         def send_final(body: bytes | None) -> None:  # through the loop thread, after every chunk this thread sent
             events.put((job, body))
