@@ -6,23 +6,28 @@ import enum
 import logging
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker, PairSettings
+from qmesh.broker.models_store import ModelStore
 from qmesh.broker.pair import Role
 from qmesh.broker.routing import POLICIES, RoutingConfig
 from qmesh.broker.security import BrokerSecurity, is_loopback
+from qmesh.broker.transfers import TransferConfig
 from qmesh.common.config import config_option, version_option
 from qmesh.common.errors import ConfigError, QMeshError
 from qmesh.common.keys import load_public_key
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
+from qmesh.common.modelfiles import default_digest_cache
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 DEFAULT_ROUTING = RoutingConfig()
+DEFAULT_TRANSFERS = TransferConfig()
 Routing = enum.Enum("Routing", {name.replace("-", "_"): name for name in POLICIES}, type=str)  # --routing's choices
 
 HaRole = enum.Enum("HaRole", {role.value: role.value for role in Role}, type=str)  # --ha's choices
@@ -130,6 +135,28 @@ def run(
     metrics_host: str = typer.Option(
         "127.0.0.1", "--metrics-host", envvar="QMESH_METRICS_HOST", help="Address the metrics port listens on."
     ),
+    models_dir: Path = typer.Option(
+        None,
+        "--models-dir",
+        envvar="QMESH_BROKER_MODELS_DIR",
+        help="A folder of NAME.gguf files that workers may pull through the broker, and that qmesh-models push "
+        "fills (none: the broker keeps no models).",
+    ),
+    transfer_rate: float = typer.Option(
+        DEFAULT_TRANSFERS.rate / 1e6,
+        "--transfer-rate",
+        envvar="QMESH_TRANSFER_RATE",
+        min=0.0,
+        help="MB/s that model transfers may take together (0: no cap).",
+    ),
+    transfer_rate_busy: float = typer.Option(
+        DEFAULT_TRANSFERS.busy_rate / 1e6,
+        "--transfer-rate-busy",
+        envvar="QMESH_TRANSFER_RATE_BUSY",
+        min=0.0,
+        help="MB/s that model transfers may take while requests are in flight, so that token streams keep their "
+        "pace (0: no cap).",
+    ),
     log_level: LogLevel = log_level_option(),
     log_format: LogFormat = log_format_option(),
     config: Path = config_option("broker"),
@@ -145,10 +172,15 @@ def run(
         max_failovers=max_failovers,
         max_request_bytes=max_request_bytes,
         routing=RoutingConfig(routing.value, balance_abs_threshold, balance_rel_threshold, cache_threshold),
+        transfers=replace(DEFAULT_TRANSFERS, rate=transfer_rate * 1e6, busy_rate=transfer_rate_busy * 1e6),
     )
     try:
         security = _security(bind, curve_secret, allow_workers, allow_clients, insecure)
         pair = _pair(ha, ha_bind, ha_peer, ha_peer_key, security, insecure)
+        store = None if models_dir is None else ModelStore(models_dir, default_digest_cache())
+    except OSError as exc:
+        typer.echo(f"qmesh-broker: cannot use --models-dir {models_dir}: {exc}", err=True)
+        raise typer.Exit(2) from exc
     except QMeshError as exc:
         typer.echo(f"qmesh-broker: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -160,7 +192,7 @@ def run(
             metrics = BrokerMetrics()
             metrics.serve(metrics_port, metrics_host)
             logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
-        broker = Broker(bind, settings, metrics=metrics, security=security, pair=pair)
+        broker = Broker(bind, settings, metrics=metrics, security=security, pair=pair, store=store)
     except OSError as exc:
         if metrics is not None:
             metrics.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 from qmesh.broker.routing import POLICIES, TOKENS_PER_BLOCK, Candidate, PrefixIndex, RoutingConfig
 from qmesh.broker.shards import ShardRegistry
+from qmesh.broker.transfers import TransferConfig, Transfers
 from qmesh.common import protocol as p
 from qmesh.common.bodies import resume_body
 from qmesh.common.prefix import split_hashes
@@ -45,6 +46,7 @@ class BrokerConfig:
     max_client_requests: int = 256  # requests in flight per client connection (429)
     heartbeat_batch: int = 64  # heartbeats sent per tick; a larger round is spread over several loop turns
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    transfers: TransferConfig = field(default_factory=TransferConfig)  # models travelling through the broker
     attach_grace: float = 2.5  # seconds a stream sent again after a broker's death waits for the worker keeping it
 
     @property
@@ -202,6 +204,8 @@ class BrokerCore:
         self.epoch = 0  # of the broker pair's last takeover (0: a broker without a peer): fences stale brokers
         self.streams: dict[bytes, bytes] = {}  # stream id -> route key of the live request that names it
         self._next_stream_check = float("inf")  # the earliest attach wait or attached stream that runs out
+        # Models travelling through the broker; paced harder while requests are in flight (their token streams).
+        self.transfers = Transfers(self.config.transfers, busy=lambda: bool(self.requests))
         self.shards = ShardRegistry(self._worker_ttl)  # shard hosts and split workers' leases (issue 19)
 
     # ------------------------------------------------------------------------------------------ events
@@ -240,6 +244,8 @@ class BrokerCore:
                     "dropped malformed message from %s: %s (%d so far)", identity.hex(), exc, self.dropped_messages
                 )
             return []
+        if isinstance(message, p.TransferMessage):  # models travelling: rules of their own (broker.transfers)
+            return self.transfers.on_message(identity, message, now, peer)
         out: list[Outgoing] = []
         if peer is not None and not self._authorized(identity, message, peer, now, out):
             return out
@@ -295,6 +301,7 @@ class BrokerCore:
             keys = [key for keys in self.client_requests.get(identity, {}).values() for key in keys]
             for key in keys:
                 self._cancel(self.requests[key], notify_client=False, out=out)
+            out.extend(self.transfers.peer_gone(identity, now))
         return out
 
     def tick(self, now: float) -> list[Outgoing]:
@@ -313,6 +320,7 @@ class BrokerCore:
             self._expire_queued(now, out)
         if now >= self._next_stream_check:
             self._check_streams(now, out)
+        out.extend(self.transfers.tick(now))
         return out
 
     def next_wakeup(self) -> float:
@@ -323,7 +331,7 @@ class BrokerCore:
         """
         if self._heartbeat_round:
             return self._now
-        return min(self._next_heartbeat, self._earliest_deadline, self._next_stream_check)
+        return min(self._next_heartbeat, self._earliest_deadline, self._next_stream_check, self.transfers.next_wakeup())
 
     def _send_heartbeats(self, out: list[Outgoing]) -> None:
         """Send the next batch of the round. One burst to a thousand workers would stall every stream for tens
@@ -510,7 +518,7 @@ class BrokerCore:
             self._remove_worker(identity, now, "protocol violation (second READY)", out)
             out.append((identity, p.disconnect(framing=message.framing)))
             return
-        refusal = None
+        refusal, code = None, p.BAD_REQUEST
         if message.service.startswith(p.MMI_PREFIX):
             refusal = f"service names starting with {p.MMI_PREFIX!r} are reserved for the broker"
         info = message.info
@@ -520,9 +528,14 @@ class BrokerCore:
         capabilities = info.get("capabilities", [p.CHAT])
         if not isinstance(capabilities, list) or not capabilities or not all(map(p.is_capability, capabilities)):
             refusal = f"capabilities must be a non-empty list of names of 1-{p.MAX_CAPABILITY_LEN} printable characters"
+        sha256, size = info.get("sha256"), info.get("size")  # the model file's, so that others can pull it
+        if (sha256, size) != (None, None) and (not p.is_sha256(sha256) or _positive(size) is None):
+            refusal = "sha256 and size must be 64 lowercase hex characters and the file's size in bytes"
+        elif sha256 is not None and (conflict := self.transfers.conflict(message.service, sha256)) is not None:
+            refusal, code = conflict, p.CONFLICT
         if refusal is not None:
             log.warning("worker %s refused (%s): disconnecting", identity.hex(), refusal)
-            refused = p.disconnect((p.BAD_REQUEST, refusal) if message.extended else None, message.framing)
+            refused = p.disconnect((code, refusal) if message.extended else None, message.framing)
             out.append((identity, refused))
             return
         name = info.get("name")
@@ -545,6 +558,9 @@ class BrokerCore:
         self.known_services.add(message.service)
         self.known_capabilities.setdefault(message.service, set()).update(worker.capabilities)
         log.info("worker %s ready for %s with %d slot(s)", worker.name, message.service, slots)
+        if sha256 is not None and worker.extended and worker.framing == p.MDP02:  # it can serve its file's bytes
+            copy = f"{info.get('worker_id') or identity.hex()}:{info.get('model_file', '')}"
+            self.transfers.add_holder(identity, worker.name, copy, p.ModelInfo(message.service, sha256, size))
         # the answer a worker waits for before it calls itself registered; a broker of a pair says its epoch
         epoch = {"epoch": self.epoch} if self.epoch and worker.extended and worker.framing == p.MDP02 else None
         out.append((identity, p.heartbeat(epoch, framing=worker.framing)))
@@ -610,6 +626,7 @@ class BrokerCore:
         service = self.services[worker.service]
         del service.workers[identity]
         log.warning("worker %s (%s) removed: %s", worker.name, worker.service, reason)
+        out.extend(self.transfers.remove_holder(identity, now))
         requeue: list[RequestState] = []
         for key in worker.active:
             request = self.requests[key]
@@ -728,6 +745,7 @@ class BrokerCore:
         self._heartbeat_round.clear()
         out.extend(self.shards.forget_all())
         self._earliest_deadline = self._next_stream_check = float("inf")
+        out.extend(self.transfers.step_down())
         return out
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -899,6 +917,8 @@ class BrokerCore:
             return [p.pack(self.shards.table(self._now))]
         if service_name == "mmi.requests":
             return [p.pack([record.as_map(self._now) for record in self.recent])]
+        if service_name == "mmi.models":
+            return [p.pack(self.transfers.catalogue())]
         return [b"501"]
 
     def service_table(self) -> dict[str, dict[str, Any]]:
@@ -978,6 +998,7 @@ class BrokerCore:
         indexed = {k for by_id in self.client_requests.values() for keys in by_id.values() for k in keys}
         live = {k for k, r in self.requests.items() if not r.cancelled}
         assert indexed == live, "client index out of sync"
+        self.transfers.check_invariants()
         for stream, key in self.streams.items():
             assert self.requests[key].stream == stream, "stream index out of sync"
         assert not any(stream in self.streams for w in self.workers.values() for stream in w.attached), (

@@ -22,12 +22,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.broker.core import BrokerConfig, BrokerCore, Outgoing
 from qmesh.broker.pair import PairCore, PairState, Role
+from qmesh.broker.transfers import STORE
 from qmesh.common import protocol as p
 from qmesh.common.errors import QMeshError
 from qmesh.common.fastio import recv_routed, send_routed
 
 if TYPE_CHECKING:
     from qmesh.broker.metrics import BrokerMetrics
+    from qmesh.broker.models_store import ModelStore
     from qmesh.broker.security import BrokerSecurity
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Broker:
         metrics: BrokerMetrics | None = None,
         security: BrokerSecurity | None = None,
         pair: PairSettings | None = None,
+        store: ModelStore | None = None,
     ) -> None:
         self.config = config or BrokerConfig()
         self.core = BrokerCore(self.config, time.monotonic())
@@ -72,6 +75,9 @@ class Broker:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self.security = security
+        self.store = store  # the broker's own models (--models-dir): frames the core sends STORE are for it
+        if store is not None:
+            self.core.transfers.set_store(list(store.models.values()))
         self.socket = self._context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
@@ -160,6 +166,8 @@ class Broker:
             self._wake_writer.close()
             if self.security is not None:
                 self.security.stop()
+            if self.store is not None:
+                self.store.close()
             log.info("broker stopped")
 
     def _next_wakeup(self) -> float:
@@ -240,10 +248,14 @@ class Broker:
                 self._send(out, now)
 
     def _send(self, out: list[Outgoing], now: float) -> None:
-        socket, index = self.socket, 0
+        socket, store, index = self.socket, self.store, 0
         while index < len(out):  # the list may grow: a peer found gone produces messages of its own
             identity, frames = out[index]
             index += 1
+            if store is not None and identity == STORE:  # the store answers at once, in this thread
+                for reply in store.handle(frames):
+                    out.extend(self.core.transfers.on_store_reply(reply, now))
+                continue
             try:
                 send_routed(socket, identity, frames)
             except zmq.ZMQError as exc:

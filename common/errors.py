@@ -70,3 +70,8 @@ class BrokerUnreachable(MeshError):
     def __init__(self, message: str) -> None:
         super().__init__(504, message)  # protocol.QUEUE_TIMEOUT (protocol imports this module)
         self.args = (message,)  # printed by the commands as is: the code means nothing to a person
+
+
+class TransferFailed(QMeshError):
+    """A model could not be pulled or pushed through the mesh: no holder, a refusal, bytes that did not verify, no
+    disk space. The message names the model and what to do."""

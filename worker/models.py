@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmesh.common.errors import ModelNotFound, NotAGGUF
+from qmesh.common.paths import models_dirs as default_models_dirs
 
-ENV_VAR = "QMESH_MODELS_DIR"
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_MAGIC = b"GGUF"
 _SUFFIX = ".gguf"
@@ -25,23 +25,6 @@ class ModelFile:
 
     path: Path
     name: str
-
-
-def default_models_dirs() -> list[Path]:
-    """$QMESH_MODELS_DIR (os.pathsep-separated) if set, else ./models and the project's models/."""
-    configured = os.environ.get(ENV_VAR)
-    if configured:
-        candidates = [Path(part).expanduser() for part in configured.split(os.pathsep) if part]
-    else:
-        candidates = [Path.cwd() / "models", Path(__file__).resolve().parents[1] / "models"]
-    unique: list[Path] = []
-    seen: set[Path] = set()
-    for directory in candidates:
-        key = directory.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(directory)
-    return unique
 
 
 def available_models(models_dirs: Sequence[Path] | None = None) -> list[str]:
