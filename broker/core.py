@@ -714,6 +714,8 @@ class BrokerCore:
         if isinstance(message, p.ClientRequest):
             body = [p.not_active_body(epoch, text)]
             return [(identity, p.client_reply(True, message.service, message.request_id, body, message.framing))]
+        if isinstance(message, (p.ModelFetch, p.ModelPush)):  # a transfer goes to the other broker too
+            return [(identity, p.transfer_ended(message.transfer_id, (p.NOT_ACTIVE, text)))]
         if isinstance(message, p.WorkerReady):  # a QMesh worker is told why, and tries the other broker at once
             told = message.extended and message.framing == p.MDP02
             return [(identity, p.disconnect((p.NOT_ACTIVE, text) if told else None, message.framing))]

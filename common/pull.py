@@ -25,6 +25,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.common import protocol as p
+from qmesh.common.endpoints import broker_endpoints
 from qmesh.common.errors import TransferFailed
 from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
@@ -53,6 +54,10 @@ class PullResult:
 
 class _Retry(Exception):
     """An attempt failed in a way another attempt may not."""
+
+
+class _Elsewhere(Exception):
+    """This broker does not serve (the passive one of a pair, or silent): the other one may."""
 
 
 class TransferLink:
@@ -145,20 +150,28 @@ def pull_model(
 ) -> PullResult:
     """Pull model ``name`` (exactly this content, if ``sha256`` is given) into ``folder/NAME.gguf``.
 
-    ``digests`` learns the sha256 of the file written, so nothing hashes it again; ``report`` is called with the
-    progress as bytes arrive; ``free_space`` says how many bytes are free in a folder (the check before the bytes
-    come: tests pass a small figure). Raises TransferFailed with a message that names the model and the cause.
+    ``broker`` may name a pair (``tcp://A:5555,tcp://B:5556``): the pull goes to the one that serves. ``digests``
+    learns the sha256 of the file written, so nothing hashes it again; ``report`` is called with the progress as
+    bytes arrive; ``free_space`` says how many bytes are free in a folder (the check before the bytes come: tests
+    pass a small figure). Raises TransferFailed with a message that names the model and the cause.
     """
     check_model_name(name)
-    link = TransferLink(broker, curve, context)
+    endpoints = broker_endpoints(broker)
     started, received, resumed_at, last = time.monotonic(), 0, None, ""
+    attempt, turn = 0, 0  # attempts made; brokers of a pair asked in this attempt
+    link = TransferLink(endpoints[0], curve, context)
     try:
-        for attempt in range(1, attempts + 1):
+        while attempt < attempts:
             pull = _Pull(link, name, folder, sha256, report, free_space, connect_timeout, stall_timeout)
             try:
-                path = pull.run()
+                path = pull.run(others_left=turn + 1 < len(endpoints))
+            except _Elsewhere:  # the other broker of the pair, at once
+                turn += 1
+                link.close()
+                link = TransferLink(endpoints[turn % len(endpoints)], curve, context)
+                continue
             except _Retry as exc:
-                last = str(exc)
+                attempt, turn, last = attempt + 1, 0, str(exc)
                 received += pull.received
                 resumed_at = pull.resumed_at if resumed_at is None else resumed_at
                 if attempt < attempts:
@@ -171,8 +184,7 @@ def pull_model(
                 digests.remember(path, pull.model.sha256)
             received += pull.received
             resumed_at = pull.resumed_at if resumed_at is None else resumed_at
-            seconds = time.monotonic() - started
-            return PullResult(pull.model, path, received, resumed_at, seconds, attempt)
+            return PullResult(pull.model, path, received, resumed_at, time.monotonic() - started, attempt + 1)
     finally:
         link.close()
     raise TransferFailed(f"could not pull model {name!r} from the mesh after {attempts} attempts: {last}")
@@ -199,11 +211,19 @@ class _Pull:
         self.model: p.ModelInfo | None = None
         self.received = 0
         self.resumed_at = 0
+        self.passive = False  # the broker said it is the passive one of a pair
+        self.silent = False  # the broker did not answer at all
 
-    def run(self) -> Path:
+    def run(self, others_left: bool = False) -> Path:
+        """``others_left``: another broker of a pair may serve if this one does not."""
         link, transfer_id = self.link, self.transfer_id
         link.send(p.model_fetch(transfer_id, self.name, self.sha256))
-        offer = self._next(self.connect_timeout, f"no answer from the broker at {link.broker}")
+        try:
+            offer = self._next(self.connect_timeout, f"no answer from the broker at {link.broker}")
+        except TransferFailed as exc:
+            if others_left and (self.passive or self.silent):
+                raise _Elsewhere from exc
+            raise
         if offer.command != p.C_OFFER or offer.model is None:
             raise TransferFailed(f"the broker answered a pull with {offer.command!r}, not an offer")
         model = self.model = offer.model
@@ -262,11 +282,13 @@ class _Pull:
                 continue  # a late answer on an earlier attempt's transfer
             if reply.command == p.C_ENDED:
                 code, message = reply.error or (p.WORKER_FAILED, "the broker ended the transfer")
+                self.passive = code == p.NOT_ACTIVE
                 if code in RETRYABLE:
                     raise _Retry(f"{code}: {message}")
                 raise TransferFailed(f"cannot pull model {self.name!r}: {message}")
             return reply
         if self.model is None:
+            self.silent = True
             raise TransferFailed(f"cannot pull model {self.name!r}: {silence} (is qmesh-broker running there?)")
         raise _Retry(silence)
 

@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker
 from qmesh.broker.security import BrokerSecurity
 from qmesh.common.keys import CurveClientKeys
+from qmesh.common.modelfiles import DigestCache
 from qmesh.gateway.app import create_app
 from qmesh.testing import ROOT, Child, free_endpoint, qmesh_command, wait_for, wait_for_workers
 from qmesh.worker.binary import find_llama_server
@@ -28,6 +30,7 @@ from qmesh.worker.models import resolve_model
 from qmesh.worker.node import WorkerNode, WorkerSettings
 
 MODEL = "smollm2-135m"
+DIGESTS = DigestCache(None)  # in memory: the model is hashed once per test process
 FAST = BrokerConfig(heartbeat_interval=0.2, liveness=3, max_queue=100, queue_timeout=30.0)
 
 
@@ -72,6 +75,7 @@ class BrokerThread:
 
 def worker_settings(endpoint: str, slots: int = 2, heartbeat: float = 0.2, **overrides: object) -> WorkerSettings:
     model = resolve_model(MODEL)
+    model = replace(model, digest=DIGESTS.digest(model.path))  # READY says which file it serves
     settings = WorkerSettings(
         broker=endpoint,
         model=model,

@@ -22,10 +22,11 @@ from qmesh.common.config import (
 from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
+from qmesh.common.modelfiles import default_digest_cache
 from qmesh.worker.binary import find_llama_server
 from qmesh.worker.identity import worker_id
-from qmesh.worker.models import resolve_model
 from qmesh.worker.node import WorkerNode, WorkerSettings
+from qmesh.worker.pull import find_or_pull
 
 app = typer.Typer(add_completion=False, help="A QMesh worker: serves one model through the broker.")
 
@@ -41,7 +42,12 @@ class Pooling(str, Enum):
 @app.command()
 def run(
     model: str = typer.Option(
-        ..., "--model", "-m", envvar="QMESH_WORKER_MODEL", help="GGUF path, or a short name from models/."
+        ...,
+        "--model",
+        "-m",
+        envvar="QMESH_WORKER_MODEL",
+        help="GGUF path, or a short name from models/ ($QMESH_MODELS_DIR); a name found in neither is pulled "
+        "through the mesh into the first models folder.",
     ),
     name: str = typer.Option(
         None, "--name", envvar="QMESH_WORKER_NAME", help="Service name to register (default: the model's short name)."
@@ -111,6 +117,12 @@ def run(
         min=0.1,
         help="Seconds a stream may wait for a client that reads nothing before it is cancelled.",
     ),
+    no_pull: bool = typer.Option(
+        False,
+        "--no-pull",
+        envvar="QMESH_NO_PULL",
+        help="A model missing from the models folders is an error, instead of being pulled through the mesh.",
+    ),
     log_level: LogLevel = log_level_option(),
     log_format: LogFormat = log_format_option(),
     config: Path = config_option("worker"),
@@ -121,9 +133,9 @@ def run(
         typer.echo("qmesh-worker: --pooling applies to an embeddings worker: add --embeddings", err=True)
         raise typer.Exit(2)
     try:
-        model_file = resolve_model(model)
         binary = find_llama_server(llama_server)
         curve = client_keys_from_options(curve_secret, broker_key)
+        model_file = find_or_pull(model, broker, default_digest_cache(), curve=curve, pull=not no_pull)
     except QMeshError as exc:
         typer.echo(f"qmesh-worker: {exc}", err=True)
         raise typer.Exit(2) from exc

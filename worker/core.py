@@ -33,7 +33,7 @@ from qmesh.worker.generation import Job
 log = logging.getLogger(__name__)
 
 # Refusals a new connection cannot fix: the worker stops with the broker's reason instead of registering again.
-FATAL_REFUSALS = frozenset({p.BAD_REQUEST, p.FORBIDDEN})
+FATAL_REFUSALS = frozenset({p.BAD_REQUEST, p.FORBIDDEN, p.CONFLICT})  # 409: another file under this model's name
 
 
 class Phase(Enum):
@@ -122,13 +122,21 @@ class Rebind:
 
 
 @dataclass(slots=True, frozen=True)
+class ServeRead:
+    """Send the broker the bytes of the model file it asked for (a pull from this worker, ``read_key``)."""
+
+    read_key: bytes
+    read: p.HolderRead
+
+
+@dataclass(slots=True, frozen=True)
 class Exit:
     """The thread ends; ``failure`` says why when it failed."""
 
     failure: str | None
 
 
-Effect = Connect | Send | SendHeartbeat | Close | StartJob | CancelJob | GrantCredit | Rebind | Exit
+Effect = Connect | Send | SendHeartbeat | Close | StartJob | CancelJob | GrantCredit | Rebind | ServeRead | Exit
 
 
 @dataclass(slots=True)
@@ -224,6 +232,8 @@ class WorkerCore:
             job = self.jobs.get(message.route_key)
             if job is not None:
                 out.append(CancelJob(job) if message.command == p.W_CANCEL else GrantCredit(job, message.credit))
+        elif message.command == p.W_READ and message.read is not None:
+            out.append(ServeRead(message.route_key, message.read))
         return out
 
     def on_broker_gone(self, now: float) -> list[Effect]:

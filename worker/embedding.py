@@ -30,7 +30,14 @@ class Embedding:
     """Runs ``job`` (an EmbeddingRequest) against llama-server: ``send_final`` once, with every vector or an error."""
 
     def __init__(
-        self, job: Job, sidecar: EmbeddingSidecar, send_final: SendBody, *, worker_name: str, model: str
+        self,
+        job: Job,
+        sidecar: EmbeddingSidecar,
+        send_final: SendBody,
+        *,
+        worker_name: str,
+        model: str,
+        model_sha256: str | None = None,
     ) -> None:
         assert isinstance(job.request, EmbeddingRequest)
         self.job = job
@@ -39,6 +46,7 @@ class Embedding:
         self.send_final = send_final
         self.worker_name = worker_name
         self.model = model
+        self.model_sha256 = model_sha256  # the model file's, when known: each answer says which file made it
 
     def run(self) -> None:
         """Raises SidecarError if llama-server fails; every other ending sends a FINAL (a text longer than the
@@ -60,7 +68,10 @@ class Embedding:
                 return
             vectors += [pack_vector(vector) for vector in embedded.vectors]
             prompt_tokens += embedded.prompt_tokens
-        summary = final_body(embeddings=vectors, prompt_tokens=prompt_tokens, worker=self.worker_name, model=self.model)
+        provenance = {"model_sha256": self.model_sha256} if self.model_sha256 is not None else {}
+        summary = final_body(
+            embeddings=vectors, prompt_tokens=prompt_tokens, worker=self.worker_name, model=self.model, **provenance
+        )
         self.send_final(summary)
 
 

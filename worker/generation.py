@@ -144,6 +144,7 @@ class Generation:
         model: str,
         pause_after: float,
         stall_timeout: float,
+        model_sha256: str | None = None,
     ) -> None:
         self.job = job
         self.request = job.request
@@ -152,6 +153,7 @@ class Generation:
         self.send_final = send_final
         self.worker_name = worker_name
         self.model = model
+        self.model_sha256 = model_sha256  # the model file's, when known: each answer says which file made it
         self.pause_after = min(pause_after, stall_timeout)
         self.stall_timeout = stall_timeout
         self.delivered: list[int] = list(job.request.resume_tokens)
@@ -260,6 +262,8 @@ class Generation:
             _, calls = parse_answer("".join(self.raw))
             if calls is not None:  # the JSON is whole: its calls are, even if max_tokens ended it there
                 finish_reason, extra["tool_calls"] = "tool_calls", calls
+        if self.model_sha256 is not None:
+            extra["model_sha256"] = self.model_sha256
         summary = final_body(
             finish_reason=finish_reason,
             tokens=len(self.delivered),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmesh.common.errors import ModelNotFound, NotAGGUF
+from qmesh.common.modelfiles import FileDigest
 from qmesh.common.paths import models_dirs as default_models_dirs
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -21,10 +22,12 @@ _SUFFIX = ".gguf"
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A GGUF file (symlinks followed) and the short name it is known by in the mesh."""
+    """A GGUF file (symlinks followed) and the short name it is known by in the mesh; ``digest`` (its sha256 and
+    size) once known, which READY announces so that the mesh knows the file by its content."""
 
     path: Path
     name: str
+    digest: FileDigest | None = None
 
 
 def available_models(models_dirs: Sequence[Path] | None = None) -> list[str]:
@@ -40,7 +43,7 @@ def resolve_model(spec: str, models_dirs: Sequence[Path] | None = None) -> Model
     ``<dir>/<spec>.gguf``, then as any ``*.gguf`` whose stem matches it ignoring case.
     """
     dirs = default_models_dirs() if models_dirs is None else list(models_dirs)
-    if _is_path_spec(spec):
+    if is_path_spec(spec):
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ModelNotFound(_not_found_message(spec, dirs, f"no file at {path}"))
@@ -57,7 +60,8 @@ def resolve_model(spec: str, models_dirs: Sequence[Path] | None = None) -> Model
     raise ModelNotFound(_not_found_message(spec, dirs, "no such model"))
 
 
-def _is_path_spec(spec: str) -> bool:
+def is_path_spec(spec: str) -> bool:
+    """A spec that names a file (a path separator or the .gguf suffix), not a model by its short name."""
     separators = [os.sep] + ([os.altsep] if os.altsep else [])
     return any(sep in spec for sep in separators) or spec.lower().endswith(_SUFFIX)
 

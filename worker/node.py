@@ -24,6 +24,7 @@ from qmesh.common.bodies import EmbeddingRequest
 from qmesh.common.endpoints import broker_endpoints
 from qmesh.common.errors import QMeshError, SidecarError
 from qmesh.common.keys import CurveClientKeys
+from qmesh.common.modelfiles import ModelReader
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.core import (
     CancelJob,
@@ -35,6 +36,7 @@ from qmesh.worker.core import (
     Rebind,
     Send,
     SendHeartbeat,
+    ServeRead,
     StartJob,
     WorkerConfig,
     WorkerCore,
@@ -83,6 +85,11 @@ def embedding_args(settings: WorkerSettings) -> tuple[str, ...]:
     any text that fits the context can be embedded."""
     batch = str(settings.ctx_size)
     return ("--embeddings", "--pooling", settings.pooling, "--batch-size", batch, "--ubatch-size", batch)
+
+
+def _content(model: ModelFile) -> dict[str, object]:
+    """READY's sha256 and size of the model file, when known: the mesh knows a model by its content."""
+    return {} if model.digest is None else {"sha256": model.digest.sha256, "size": model.digest.size}
 
 
 def prefix_capacity(settings: WorkerSettings, context: int) -> int:
@@ -135,6 +142,7 @@ class WorkerNode(threading.Thread):
             "name": self.worker_name,
             "worker_id": settings.worker_id,
             "model_file": settings.model.path.name,
+            **_content(settings.model),
             "version": 1,
             "capabilities": [p.EMBEDDINGS if settings.embeddings else p.CHAT],
         }
@@ -150,6 +158,7 @@ class WorkerNode(threading.Thread):
             capability=p.EMBEDDINGS if settings.embeddings else p.CHAT,
         )
         self.core = WorkerCore(config, time.monotonic())
+        self._model_reader = ModelReader()  # the model's bytes, for the broker's READs (a pull from this worker)
         self._wakeup = Wakeup()
         self.link = BrokerLink(self.context, self._wakeup, settings.curve)
         self._stop_requested = threading.Event()
@@ -189,6 +198,8 @@ class WorkerNode(threading.Thread):
             context = self.watch.client.slot_context()
             self.core.config.info["context"] = context
             self.core.config.info["prefix_capacity"] = prefix_capacity(s, context)
+            if s.model.digest is not None:  # workers that lack the model may pull it from this one
+                self._model_reader.add(s.model.path, s.model.digest)
             for thread in slot_threads:
                 thread.start()
             self._serve()
@@ -205,6 +216,7 @@ class WorkerNode(threading.Thread):
                     thread.join(timeout=5)
             self.link.close(flush=False)
             self.manager.stop()
+            self._model_reader.close()
             self.registered.clear()
             self._wakeup.close()
 
@@ -277,6 +289,8 @@ class WorkerNode(threading.Thread):
                 case Rebind(job, route_key, connection, delivered_tokens, window):
                     resent = link.rebind(job, route_key, connection, delivered_tokens)
                     job.reset_credit(max(0, window - resent))
+                case ServeRead(read_key, read):
+                    link.send(self._model_reader.answer(read_key, read))
                 case Exit(failure):
                     self.failure = failure
         if self.core.registered:
@@ -324,9 +338,11 @@ class WorkerNode(threading.Thread):
             wakeup.ring()
 
         runner: Generation | Embedding
+        digest = self.settings.model.digest
+        sha256 = digest.sha256 if digest is not None else None
         if isinstance(job.request, EmbeddingRequest):
             name, model = self.worker_name, self.settings.service
-            runner = Embedding(job, self.watch.client, send_final, worker_name=name, model=model)
+            runner = Embedding(job, self.watch.client, send_final, worker_name=name, model=model, model_sha256=sha256)
         else:
             runner = Generation(
                 job,
@@ -337,6 +353,7 @@ class WorkerNode(threading.Thread):
                 model=self.settings.service,
                 pause_after=self.settings.pause_after,
                 stall_timeout=self.settings.stall_timeout,
+                model_sha256=sha256,
             )
         try:
             runner.run()
