@@ -65,6 +65,7 @@ class Result:
     failovers: int = 0
     timings: dict[str, Any] = field(default_factory=dict)
     embeddings: list[list[float]] | None = None  # an embeddings request's vectors, one per text, in order
+    model_sha256: str | None = None  # the sha256 of the model file that made the answer, as its worker says
 
     @property
     def ok(self) -> bool:
@@ -88,6 +89,7 @@ _MMI_ANSWERS: dict[str, Callable[[list[bytes]], Any]] = {
     "mmi.services": lambda body: p.unpack_map(body[0] if body else b""),
     "mmi.workers": lambda body: p.unpack(body[0] if body else b""),
     "mmi.requests": lambda body: p.unpack(body[0] if body else b""),
+    "mmi.models": lambda body: p.unpack(body[0] if body else b""),
     "mmi.service": lambda body: body[:1] == [b"200"],
 }
 
@@ -221,6 +223,7 @@ class Request:
             failovers=int(summary.get("failovers") or 0),
             timings=summary.get("timings") or {},
             embeddings=_vectors(summary.get("embeddings")),
+            model_sha256=summary["model_sha256"] if p.is_sha256(summary.get("model_sha256")) else None,
         )
         self.client._requests.pop(self.id, None)
 
@@ -467,6 +470,11 @@ class QMeshClient:
 
     def workers(self) -> list[dict[str, Any]]:
         return self._wait(self._ask("mmi.workers"))
+
+    def model_files(self) -> list[dict[str, Any]]:
+        """The model files of the mesh (``mmi.models``, docs/PROTOCOL.md section 6): each name with its sha256 and
+        size, the workers and stores that hold it, holders found with a bad copy, and transfers of it under way."""
+        return self._wait(self._ask("mmi.models"))
 
     def recent_requests(self) -> list[dict[str, Any]]:
         """The last few hundred requests that ended, oldest first (``mmi.requests``, docs/PROTOCOL.md section 6)."""
