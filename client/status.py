@@ -86,7 +86,7 @@ def render(snap: dict[str, Any]) -> str:
             )
             for w in snap["workers"]
         ]
-        lines += _table(WORKER_COLUMNS, rows)
+        lines += table_lines(WORKER_COLUMNS, rows)
     else:
         lines.append("no workers registered")
     if snap["models"]:
@@ -102,7 +102,7 @@ def render(snap: dict[str, Any]) -> str:
             )
             for name, m in sorted(snap["models"].items())
         ]
-        lines += _table(MODEL_COLUMNS, rows)
+        lines += table_lines(MODEL_COLUMNS, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +110,8 @@ def _number(value: Any, template: str) -> str:
     return template.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def table_lines(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns padded to their widest cell, three spaces apart (qmesh-status and qmesh-models print these)."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     return [
         "   ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
