@@ -89,30 +89,32 @@ class Transfer:
 
 
 class Pacer:
-    """A token bucket of bytes shared by all transfers. A grant may overdraw it (a chunk larger than what is left);
-    the next waits until the bucket is back above zero."""
+    """A token bucket of bytes shared by all transfers: ``rate()`` bytes a second (0: no cap), at most ``burst``
+    saved up while nothing moves."""
 
     def __init__(self, rate: Callable[[], float], burst: int) -> None:
         self._rate = rate
         self._burst = float(burst)
         self._tokens = float(burst)
         self._at = 0.0
+        self._wanted = 0  # the grant last refused
 
     def grant(self, size: int, now: float) -> bool:
         rate = self._rate()
         if rate <= 0:
             return True
-        self._tokens = min(self._burst, self._tokens + (now - self._at) * rate)
+        self._tokens = min(self._burst, self._tokens + max(0.0, now - self._at) * rate)
         self._at = now
-        if self._tokens < 0:
+        if self._tokens < size:
+            self._wanted = size
             return False
         self._tokens -= size
         return True
 
     def ready_at(self, now: float) -> float:
-        """When a grant refused now would be made."""
+        """When the grant refused last would be made."""
         rate = self._rate()
-        return now if rate <= 0 or self._tokens >= 0 else self._at + -self._tokens / rate
+        return now if rate <= 0 else self._at + max(0.0, self._wanted - self._tokens) / rate
 
 
 class Transfers:
@@ -309,7 +311,7 @@ class Transfers:
             out.append((identity, p.transfer_ended(transfer_id, error)))
             return
         assert store is not None
-        if store.models.get(model.sha256) == model:  # nothing to send
+        if store.models.get(model.name) == model:  # nothing to send
             out.append((identity, p.transfer_ended(transfer_id, None, model)))
             return
         transfer = self._new(identity, transfer_id, model, True, now)
@@ -500,32 +502,36 @@ class Transfers:
             self._turn.append(transfer.key)
 
     def _pump(self, now: float, out: list[Outgoing]) -> None:
-        """Send what transfers may send now, one chunk per transfer in turn, as long as the pacer and the holders'
-        limits allow."""
+        """Send what transfers may send now, one chunk at a time, as long as the pacer and the holders' read limits
+        allow. The transfers with something to send wait in ``_turn``: the first that can step does, then goes to the
+        back (round-robin); one whose holder has no read to spare keeps its place."""
         turn = self._turn
-        while turn:
-            transfer = self.transfers.get(turn[0])
-            if transfer is None:
-                turn.popleft()
-                continue
-            step = self._next_step(transfer)
-            if step is None:
-                turn.popleft()
-                continue
-            if not self._pacer.grant(step, now):
-                self._pace_at = self._pacer.ready_at(now)
+        while True:
+            for key in list(turn):
+                transfer = self.transfers.get(key)
+                if transfer is None or not (transfer.acks if transfer.push else transfer.pending):
+                    turn.remove(key)  # ended, or nothing left to send
+                    continue
+                step = self._next_step(transfer)
+                if step is None:
+                    continue
+                if not self._pacer.grant(step, now):
+                    self._pace_at = self._pacer.ready_at(now)
+                    return
+                turn.remove(key)
+                self._take_step(transfer, now, out)
+                if transfer.acks if transfer.push else transfer.pending:
+                    turn.append(key)
+                break
+            else:
                 return
-            turn.popleft()
-            self._take_step(transfer, now, out)
-            if self._next_step(transfer) is not None:
-                turn.append(transfer.key)
 
     def _next_step(self, transfer: Transfer) -> int | None:
-        """The bytes the transfer's next step moves, or None if it has nothing it may send now."""
+        """The bytes the transfer's next step moves, or None while it has to wait for its holder."""
         if transfer.push:
-            return transfer.acks[0] - transfer.acked if transfer.acks else None
+            return transfer.acks[0] - transfer.acked
         holder = self.holders.get(transfer.holder) if transfer.holder is not None else None
-        if not transfer.pending or holder is None or holder.reads >= self.config.holder_reads:
+        if holder is None or holder.reads >= self.config.holder_reads:
             return None
         return transfer.pending[0][1]
 

@@ -1223,8 +1223,8 @@ def _model_fields(fields: dict[str, Any]) -> ModelInfo:
     name, sha256, size = fields.get("name"), fields.get("sha256"), fields.get("size")
     if set(fields) != {"name", "sha256", "size"}:
         raise ProtocolError("a model is {'name', 'sha256', 'size'}")
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LEN:
-        raise ProtocolError(f"a model's name is 1-{MAX_MODEL_NAME_LEN} characters")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_SERVICE_LEN:  # the broker checks what a name may be
+        raise ProtocolError(f"a model's name is 1-{MAX_SERVICE_LEN} characters")
     if not is_sha256(sha256):
         raise ProtocolError("a model's sha256 is 64 lowercase hex characters")
     if not _count(size, 1, MAX_MODEL_BYTES):
@@ -1261,8 +1261,8 @@ def _transfer_from_client(command: bytes, frames: list[bytes], delimited: bool) 
     if command == C_FETCH:
         fields = unpack_map(frames[1])
         name, sha256 = fields.get("name"), fields.get("sha256")
-        if set(fields) - {"name", "sha256"} or not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LEN:
-            raise ProtocolError(f"FETCH is {{'name': 1-{MAX_MODEL_NAME_LEN} characters[, 'sha256']}}")
+        if set(fields) - {"name", "sha256"} or not isinstance(name, str) or not 0 < len(name) <= MAX_SERVICE_LEN:
+            raise ProtocolError(f"FETCH is {{'name': 1-{MAX_SERVICE_LEN} characters[, 'sha256']}}")
         if "sha256" in fields and not is_sha256(sha256):
             raise ProtocolError("FETCH's sha256 is 64 lowercase hex characters")
         return ModelFetch(transfer_id, name, sha256)
