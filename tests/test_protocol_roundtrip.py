@@ -214,6 +214,8 @@ def test_what_a_framing_cannot_say_is_refused_by_its_builders() -> None:
 
 
 def _rebuild_inbound(message: p.InboundMessage) -> list[bytes]:
+    if isinstance(message, p.TransferMessage):  # 18/MDP framing only: they carry none
+        return _rebuild_transfer(message)
     framing = message.framing
     if isinstance(message, p.ClientRequest):
         return p.client_request(message.service, message.body, message.request_id, message.hint, framing)
@@ -240,6 +242,8 @@ def _rebuild_for_worker(message: p.BrokerToWorker, framing: p.Framing) -> list[b
         p.W_HEARTBEAT: lambda: p.heartbeat(None if message.epoch is None else {"epoch": message.epoch}, framing),
         p.W_DISCONNECT: lambda: p.disconnect(message.refusal, framing),
     }
+    if message.command == p.W_READ and message.read is not None:
+        return p.holder_read(message.route_key, message.read.sha256, message.read.offset, message.read.length)
     return builders[message.command]()
 
 
@@ -470,6 +474,180 @@ def test_shard_parsers_accept_only_what_builders_make(frames: list[bytes]) -> No
         (p.parse_from_shard_peer, _rebuild_from_shard_peer),
         (p.parse_for_shard_peer, _rebuild_for_shard_peer),
         (p.parse_tunnel, lambda message: p.tunnel_frames(*message)),
+    ):
+        try:
+            message = parse(frames)
+        except p.ProtocolError:
+            continue
+        assert _same_frames(rebuild(message), frames), f"{frames!r} parsed to {message!r}, which no builder makes"
+
+
+# ------------------------------------------------------------------------------------------------ model transfers
+
+transfer_ids = st.binary(min_size=1, max_size=p.MAX_REQUEST_ID_LEN)
+read_keys = st.binary(min_size=1, max_size=16)
+model_names = st.text(st.characters(codec="utf-8", categories=["L", "N", "P"]), min_size=1, max_size=20)
+digests = st.text("0123456789abcdef", min_size=64, max_size=64)
+model_infos = st.builds(p.ModelInfo, model_names, digests, st.integers(1, p.MAX_MODEL_BYTES))
+offsets = st.integers(0, p.MAX_MODEL_BYTES - 1)
+lengths = st.integers(1, p.MAX_CHUNK_BYTES)
+chunk_data = st.binary(min_size=1, max_size=64)
+errors = st.tuples(st.integers(100, 999), st.text(max_size=20))
+
+
+@given(transfer_id=transfer_ids, name=model_names, sha256=st.one_of(st.none(), digests), model=model_infos)
+def test_what_pullers_and_pushers_send(transfer_id: bytes, name: str, sha256: str | None, model: p.ModelInfo) -> None:
+    assert p.parse_inbound(p.model_fetch(transfer_id, name, sha256)) == p.ModelFetch(transfer_id, name, sha256)
+    assert p.parse_inbound(p.model_push(transfer_id, model)) == p.ModelPush(transfer_id, model)
+    for outcome in p.TRANSFER_OUTCOMES:
+        assert p.parse_inbound(p.transfer_end(transfer_id, outcome)) == p.TransferEnd(transfer_id, outcome)
+
+
+@given(transfer_id=transfer_ids, offset=offsets, length=lengths, data=chunk_data)
+def test_chunks_both_ways(transfer_id: bytes, offset: int, length: int, data: bytes) -> None:
+    assert p.parse_inbound(p.chunk_request(transfer_id, offset, length)) == p.ChunkRequest(transfer_id, offset, length)
+    assert p.parse_inbound(p.push_chunk(transfer_id, offset, data)) == p.PushChunk(transfer_id, offset, data)
+    reply = p.parse_transfer_reply(p.model_data(transfer_id, offset, data))
+    assert (reply.command, reply.transfer_id, reply.offset, reply.data) == (p.C_DATA, transfer_id, offset, data)
+    reply = p.parse_transfer_reply(p.push_ack(transfer_id, offset))
+    assert (reply.command, reply.offset) == (p.C_ACK, offset)
+
+
+@given(
+    transfer_id=transfer_ids,
+    model=model_infos,
+    chunk=st.integers(1, p.MAX_CHUNK_BYTES),
+    window=st.integers(1, p.MAX_TRANSFER_WINDOW),
+    error=errors,
+    data=st.data(),
+)
+def test_what_the_broker_says_of_a_transfer(
+    transfer_id: bytes, model: p.ModelInfo, chunk: int, window: int, error: tuple[int, str], data: st.DataObject
+) -> None:
+    offset = data.draw(st.integers(0, model.size))
+    offer = p.parse_transfer_reply(p.model_offer(transfer_id, model, offset, chunk, window))
+    assert offer == p.TransferReply(p.C_OFFER, transfer_id, model, offset, chunk, window)
+    assert p.parse_transfer_reply(p.transfer_ended(transfer_id, error)) == p.TransferReply(
+        p.C_ENDED, transfer_id, error=error
+    )
+    assert p.parse_transfer_reply(p.transfer_ended(transfer_id, None, model)) == p.TransferReply(
+        p.C_ENDED, transfer_id, model=model
+    )
+    with pytest.raises(ValueError):
+        p.transfer_ended(transfer_id, error, model)
+
+
+@given(key=read_keys, sha256=digests, offset=offsets, length=lengths, data=chunk_data, error=errors)
+def test_a_holder_reads_and_answers(
+    key: bytes, sha256: str, offset: int, length: int, data: bytes, error: tuple[int, str]
+) -> None:
+    read = p.HolderRead(sha256, offset, length)
+    assert p.parse_for_worker(p.holder_read(key, sha256, offset, length)) == p.BrokerToWorker(p.W_READ, key, read=read)
+    assert p.parse_inbound(p.holder_data(key, offset, data)) == p.HolderData(key, offset, data)
+    assert p.parse_inbound(p.holder_read_failed(key, *error)) == p.HolderReadFailed(key, *error)
+    # the broker's store: the same frames, handed over in the broker's process
+    assert p.parse_for_store(p.holder_read(key, sha256, offset, length)) == p.BrokerToWorker(p.W_READ, key, read=read)
+    assert p.parse_store_reply(p.holder_data(key, offset, data)) == p.HolderData(key, offset, data)
+
+
+@given(transfer_id=transfer_ids, model=model_infos, offset=offsets, data=chunk_data)
+def test_what_the_store_takes_and_answers(transfer_id: bytes, model: p.ModelInfo, offset: int, data: bytes) -> None:
+    assert p.parse_for_store(p.model_push(transfer_id, model)) == p.ModelPush(transfer_id, model)
+    assert p.parse_for_store(p.push_chunk(transfer_id, offset, data)) == p.PushChunk(transfer_id, offset, data)
+    assert p.parse_store_reply(p.push_ack(transfer_id, offset)).offset == offset
+    assert p.parse_store_reply(p.transfer_ended(transfer_id, None, model)).model == model
+    for wrong in (p.model_fetch(transfer_id, model.name), p.heartbeat()):
+        with pytest.raises(p.ProtocolError):
+            p.parse_for_store(wrong)
+    for wrong in (p.model_data(transfer_id, offset, data), p.model_offer(transfer_id, model, 0, 1, 1)):
+        with pytest.raises(p.ProtocolError):
+            p.parse_store_reply(wrong)
+
+
+def test_model_names_that_could_leave_a_folder_are_not_names() -> None:
+    for good in ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1", "a", "x" * p.MAX_MODEL_NAME_LEN, "v1.2+rc_3"):
+        assert p.model_name_problem(good) is None, good
+    for bad in ("", "../x", "a/b", "a\\b", "..", ".x", "-x", "x..y", "x y", "x" * (p.MAX_MODEL_NAME_LEN + 1), "é"):
+        assert p.model_name_problem(bad) is not None, bad
+    assert p.is_sha256("ab" * 32) and not p.is_sha256("AB" * 32) and not p.is_sha256("ab" * 31)
+
+
+def _rebuild_transfer(message: p.TransferMessage) -> list[bytes]:
+    if isinstance(message, p.ModelFetch):
+        return p.model_fetch(message.transfer_id, message.name, message.sha256)
+    if isinstance(message, p.ChunkRequest):
+        return p.chunk_request(message.transfer_id, message.offset, message.length)
+    if isinstance(message, p.ModelPush):
+        return p.model_push(message.transfer_id, message.model)
+    if isinstance(message, p.PushChunk):
+        return p.push_chunk(message.transfer_id, message.offset, message.data)
+    if isinstance(message, p.TransferEnd):
+        return p.transfer_end(message.transfer_id, message.outcome)
+    if isinstance(message, p.HolderData):
+        return p.holder_data(message.read_key, message.offset, message.data)
+    return p.holder_read_failed(message.read_key, message.code, message.message)
+
+
+def _rebuild_transfer_reply(reply: p.TransferReply) -> list[bytes]:
+    if reply.command == p.C_OFFER:
+        assert reply.model is not None
+        return p.model_offer(reply.transfer_id, reply.model, reply.offset, reply.chunk, reply.window)
+    if reply.command == p.C_DATA:
+        return p.model_data(reply.transfer_id, reply.offset, reply.data)
+    if reply.command == p.C_ACK:
+        return p.push_ack(reply.transfer_id, reply.offset)
+    return p.transfer_ended(reply.transfer_id, reply.error, reply.model)
+
+
+def _rebuild_for_store(message: p.BrokerToWorker | p.TransferMessage) -> list[bytes]:
+    if isinstance(message, p.BrokerToWorker):
+        return _rebuild_for_worker(message, p.MDP02)
+    return _rebuild_transfer(message)
+
+
+def _rebuild_store_reply(reply: p.TransferReply | p.TransferMessage) -> list[bytes]:
+    return _rebuild_transfer_reply(reply) if isinstance(reply, p.TransferReply) else _rebuild_transfer(reply)
+
+
+_transfer_valid = st.one_of(
+    st.builds(p.model_fetch, transfer_ids, model_names, st.one_of(st.none(), digests)),
+    st.builds(p.chunk_request, transfer_ids, offsets, lengths),
+    st.builds(p.model_push, transfer_ids, model_infos),
+    st.builds(p.push_chunk, transfer_ids, offsets, chunk_data),
+    st.builds(p.transfer_end, transfer_ids, st.sampled_from(sorted(p.TRANSFER_OUTCOMES))),
+    st.builds(lambda t, m, c, w: p.model_offer(t, m, m.size // 2, c, w), transfer_ids, model_infos, lengths,
+              st.integers(1, p.MAX_TRANSFER_WINDOW)),
+    st.builds(p.model_data, transfer_ids, offsets, chunk_data),
+    st.builds(p.push_ack, transfer_ids, offsets),
+    st.builds(p.transfer_ended, transfer_ids, errors),
+    st.builds(p.transfer_ended, transfer_ids, st.none(), model_infos),
+    st.builds(p.holder_read, read_keys, digests, offsets, lengths),
+    st.builds(p.holder_data, read_keys, offsets, chunk_data),
+    st.builds(p.holder_read_failed, read_keys, st.integers(100, 999), st.text(max_size=9)),
+)
+_transfer_anything = st.one_of(
+    _transfer_valid,
+    st.builds(_edit, _transfer_valid, _frame_edits),
+    st.builds(
+        lambda frames, key, value: [*frames[:3], *(_map_edit(frames[1:], key, value)[2:3] or []), *frames[4:]]
+        if len(frames) >= 4
+        else frames,
+        _transfer_valid,
+        st.sampled_from(["name", "sha256", "size", "offset", "chunk", "window", "outcome", "error", "x"]),
+        st.one_of(plain_values, digests, maps),
+    ),
+)
+
+
+@settings(max_examples=3000)
+@given(frames=_transfer_anything)
+def test_transfer_parsers_accept_only_what_builders_make(frames: list[bytes]) -> None:
+    for parse, rebuild in (
+        (p.parse_inbound, _rebuild_inbound),
+        (p.parse_for_worker, lambda message: _rebuild_for_worker(message, p.MDP02)),
+        (p.parse_transfer_reply, _rebuild_transfer_reply),
+        (p.parse_for_store, _rebuild_for_store),
+        (p.parse_store_reply, _rebuild_store_reply),
     ):
         try:
             message = parse(frames)
