@@ -206,6 +206,8 @@ def run(
     finally:
         if metrics is not None:
             metrics.close()
+        if store is not None:
+            store.close()
 
 
 def _security(

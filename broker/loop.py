@@ -75,7 +75,7 @@ class Broker:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self.security = security
-        self.store = store  # the broker's own models (--models-dir): frames the core sends STORE are for it
+        self.store = store  # the broker's own models (--models-dir; its owner closes it): the core's frames to STORE
         if store is not None:
             self.core.transfers.set_store(list(store.models.values()))
         self.socket = self._context.socket(zmq.ROUTER)
@@ -166,8 +166,6 @@ class Broker:
             self._wake_writer.close()
             if self.security is not None:
                 self.security.stop()
-            if self.store is not None:
-                self.store.close()
             log.info("broker stopped")
 
     def _next_wakeup(self) -> float:

@@ -29,7 +29,7 @@ from qmesh.common.endpoints import broker_endpoints
 from qmesh.common.errors import TransferFailed
 from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
-from qmesh.common.modelfiles import DigestCache, IncomingFile, free_bytes, space_problem
+from qmesh.common.modelfiles import DigestCache, IncomingFile, free_bytes, partial_path, space_problem
 from qmesh.common.transfer import Download, Progress, check_model_name
 
 log = logging.getLogger(__name__)
@@ -229,13 +229,14 @@ class _Pull:
         model = self.model = offer.model
         if model.name != self.name:
             raise TransferFailed(f"asked for model {self.name!r}, the broker offered {model.name!r}")
-        incoming = IncomingFile(self.folder, model)
-        self.resumed_at = incoming.have
-        problem = space_problem(self.folder, model, incoming.have, self.free_space(self.folder))
-        if problem is not None:
-            incoming.close()
+        partial = partial_path(self.folder, model)
+        have = partial.stat().st_size if partial.is_file() else 0
+        problem = space_problem(self.folder, model, min(have, model.size), self.free_space(self.folder))
+        if problem is not None:  # said before a byte is written
             link.send(p.transfer_end(transfer_id, p.OUTCOME_CANCELLED))
             raise TransferFailed(problem)
+        incoming = IncomingFile(self.folder, model)
+        self.resumed_at = incoming.have
         if incoming.have:
             log.info("pull of %s resumes at %.1f of %.1f MB", model.name, incoming.have / 1e6, model.size / 1e6)
         try:

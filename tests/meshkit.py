@@ -20,6 +20,7 @@ import uvicorn
 
 from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker
+from qmesh.broker.models_store import ModelStore
 from qmesh.broker.security import BrokerSecurity
 from qmesh.common.keys import CurveClientKeys
 from qmesh.common.modelfiles import DigestCache
@@ -38,11 +39,16 @@ class BrokerThread:
     """A real broker on a real socket, run in a thread of the test process."""
 
     def __init__(
-        self, endpoint: str | None = None, config: BrokerConfig = FAST, security: BrokerSecurity | None = None
+        self,
+        endpoint: str | None = None,
+        config: BrokerConfig = FAST,
+        security: BrokerSecurity | None = None,
+        store: ModelStore | None = None,
     ) -> None:
         self.endpoint = endpoint or free_endpoint()
         self.config = config
         self.security = security
+        self.store = store  # the broker's own models (--models-dir)
         self.broker: Broker | None = None
         self.thread: threading.Thread | None = None
 
@@ -55,7 +61,7 @@ class BrokerThread:
 
     def _bind(self) -> Broker | None:
         try:
-            return Broker(self.endpoint, self.config, security=self.security)
+            return Broker(self.endpoint, self.config, security=self.security, store=self.store)
         except OSError:
             return None
 
