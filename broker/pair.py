@@ -92,6 +92,8 @@ class PairCore:
             self._take_over("the backup is up")
         elif self.state is PairState.BACKUP:
             self.state = PairState.PASSIVE  # the primary takes over when it hears a passive backup
+        if self.state is PairState.PASSIVE and before is not PairState.PASSIVE:
+            log.info("this broker (%s) is passive: the peer is %s, epoch %d", self.role.value, state.value, self.epoch)
         return self.state is not before
 
     def on_peer_gone(self, now: float) -> None:

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.common import protocol as p
 from qmesh.common.bodies import BadRequest, EmbeddingRequest, GenerationRequest, unpack_vector
-from qmesh.common.endpoints import DEFAULT_BROKER
+from qmesh.common.endpoints import DEFAULT_BROKER, broker_endpoints
 from qmesh.common.errors import BrokerUnreachable, ConfigError, MeshError, QMeshError
 from qmesh.common.fastio import recv_frames, send_frames
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
@@ -79,9 +80,19 @@ class MMICall:
 
     service: str
     sent_at: float
+    body: tuple[bytes, ...] = ()
+    request_id: bytes = b""
     done: bool = False
     answer: Any = None
     error: QMeshError | None = None
+
+
+log = logging.getLogger(__name__)
+
+# The least time the client stays on one broker of a pair before moving to the other: while neither is active yet
+# (both passive, or one dead and the other not yet taken over) it goes back and forth at this pace, not as fast as
+# each says no.
+SWITCH_DWELL = 0.5
 
 
 # How each MMI service's FINAL body reads (docs/PROTOCOL.md, section 6).
@@ -234,6 +245,12 @@ class QMeshClient:
     CURVE (a broker with keys): ``curve_secret`` and ``broker_key`` are the files ``--curve-secret`` and
     ``--broker-key`` take (this side's ``NAME.key_secret``, the broker's ``NAME.key``); ``curve`` is the same keys
     already loaded.
+
+    A broker pair: ``broker`` lists both, ``"tcp://A:5555,tcp://B:5556"``. The client talks to one; it moves to the
+    other when that one says it is passive (421), is of an older epoch than one already seen, closes the
+    connection, or stays silent for ``liveness`` seconds while requests wait (it is probed first), and sends
+    everything in flight again there, resuming streams after the tokens received (a worker that kept generating
+    carries on exactly where the client is).
     """
 
     def __init__(
@@ -247,6 +264,7 @@ class QMeshClient:
         curve_secret: str | Path | None = None,
         broker_key: str | Path | None = None,
         context: zmq.Context | None = None,
+        liveness: float = 7.5,
     ) -> None:
         if curve_secret is not None or broker_key is not None:
             if curve is not None:
@@ -255,6 +273,19 @@ class QMeshClient:
                 raise ConfigError("curve_secret and broker_key go together: both key files for CURVE, or neither")
             curve = CurveClientKeys.load(curve_secret, broker_key)
         self.broker = broker
+        try:
+            self._endpoints = broker_endpoints(broker)
+        except ValueError as exc:
+            raise QMeshError(f"bad broker address {broker!r}: {exc}") from exc
+        self._endpoint = 0
+        self._max_epoch = 0  # the newest epoch of a broker pair seen: a broker of an older one is stale
+        self._switch_due: str | None = None  # why the client must move to the other broker of the pair
+        self._last_heard = time.monotonic()
+        self._probe: bytes | None = None  # the id of the MMI call asking a silent broker whether it is there
+        self._switched = False  # everything was sent again on a new connection to the other broker
+        self._opened_at = time.monotonic()
+        self.liveness = liveness
+        self._curve_keys = curve
         self.timeout = timeout
         self.window = window
         self.connect_timeout = connect_timeout
@@ -269,30 +300,57 @@ class QMeshClient:
         self._ever_connected = False
         self._handshake_error: str | None = None  # why the last handshake failed, until one succeeds
         self._no_connection: str | None = None  # why, once an attempt to connect failed or the connection dropped
+        self._outbox: deque[list[bytes]] = deque()  # messages the socket could not take yet
+        self._poller = zmq.Poller()
+        self._open()
+
+    def _open(self) -> None:
+        """A DEALER to the current endpoint, and its monitor, in the poller."""
+        self._opened_at = time.monotonic()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
-        if curve is not None:
-            curve.apply(self._socket)
+        if self._curve_keys is not None:
+            self._curve_keys.apply(self._socket)
         self._monitor = self._socket.get_monitor_socket(
             HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
         )
         try:
-            self._socket.connect(broker)
+            self._socket.connect(self._endpoints[self._endpoint])
         except zmq.ZMQError as exc:
-            self.close()
-            raise QMeshError(f"bad broker address {broker!r}: {exc}") from exc
-        self._outbox: deque[list[bytes]] = deque()  # messages the socket could not take yet
-        self._poller = zmq.Poller()
+            self._shut()
+            raise QMeshError(f"bad broker address {self.broker!r}: {exc}") from exc
         self._poller.register(self._socket, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+
+    def _shut(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
+        self._socket.close(linger=0)
+
+    def _switch(self) -> None:
+        """Move to the other broker of the pair and send it everything in flight (once the connection is up)."""
+        log.info(
+            "moving to the broker at %s: %s",
+            self._endpoints[(self._endpoint + 1) % len(self._endpoints)],
+            self._switch_due,
+        )
+        self._switch_due, self._probe = None, None
+        self._poller.unregister(self._socket)
+        self._poller.unregister(self._monitor)
+        self._shut()
+        self._outbox.clear()  # meant for the broker left behind: what matters is sent again
+        self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+        self._connected = False
+        self._last_heard = time.monotonic()
+        self._open()
+        self._send_again()  # queued until the new connection is up
+        self._switched = True
 
     def close(self) -> None:
         for request in list(self._requests.values()):
             self.cancel(request)
-        self._socket.disable_monitor()
-        self._monitor.close(linger=0)
-        self._socket.close(linger=0)
+        self._shut()
 
     def __enter__(self) -> QMeshClient:
         return self
@@ -361,6 +419,7 @@ class QMeshClient:
             parallel_tool_calls=parallel_tool_calls,
         )
         request_id = self._prefix + next(self._ids).to_bytes(8, "big")
+        generation.stream = request_id  # the generation's name: a worker that outlives its broker keeps it by it
         timeout = self.timeout if timeout is None else timeout
         request = Request(self, request_id, model, generation, timeout, routing_hint(generation, session))
         if len(request.body) > p.MAX_BODY_BYTES:
@@ -490,12 +549,12 @@ class QMeshClient:
 
     def _ask(self, service: str, *body: bytes) -> MMICall:
         """Send an MMI request and return at once; ``poll`` settles the call."""
-        call = MMICall(service, time.monotonic())
+        request_id = self._prefix + next(self._ids).to_bytes(8, "big")
+        call = MMICall(service, time.monotonic(), body, request_id)
         refusal = self._refusal()
         if refusal is not None:
             call.done, call.error = True, refusal
             return call
-        request_id = self._prefix + next(self._ids).to_bytes(8, "big")
         self._mmi[request_id] = call
         self._send(p.client_request(service, list(body), request_id))
         return call
@@ -540,6 +599,7 @@ class QMeshClient:
         if self._monitor in events:
             self._drain_monitor()
         if self._socket in events:
+            self._last_heard = time.monotonic()
             while True:
                 try:
                     frames = recv_frames(self._socket)
@@ -547,7 +607,22 @@ class QMeshClient:
                     break
                 self._on_reply(frames)
             self._grant_credit()
-        self._expire(time.monotonic())
+        now = time.monotonic()
+        self._check_pair(now)
+        if self._switch_due is not None and now - self._opened_at >= SWITCH_DWELL:
+            self._switch()
+        self._expire(now)
+
+    def _check_pair(self, now: float) -> None:
+        """With a pair of brokers, a broker silent while requests wait is asked whether it is there; one still
+        silent after ``liveness`` seconds is left for the other (a frozen machine closes no connection)."""
+        if len(self._endpoints) < 2 or not (self._requests or self._mmi) or self._switch_due is not None:
+            return
+        silent = now - self._last_heard
+        if silent >= self.liveness:
+            self._switch_due = f"the broker was silent for {silent:.1f} s"
+        elif silent >= self.liveness / 2 and self._probe is None:
+            self._probe = self._ask("mmi.service", b"").request_id
 
     def _grant_credit(self) -> None:
         """Give back credit for chunks read off the socket, in batches of half a window."""
@@ -560,6 +635,10 @@ class QMeshClient:
         try:
             reply = p.parse_for_client(frames)
         except p.ProtocolError:
+            return
+        if reply.request_id == self._probe:
+            self._probe = None
+        if self._not_from_the_active_broker(reply):
             return
         call = self._mmi.pop(reply.request_id or b"", None)
         if call is not None:
@@ -580,6 +659,25 @@ class QMeshClient:
         else:
             request._on_final(reply.body)
 
+    def _not_from_the_active_broker(self, reply: p.BrokerToClient) -> bool:
+        """A passive broker's 421, or a STATUS of an older epoch than one already seen: the other broker of the
+        pair serves (the request stays, to be sent there)."""
+        fields: dict[str, Any] = {}
+        if reply.command in (p.C_FINAL, p.C_STATUS) and len(reply.body) == 1:
+            with contextlib.suppress(p.ProtocolError):
+                fields = p.unpack_map(reply.body[0])
+        error = fields.get("error")
+        epoch = error.get("epoch") if isinstance(error, dict) else fields.get("epoch")
+        if isinstance(epoch, int) and epoch < self._max_epoch and reply.command == p.C_STATUS:
+            self._switch_due = f"the broker is of epoch {epoch}, older than {self._max_epoch}"
+            return True
+        if isinstance(epoch, int):
+            self._max_epoch = max(self._max_epoch, epoch)
+        if isinstance(error, dict) and error.get("code") == p.NOT_ACTIVE and len(self._endpoints) > 1:
+            self._switch_due = "it is the passive broker of its pair"
+            return True
+        return False
+
     def _drain_monitor(self) -> None:
         while True:
             try:
@@ -588,30 +686,42 @@ class QMeshClient:
                 return
             event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                if self._ever_connected:
+                if self._ever_connected and not self._switched:  # the same broker again, which may have restarted
                     self._send_again()
+                self._switched = False
                 self._connected = self._ever_connected = True
                 self._handshake_error = self._no_connection = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected = False
                 self._no_connection = f"cannot reach the broker at {self.broker}: the connection was lost"
+                if len(self._endpoints) > 1:
+                    self._switch_due = "the connection to it closed"
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 self._no_connection = (
                     f"cannot reach the broker at {self.broker}: connecting failed (is qmesh-broker running?)"
                 )
+                if len(self._endpoints) > 1:
+                    self._switch_due = "connecting to it failed"
             else:
                 failure = handshake_failure(event, self.broker, message["value"], self._curve)
                 self._handshake_error = failure or self._handshake_error
 
     def _send_again(self) -> None:
-        """After a reconnection the broker may have lost everything: send each request again, resuming streams."""
+        """After a reconnection the broker may have lost everything (a restart, the other broker of a pair): send
+        each request and question again, resuming streams (a worker may have kept the stream going: the hint asks
+        the broker to give it a moment to come back)."""
         for request in list(self._requests.values()):
             body = request._resume_body()
             if body is None:
                 request._end(MeshError(p.WORKER_FAILED, "the connection to the broker was lost mid-stream"))
                 continue
             request.status, request.unacknowledged_chunks = {}, 0
-            self._send(p.client_request(request.model, [body], request.id, request.hint))
+            hint = request.hint
+            if hint is not None and hint.stream is not None:
+                hint = replace(hint, attach=True)
+            self._send(p.client_request(request.model, [body], request.id, hint))
+        for request_id, call in self._mmi.items():
+            self._send(p.client_request(call.service, list(call.body), request_id))
 
     def _expire(self, now: float) -> None:
         refusal = self._refusal()
@@ -715,9 +825,10 @@ class Chat:
 
 
 def routing_hint(generation: GenerationRequest, session: str | None = None) -> p.RoutingHint:
-    """What the broker routes by: the prefix hashes of the conversation (or of a raw prompt) and the session."""
+    """What the broker routes by: the prefix hashes of the conversation (or of a raw prompt), the session, and
+    the generation's stream id."""
     text = (generation.prompt or "") if generation.raw else conversation_text(generation.chat_messages())
-    return p.RoutingHint(prefix_hashes(text), session)
+    return p.RoutingHint(prefix_hashes(text), session, stream=generation.stream)
 
 
 class Embeddings(list[list[float]]):

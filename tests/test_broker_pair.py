@@ -1,0 +1,204 @@
+"""A primary/backup broker pair end to end: real broker processes, a worker process with real llama-servers, SDK
+clients and the gateway. Streams outlive the active broker's death, a frozen broker that wakes does no harm, a
+restarted primary comes back passive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from meshkit import MODEL, GatewayThread, WorkerProcess
+from qmesh.client.sdk import QMeshClient, Request
+from qmesh.common import protocol as p
+from qmesh.gateway.bridge import Bridge
+from qmesh.testing import Child, free_endpoint, qmesh_command, wait_for
+
+HEARTBEAT_MS = 200
+PROMPTS = [
+    "Write a long poem about rivers.",
+    "Tell a long story about a lighthouse keeper.",
+    "Describe the four seasons in detail.",
+    "Explain how bread is made, step by step.",
+]
+MAX_TOKENS = 80
+
+
+class BrokerPair:
+    """Two broker processes, primary and backup, on loopback, with their HA link."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.endpoints = {"primary": free_endpoint(), "backup": free_endpoint()}
+        self.ha = {"primary": free_endpoint(), "backup": free_endpoint()}
+        self.brokers: dict[str, Child] = {}
+
+    @property
+    def address(self) -> str:
+        return f"{self.endpoints['primary']},{self.endpoints['backup']}"
+
+    def start(self, role: str) -> Child:
+        peer = "backup" if role == "primary" else "primary"
+        command = qmesh_command(
+            "qmesh-broker",
+            "--bind", self.endpoints[role],
+            "--ha", role,
+            "--ha-bind", self.ha[role],
+            "--ha-peer", self.ha[peer],
+            "--heartbeat-ms", str(HEARTBEAT_MS),
+            "--log-level", "info",
+        )  # fmt: skip
+        log_path = self.log_dir / f"broker-{role}-{time.monotonic_ns()}.log"
+        self.brokers[role] = Child(f"broker {role}", command, log_path)
+        return self.brokers[role]
+
+    def active(self) -> str | None:
+        """Which broker says it is active (by asking each for its model table: a passive one answers 421)."""
+        for role, endpoint in self.endpoints.items():
+            if not self.brokers[role].alive():
+                continue
+            with QMeshClient(endpoint, connect_timeout=1) as client:
+                call = client._ask("mmi.services")
+                deadline = time.monotonic() + 1
+                while not call.done and time.monotonic() < deadline:
+                    client.poll(0.05)
+                if call.done and call.error is None:
+                    return role
+        return None
+
+    def stop(self) -> None:
+        for broker in self.brokers.values():
+            broker.stop()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[BrokerPair]:
+    brokers = BrokerPair(tmp_path)
+    brokers.start("primary")
+    brokers.start("backup")
+    try:
+        yield brokers
+    finally:
+        brokers.stop()
+
+
+@pytest.fixture
+def worker(pair: BrokerPair, tmp_path: Path) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(
+        pair.address,
+        "--threads", "2", "--slots", "2", "--cpu-threads", "1", "--heartbeat-ms", str(HEARTBEAT_MS),
+        log_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        with QMeshClient(pair.address, connect_timeout=5) as client:
+            wait_for(lambda: client.models().get(MODEL, {}).get("workers", 0) >= 2, 90, "both worker threads")
+        yield process
+    finally:
+        process.stop()
+
+
+def tokens(request: Request) -> list[int]:
+    return [token for chunk in request.chunks for token in chunk.tokens]
+
+
+def submit_all(client: QMeshClient) -> list[Request]:
+    return [client.submit(prompt, model=MODEL, max_tokens=MAX_TOKENS, temperature=0) for prompt in PROMPTS]
+
+
+def test_the_primary_serves_and_the_backup_waits(pair, worker):
+    assert pair.active() == "primary"
+    with QMeshClient(pair.endpoints["backup"], connect_timeout=5) as direct:
+        result = direct.submit("Say hi.", model=MODEL, max_tokens=4).result()
+        assert result.error is not None and result.error.code == p.NOT_ACTIVE  # the passive one says so
+
+
+def test_killing_the_active_broker_mid_stream_loses_no_token(pair, worker):
+    """Four streams at temperature 0; the active broker dies under them. The workers keep generating and hand the
+    streams to the new active broker, where the SDK asks for them: each answer is exactly its uninterrupted run."""
+    with QMeshClient(pair.address, timeout=180, connect_timeout=5) as client:
+        references = submit_all(client)
+        assert all(r.result().ok for r in references), [r.result().error for r in references]
+        streams = submit_all(client)
+        wait_for(lambda: client.poll(0.05) or all(len(s.chunks) >= 5 for s in streams), 60, "four streams")
+        os.kill(pair.brokers["primary"].pid, signal.SIGKILL)
+        results = [stream.result() for stream in streams]
+        assert all(r.ok for r in results), [r.error for r in results]
+        for stream, reference in zip(streams, references, strict=True):
+            assert tokens(stream) == tokens(reference), "a token lost, repeated or changed at the seam"
+            assert stream.result().tokens == reference.result().tokens
+    assert pair.active() == "backup"
+
+
+def test_killing_the_active_broker_before_the_first_token(pair, worker):
+    long_prompt = "Summarise this. " + " ".join(f"Line {i} says the tide comes in." for i in range(120))
+    with QMeshClient(pair.address, timeout=180, connect_timeout=5) as client:
+        request = client.submit(long_prompt, model=MODEL, max_tokens=8, temperature=0)
+        wait_for(lambda: client.poll(0.05) or request.status.get("state") == "dispatched", 30, "dispatch")
+        assert not request.chunks
+        os.kill(pair.brokers["primary"].pid, signal.SIGKILL)
+        result = request.result()
+        assert result.ok and result.tokens == len(tokens(request)) > 0, result.error
+
+
+def test_killing_the_passive_broker_changes_nothing(pair, worker):
+    with QMeshClient(pair.address, timeout=180, connect_timeout=5) as client:
+        stream = client.submit(PROMPTS[0], model=MODEL, max_tokens=MAX_TOKENS, temperature=0)
+        wait_for(lambda: client.poll(0.05) or len(stream.chunks) >= 3, 60, "a stream")
+        pair.brokers["backup"].kill()
+        assert stream.result().ok and stream.result().failovers == 0
+    assert pair.active() == "primary"
+
+
+def test_a_frozen_active_broker_is_replaced_and_stays_out_when_it_wakes(pair, worker):
+    primary = pair.brokers["primary"]
+    with QMeshClient(pair.address, timeout=180, connect_timeout=5) as client:
+        stream = client.submit(PROMPTS[1], model=MODEL, max_tokens=MAX_TOKENS, temperature=0)
+        wait_for(lambda: client.poll(0.05) or len(stream.chunks) >= 3, 60, "a stream")
+        os.kill(primary.pid, signal.SIGSTOP)
+        try:
+            result = stream.result()  # the workers and the client notice the silence and go to the backup
+            assert result.ok, result.error
+        finally:
+            os.kill(primary.pid, signal.SIGCONT)
+        wait_for(
+            lambda: "steps down" in primary.log() or "is passive" in primary.log(), 10, "the woken primary to yield"
+        )
+        after = client.submit("Say hi.", model=MODEL, max_tokens=4, temperature=0).result()
+        assert after.ok, after.error
+    assert pair.active() == "backup"
+    assert "Traceback" not in primary.log()
+
+
+def test_a_restarted_primary_comes_back_passive_and_the_mesh_keeps_answering(pair, worker):
+    pair.brokers["primary"].kill()
+    with QMeshClient(pair.address, timeout=180, connect_timeout=5) as client:
+        assert client.submit("Say hi.", model=MODEL, max_tokens=4).result().ok  # the backup took over
+        pair.start("primary")
+        wait_for(
+            lambda: pair.active() == "backup" and "passive" in pair.brokers["primary"].log(), 20, "a passive primary"
+        )
+        assert client.submit("Say bye.", model=MODEL, max_tokens=4).result().ok
+    assert pair.active() == "backup"
+
+
+def test_the_gateway_keeps_serving_across_a_takeover(pair, worker):
+    with GatewayThread(Bridge(pair.address, connect_timeout=5)) as front:
+        api = front.client()
+        chunks = api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=60, temperature=0, stream=True
+        )
+        received = []
+        for chunk in chunks:
+            received.append(chunk.choices[0].delta.content or "")
+            if len(received) == 5:
+                os.kill(pair.brokers["primary"].pid, signal.SIGKILL)
+        assert "".join(received).strip()
+        answer = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi."}], max_tokens=4)
+        assert answer.choices[0].message.content is not None
+        with pytest.raises(openai.APIError):  # an unknown model is still answered, by the new active broker
+            api.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
