@@ -100,6 +100,7 @@ _MMI_ANSWERS: dict[str, Callable[[list[bytes]], Any]] = {
     "mmi.services": lambda body: p.unpack_map(body[0] if body else b""),
     "mmi.workers": lambda body: p.unpack(body[0] if body else b""),
     "mmi.requests": lambda body: p.unpack(body[0] if body else b""),
+    "mmi.shards": lambda body: p.unpack(body[0] if body else b""),
     "mmi.models": lambda body: p.unpack(body[0] if body else b""),
     "mmi.service": lambda body: body[:1] == [b"200"],
 }
@@ -534,6 +535,11 @@ class QMeshClient:
         """The model files of the mesh (``mmi.models``, docs/PROTOCOL.md section 6): each name with its sha256 and
         size, the workers and stores that hold it, holders found with a bad copy, and transfers of it under way."""
         return self._wait(self._ask("mmi.models"))
+
+    def shards(self) -> list[dict[str, Any]]:
+        """The shard hosts (``mmi.shards``, docs/PROTOCOL.md section 6): what each offers, how much of it a split
+        worker uses, and which."""
+        return self._wait(self._ask("mmi.shards"))
 
     def recent_requests(self) -> list[dict[str, Any]]:
         """The last few hundred requests that ended, oldest first (``mmi.requests``, docs/PROTOCOL.md section 6)."""

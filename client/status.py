@@ -29,11 +29,12 @@ app = typer.Typer(add_completion=False, help="Show the mesh's workers and queues
 
 WORKER_COLUMNS = ("NAME", "HOST", "MODEL", "SLOTS", "TOK/S", "CACHE HITS", "CPU", "MEM", "LAST SEEN", "STATE")
 MODEL_COLUMNS = ("MODEL", "WORKERS", "SLOTS", "BUSY", "QUEUED", "CONTEXT")
+SHARD_COLUMNS = ("SHARD HOST", "HOST", "DEVICE", "MEMORY", "USED", "FREE", "WORKER", "LAST SEEN")
 
 
 def snapshot(client: QMeshClient) -> dict[str, Any]:
     """The mesh right now, in the shape ``--json`` prints."""
-    return {"workers": worker_rows(client.workers()), "models": client.models()}
+    return {"workers": worker_rows(client.workers()), "models": client.models(), "shards": client.shards()}
 
 
 def worker_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,7 +69,8 @@ def _worker_row(worker: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(snap: dict[str, Any]) -> str:
-    """Two aligned tables; a mesh without workers says so rather than printing empty headers."""
+    """Aligned tables: workers, models, shard hosts; a mesh without workers says so rather than printing empty
+    headers."""
     lines: list[str] = []
     if snap["workers"]:
         rows = [
@@ -103,6 +105,22 @@ def render(snap: dict[str, Any]) -> str:
             for name, m in sorted(snap["models"].items())
         ]
         lines += table_lines(MODEL_COLUMNS, rows)
+    if snap.get("shards"):  # shard hosts lend memory to split workers (qmesh-shard; a worker's --shards)
+        lines.append("")
+        rows = [
+            (
+                s["name"],
+                s["host"],
+                s["device"],
+                f"{s['memory']} MiB",
+                f"{s['used']} MiB",
+                f"{s['free']} MiB",
+                s["worker"] or "-",
+                _number(s["last_seen_s"], "{:.1f}s ago"),
+            )
+            for s in snap["shards"]
+        ]
+        lines += table_lines(SHARD_COLUMNS, rows)
     return "\n".join(lines) + "\n"
 
 

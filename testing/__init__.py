@@ -39,7 +39,12 @@ from qmesh.common.errors import QMeshError
 from qmesh.common.keys import CurveClientKeys
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = {"qmesh-broker": "qmesh.broker.cli", "qmesh-worker": "qmesh.worker.cli", "qmesh-client": "qmesh.client.cli"}
+PROGRAMS = {
+    "qmesh-broker": "qmesh.broker.cli",
+    "qmesh-worker": "qmesh.worker.cli",
+    "qmesh-client": "qmesh.client.cli",
+    "qmesh-shard": "qmesh.worker.shard_cli",
+}
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
 

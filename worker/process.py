@@ -53,7 +53,12 @@ class LlamaProcessManager:
     After an unexpected exit it restarts llama-server up to ``max_restarts`` times in a row, waiting
     ``restart_backoff * 2**k`` before the k-th; a run that lasted ``STABLE_AFTER`` seconds ends the streak.
     Then it gives up: state "failed", with ``failure`` saying why.
+
+    A subclass supervises another llama.cpp program the same way (a shard host's rpc-server, worker/shard.py): it
+    names it in ``program`` and says how it knows the program is up (``command``, ``probe``, ``is_healthy``).
     """
+
+    program = "llama-server"  # what logs and errors call the process
 
     def __init__(
         self,
@@ -154,7 +159,7 @@ class LlamaProcessManager:
         """Launch llama-server and block until /health answers 200; raises :class:`SidecarStartError`."""
         with self._lock:
             if self._supervisor is not None and self._supervisor.is_alive():
-                raise SidecarStartError(f"llama-server for {self.model} is already {self._state}")
+                raise SidecarStartError(f"{self.program} for {self.model} is already {self._state}")
             self._stopping.clear()
             self._launched.clear()
             self._launch_error = None
@@ -177,7 +182,7 @@ class LlamaProcessManager:
             proc = self._proc
             supervisor = self._supervisor
         if proc is not None and proc.poll() is None:
-            log.info("stopping llama-server (pid %d)", proc.pid)
+            log.info("stopping %s (pid %d)", self.program, proc.pid)
             _terminate(proc, self.stop_grace)
         if supervisor is not None and supervisor is not threading.current_thread():
             supervisor.join()
@@ -210,12 +215,12 @@ class LlamaProcessManager:
         try:
             self._launch()
         except _Cancelled:
-            self._launch_error = SidecarStartError(f"llama-server for {self.model} was stopped while starting")
+            self._launch_error = SidecarStartError(f"{self.program} for {self.model} was stopped while starting")
         except SidecarStartError as exc:
             self._launch_error = exc
             self._set_failed(str(exc))
         except Exception as exc:  # e.g. no free port: start() must still get an answer
-            self._launch_error = SidecarStartError(f"could not start llama-server: {exc!r}")
+            self._launch_error = SidecarStartError(f"could not start {self.program}: {exc!r}")
             self._launch_error.__cause__ = exc
             self._set_failed(str(self._launch_error))
         else:
@@ -244,7 +249,7 @@ class LlamaProcessManager:
             if time.monotonic() - up_since >= STABLE_AFTER:
                 streak = 0
             self._drain_output()
-            reason = f"llama-server {describe_exit(returncode)}" + self._tail_text()
+            reason = f"{self.program} {describe_exit(returncode)}" + self._tail_text()
             log.warning("%s", reason)
             while True:
                 if streak >= self.max_restarts:
@@ -255,7 +260,7 @@ class LlamaProcessManager:
                     return
                 streak += 1
                 self._restarts += 1
-                log.info("restarting llama-server (restart %d, %d in a row)", self._restarts, streak)
+                log.info("restarting %s (restart %d, %d in a row)", self.program, self._restarts, streak)
                 try:
                     self._launch()
                 except _Cancelled:
@@ -270,7 +275,7 @@ class LlamaProcessManager:
     def _set_failed(self, failure: str) -> None:
         self._failure = failure
         self._state = FAILED
-        log.error("llama-server failed: %s", failure)
+        log.error("%s failed: %s", self.program, failure)
 
     def _launch(self) -> None:
         """Spawn llama-server and wait for health, moving to a fresh port if the chosen one is taken."""
@@ -307,7 +312,7 @@ class LlamaProcessManager:
                     preexec_fn=_die_with_parent(os.getpid()),
                 )
             except OSError as exc:
-                raise SidecarStartError(f"could not execute llama-server {self.binary.path}: {exc}") from exc
+                raise SidecarStartError(f"could not execute {self.program} {self.binary.path}: {exc}") from exc
             proc = self._proc
         self._reader = threading.Thread(
             target=self._read_output, args=(proc,), name=f"llama-server-output:{proc.pid}", daemon=True
@@ -335,20 +340,24 @@ class LlamaProcessManager:
                 if returncode is not None:
                     self._drain_output()
                     raise SidecarStartError(
-                        f"llama-server (loading {self.model}) {describe_exit(returncode)}" + self._tail_text()
+                        f"{self.program} (loading {self.model}) {describe_exit(returncode)}" + self._tail_text()
                     )
-                if client.health_check():
-                    log.info("llama-server ready at %s (pid %d)", self.base_url, proc.pid)
+                if self.probe(client):
+                    log.info("%s ready at %s (pid %d)", self.program, self.base_url, proc.pid)
                     return
                 if time.monotonic() >= deadline:
                     _terminate(proc, self.stop_grace)
                     raise SidecarStartError(
-                        f"llama-server did not become healthy within {self.load_timeout:g}s loading "
+                        f"{self.program} did not become healthy within {self.load_timeout:g}s loading "
                         f"{self.model}" + self._tail_text()
                     )
                 self._stopping.wait(_HEALTH_POLL)
         finally:
             client.close()
+
+    def probe(self, client: LlamaHttpClient) -> bool:
+        """Whether the program answers now, while it starts: llama-server's /health says 200."""
+        return client.health_check()
 
     def _drain_output(self) -> None:
         """Wait briefly for the reader to collect a dead process's last lines, so error messages have them."""
@@ -362,8 +371,8 @@ class LlamaProcessManager:
     def _tail_text(self, n: int = 30) -> str:
         tail = self.output_tail(n)
         if not tail:
-            return "\n(llama-server printed nothing)"
-        return f"\nlast {len(tail)} lines of llama-server output:\n" + "\n".join(tail)
+            return f"\n({self.program} printed nothing)"
+        return f"\nlast {len(tail)} lines of {self.program} output:\n" + "\n".join(tail)
 
 
 def describe_exit(returncode: int) -> str:
