@@ -83,8 +83,21 @@ class BrokerMetrics:
             "qmesh_broker_epoch", "The epoch of the broker pair's last takeover (0: no pair).", registry=r
         )
         self.slots = Gauge("qmesh_worker_slots", "Generation slots of the live workers.", ["model"], registry=r)
+        self.shard_hosts = Gauge(
+            "qmesh_shard_hosts", "Shard hosts by state: used (held by a split worker) or free.", ["state"], registry=r
+        )
+        self.shard_memory = Gauge(
+            "qmesh_shard_memory_bytes",
+            "Memory the shard hosts offer: used (a split worker's model placed there) or free.",
+            ["state"],
+            registry=r,
+        )
+        self.split_workers = Gauge(
+            "qmesh_split_workers", "Split workers holding shard hosts, by model.", ["model"], registry=r
+        )
         self._next_refresh = float("-inf")
         self._gauge_labels: set[str] = set()
+        self._split_labels: set[str] = set()
         self._server: WSGIServer | None = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
@@ -149,3 +162,19 @@ class BrokerMetrics:
             self.slots.labels(model).set(slots.get(model, 0))
             for state in WORKER_STATES:
                 self.workers.labels(model, state).set(states.get((model, state), 0))
+        self._refresh_shards(core)
+
+    def _refresh_shards(self, core: BrokerCore) -> None:
+        hosts = core.shards.hosts.values()
+        used = [host for host in hosts if host.lease is not None]
+        self.shard_hosts.labels("used").set(len(used))
+        self.shard_hosts.labels("free").set(len(hosts) - len(used))
+        self.shard_memory.labels("used").set(sum(host.used for host in hosts) * 2**20)
+        self.shard_memory.labels("free").set(sum(host.memory - host.used for host in hosts) * 2**20)
+        splits: dict[str, int] = dict.fromkeys(self._split_labels, 0)  # a model seen once keeps reporting 0
+        for lease in core.shards.leases.values():
+            if lease.hosts and lease.ask is not None:
+                splits[lease.ask.model] = splits.get(lease.ask.model, 0) + 1
+        self._split_labels = set(splits)
+        for model, count in splits.items():
+            self.split_workers.labels(model).set(count)

@@ -66,14 +66,19 @@ def choose(free: Sequence[H], memory: int, count: int) -> list[H] | None:
 
 
 def shares(memory: int, offered: Sequence[int]) -> list[int]:
-    """``memory`` MiB spread over hosts in proportion to what each offers (llama-server's --tensor-split does the
-    same with the layers); whole MiB that add up to ``memory``, none above what its host offers."""
+    """``memory`` MiB (at least one per host) spread over hosts in proportion to what each offers (llama-server's
+    --tensor-split does the same with the layers); whole MiB that add up to ``memory``, none above what its host
+    offers, none zero."""
     total = sum(offered)
     exact = [memory * size / total for size in offered]
     parts = [int(share) for share in exact]
     by_remainder = sorted(range(len(offered)), key=lambda i: exact[i] - parts[i], reverse=True)
     for i in by_remainder[: memory - sum(parts)]:
         parts[i] += 1
+    for i, part in enumerate(parts):  # a tiny host beside large ones: one MiB taken from the largest share
+        if part == 0:
+            parts[parts.index(max(parts))] -= 1
+            parts[i] = 1
     return parts
 
 
@@ -209,6 +214,9 @@ class ShardRegistry:
             self._release(lease, out)  # a lease holds one grant: asking again gives back the hosts it held
             lease.ask = ask
         lease.expires_at = now + self.ttl
+        if ask.memory < ask.count:
+            out.append((identity, p.shard_refusal(p.BAD_REQUEST, "an ask needs at least 1 MiB for each host")))
+            return
         excluded = set(ask.exclude)
         free = [
             host

@@ -72,6 +72,7 @@ def test_shares_follow_what_each_host_offers() -> None:
     assert shares(100, [100, 100]) == [50, 50]
     assert shares(101, [100, 300]) == [25, 76]
     assert sum(shares(7, [1, 1, 1])) == 7
+    assert shares(3, [1, 1000, 1000]) == [1, 1, 1]  # a tiny host beside large ones still holds a part
 
 
 @settings(max_examples=400)
@@ -81,6 +82,7 @@ def test_shares_follow_what_each_host_offers() -> None:
     count=st.integers(0, 4),
 )
 def test_choose_against_every_subset(sizes: list[int], memory: int, count: int) -> None:
+    memory = max(memory, count)  # an ask gives each host at least 1 MiB (the registry refuses less)
     hosts = [Host(f"h{i}", size) for i, size in enumerate(sizes)]
     chosen = choose(hosts, memory, count)
 
@@ -97,7 +99,7 @@ def test_choose_against_every_subset(sizes: list[int], memory: int, count: int) 
     if chosen is not None:
         assert len({h.name for h in chosen}) == len(chosen) and all(h in hosts for h in chosen)
         assert sum(h.memory for h in chosen) >= memory
-        assert all(0 <= s <= h.memory for s, h in zip(shares(memory, [h.memory for h in chosen]), chosen, strict=True))
+        assert all(0 < s <= h.memory for s, h in zip(shares(memory, [h.memory for h in chosen]), chosen, strict=True))
         assert sum(shares(memory, [h.memory for h in chosen])) == memory
 
 
@@ -222,7 +224,7 @@ def test_no_host_ever_serves_two_workers(history: list[tuple]) -> None:
             if identity in mesh.registry.hosts or not replies:
                 continue
             (reply,) = replies
-            expected = choose(free, memory, count)
+            expected = choose(free, memory, count) if memory >= count else None
             assert (reply.refusal is None) == (expected is not None)
             if expected is not None:
                 assert sorted(place.name for place in reply.grant) == sorted(h.name for h in expected)
@@ -255,3 +257,26 @@ def test_the_core_hands_shard_peers_to_its_registry() -> None:
     assert not core.shards.leases
     out = core.on_message(b"w", p.heartbeat(), 5.1)  # a stranger now: told to register again, as a worker is
     assert out == [(b"w", p.disconnect())]
+
+
+def test_metrics_count_shard_hosts_their_memory_and_split_workers() -> None:
+    from qmesh.broker.metrics import BrokerMetrics
+
+    core = BrokerCore()
+    for name in ("a", "b", "c"):
+        core.on_message(name.encode(), p.shard_ready(offer(name, 100)), 0.0)
+    core.on_message(b"w", p.shard_request(ask(150, model="big")), 0.0)
+    metrics = BrokerMetrics()
+    metrics.update(core, 0.0)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert (sample("qmesh_shard_hosts", state="used"), sample("qmesh_shard_hosts", state="free")) == (2, 1)
+    assert sample("qmesh_shard_memory_bytes", state="used") == 150 * 2**20
+    assert sample("qmesh_shard_memory_bytes", state="free") == 150 * 2**20
+    assert sample("qmesh_split_workers", model="big") == 1
+    core.on_message(b"w", p.disconnect(), 1.0)
+    metrics.update(core, 1.0)
+    assert sample("qmesh_split_workers", model="big") == 0
+    assert sample("qmesh_shard_hosts", state="free") == 1  # the released two register again once restarted
