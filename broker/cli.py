@@ -110,7 +110,7 @@ def run(
         None,
         "--ha-peer-key",
         envvar="QMESH_HA_PEER_KEY",
-        help="With CURVE: the peer broker's public key file; each broker's key must be on the other's allow-lists.",
+        help="With CURVE: the peer broker's public key file (the one key its HA link admits, and proves).",
     ),
     curve_secret: Path = typer.Option(
         None, "--curve-secret", envvar="QMESH_CURVE_SECRET", help="The broker's key pair (NAME.key_secret): CURVE on."

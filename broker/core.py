@@ -202,6 +202,7 @@ class BrokerCore:
         self.recent: deque[RecentRequest] = deque(maxlen=RECENT_REQUESTS)  # read (not drained) by mmi.requests
         self._recent_seq = count(1)
         self.epoch = 0  # of the broker pair's last takeover (0: a broker without a peer): fences stale brokers
+        self.pair_role: str | None = None  # "primary" or "backup" in a pair (set by its loop), for mmi.broker
         self.streams: dict[bytes, bytes] = {}  # stream id -> route key of the live request that names it
         self._next_stream_check = float("inf")  # the earliest attach wait or attached stream that runs out
         # Models travelling through the broker; paced harder while requests are in flight (their token streams).
@@ -921,6 +922,8 @@ class BrokerCore:
             return [p.pack([record.as_map(self._now) for record in self.recent])]
         if service_name == "mmi.models":
             return [p.pack(self.transfers.catalogue())]
+        if service_name == "mmi.broker":
+            return [p.pack({"pair_role": self.pair_role, "epoch": self.epoch})]
         return [b"501"]
 
     def service_table(self) -> dict[str, dict[str, Any]]:

@@ -101,14 +101,14 @@ class Broker:
 
     def _open_pair(self, settings: PairSettings) -> None:
         self.pair = PairCore(settings.role, time.monotonic(), self.config.heartbeat_interval, self.config.liveness)
+        self.core.pair_role = settings.role.value
         self._ha_pub = self._context.socket(zmq.PUB)
         self._ha_pub.setsockopt(zmq.LINGER, 0)
         self._ha_sub = self._context.socket(zmq.SUB)
         self._ha_sub.setsockopt(zmq.LINGER, 0)
         self._ha_sub.setsockopt(zmq.SUBSCRIBE, b"")
         if self.security is not None:  # the link is encrypted; only the real peer, holding its secret, can publish
-            self.security.configure(self._ha_pub)
-            self.security.configure_peer(self._ha_sub, settings.peer_key)
+            self.security.configure_ha_link(self._ha_pub, self._ha_sub, settings.peer_key)
         self._ha_events = self._ha_sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         try:
             self._ha_pub.bind(settings.bind)

@@ -19,6 +19,8 @@ from qmesh.common.keys import key_fingerprint, load_keypair, read_allow_list
 
 log = logging.getLogger(__name__)
 
+HA_DOMAIN = "qmesh-ha"  # the ZAP domain of a pair's HA link, which admits the peer broker's key alone
+
 
 class BrokerSecurity:
     def __init__(self, secret_file: str | Path, allow_workers: str | Path, allow_clients: str | Path) -> None:
@@ -27,6 +29,7 @@ class BrokerSecurity:
         self._peers: dict[str, Peer] = {}
         self._stamp: tuple[float, ...] = ()
         self._authenticator: ThreadAuthenticator | None = None
+        self._ha_peer: str | None = None  # the peer broker's public key (z85), the one key the HA link admits
         self.reload()
 
     def reload(self) -> None:
@@ -51,6 +54,7 @@ class BrokerSecurity:
         authenticator = ThreadAuthenticator(context, log=logging.getLogger("qmesh.broker.zap"))
         authenticator.start()
         authenticator.configure_curve_callback("*", self)
+        authenticator.configure_curve_callback(HA_DOMAIN, self)
         self._authenticator = authenticator
 
     def stop(self) -> None:
@@ -63,17 +67,29 @@ class BrokerSecurity:
         socket.curve_secretkey = self.keys.secret
         socket.curve_publickey = self.keys.public
 
-    def configure_peer(self, socket: zmq.Socket, peer_key: bytes | None) -> None:
-        """The HA link's SUB socket: a CURVE client with this broker's own key pair, connecting to the peer broker's
-        public key; the peer admits it only if this broker's key is on one of its allow-lists."""
+    def configure_ha_link(self, publisher: zmq.Socket, subscriber: zmq.Socket, peer_key: bytes | None) -> None:
+        """The HA link with CURVE: this broker publishes to the peer broker's key alone (its own ZAP domain), and
+        hears only a publisher that proves it holds the peer's secret key (the subscriber's server key): nobody else
+        can read this broker's state or pose as its peer."""
         if peer_key is None:
             raise ValueError("a broker pair with CURVE needs the peer broker's public key (--ha-peer-key)")
-        socket.curve_secretkey = self.keys.secret
-        socket.curve_publickey = self.keys.public
-        socket.curve_serverkey = peer_key
+        self.configure(publisher)
+        publisher.zap_domain = HA_DOMAIN.encode()
+        self._ha_peer = peer_key.decode()
+        subscriber.curve_secretkey = self.keys.secret
+        subscriber.curve_publickey = self.keys.public
+        subscriber.curve_serverkey = peer_key
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """ZAP: admit a connection whose key is on either list."""
+        """ZAP: admit a connection whose key is on either list; on the HA link, the peer broker's key only."""
+        if domain == HA_DOMAIN:
+            allowed = key.decode() == self._ha_peer
+            if not allowed:
+                log.warning(
+                    "refused a connection to the HA link from key %s: not the peer broker's (--ha-peer-key)",
+                    key_fingerprint(key),
+                )
+            return allowed
         allowed = key.decode() in self._peers
         if not allowed:
             log.warning("refused a connection from key %s, which is on no allow-list", key_fingerprint(key))

@@ -24,12 +24,12 @@ from qmesh.client.sdk import QMeshClient, Request, Result
 from qmesh.common import protocol as p
 from qmesh.common.config import (
     broker_key_option,
+    broker_option,
     client_keys_from_options,
     config_option,
     curve_secret_option,
     version_option,
 )
-from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import MeshError, QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 
@@ -102,7 +102,7 @@ def run(
     connect_timeout: float = typer.Option(
         10.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
     ),
-    broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     log_level: LogLevel = log_level_option(LogLevel.warning),

@@ -20,12 +20,12 @@ from qmesh.client.status import table_lines
 from qmesh.common import protocol as p
 from qmesh.common.config import (
     broker_key_option,
+    broker_option,
     client_keys_from_options,
     config_option,
     curve_secret_option,
     version_option,
 )
-from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
 from qmesh.common.modelfiles import GGUF_SUFFIX, default_digest_cache
 from qmesh.common.paths import models_dirs
@@ -34,10 +34,6 @@ from qmesh.common.pull import ProgressReport, pull_model, push_model
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The model files of the mesh: list, pull, push.")
 
 COLUMNS = ("NAME", "SHA256", "SIZE", "HELD BY")
-
-
-def _broker() -> Any:
-    return typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint.")
 
 
 def _connect_timeout() -> Any:
@@ -72,7 +68,7 @@ def render(models: list[dict[str, Any]]) -> str:
 @app.command("list")
 def list_models(
     json_output: bool = _json(),
-    broker: str = _broker(),
+    broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     connect_timeout: float = _connect_timeout(),
@@ -93,7 +89,7 @@ def list_models(
 def pull(
     name: str = typer.Argument(..., help="The model's name in the mesh (qmesh-models list)."),
     json_output: bool = _json(),
-    broker: str = _broker(),
+    broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     connect_timeout: float = _connect_timeout(),
@@ -148,7 +144,7 @@ def push(
     path: Path = typer.Argument(..., exists=True, dir_okay=False, help="The GGUF file to copy into the store."),
     name: str = typer.Option(None, "--name", help="Its name in the mesh (default: the file's name less .gguf)."),
     json_output: bool = _json(),
-    broker: str = _broker(),
+    broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     connect_timeout: float = _connect_timeout(),

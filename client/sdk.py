@@ -38,7 +38,7 @@ from qmesh.common.bodies import BadRequest, EmbeddingRequest, GenerationRequest,
 from qmesh.common.endpoints import DEFAULT_BROKER, broker_endpoints
 from qmesh.common.errors import BrokerUnreachable, ConfigError, MeshError, QMeshError
 from qmesh.common.fastio import recv_frames, send_frames
-from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
+from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, HandshakeWatch
 from qmesh.common.prefix import conversation_text, prefix_hashes
 
 
@@ -100,8 +100,9 @@ _MMI_ANSWERS: dict[str, Callable[[list[bytes]], Any]] = {
     "mmi.services": lambda body: p.unpack_map(body[0] if body else b""),
     "mmi.workers": lambda body: p.unpack(body[0] if body else b""),
     "mmi.requests": lambda body: p.unpack(body[0] if body else b""),
-    "mmi.shards": lambda body: p.unpack(body[0] if body else b""),
     "mmi.models": lambda body: p.unpack(body[0] if body else b""),
+    "mmi.broker": lambda body: p.unpack(body[0] if body else b""),
+    "mmi.shards": lambda body: p.unpack(body[0] if body else b""),
     "mmi.service": lambda body: body[:1] == [b"200"],
 }
 
@@ -278,6 +279,8 @@ class QMeshClient:
             self._endpoints = broker_endpoints(broker)
         except ValueError as exc:
             raise QMeshError(f"bad broker address {broker!r}: {exc}") from exc
+        if curve is not None:
+            curve.check_brokers(len(self._endpoints))
         self._endpoint = 0
         self._max_epoch = 0  # the newest epoch of a broker pair seen: a broker of an older one is stale
         self._switch_due: str | None = None  # why the client must move to the other broker of the pair
@@ -308,11 +311,12 @@ class QMeshClient:
     def _open(self) -> None:
         """A DEALER to the current endpoint, and its monitor, in the poller."""
         self._opened_at = time.monotonic()
+        self._handshakes = HandshakeWatch(self.broker, self._curve)
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
         if self._curve_keys is not None:
-            self._curve_keys.apply(self._socket)
+            self._curve_keys.apply(self._socket, self._endpoint)
         self._monitor = self._socket.get_monitor_socket(
             HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
         )
@@ -531,15 +535,21 @@ class QMeshClient:
     def workers(self) -> list[dict[str, Any]]:
         return self._wait(self._ask("mmi.workers"))
 
-    def model_files(self) -> list[dict[str, Any]]:
-        """The model files of the mesh (``mmi.models``, docs/PROTOCOL.md section 6): each name with its sha256 and
-        size, the workers and stores that hold it, holders found with a bad copy, and transfers of it under way."""
-        return self._wait(self._ask("mmi.models"))
+    def broker_info(self) -> dict[str, Any]:
+        """The broker that answers (``mmi.broker``): its ``endpoint``, its ``pair_role`` (``"primary"``,
+        ``"backup"``, or None outside a pair) and ``epoch`` (of its pair's last takeover; 0 outside a pair)."""
+        answer = self._wait(self._ask("mmi.broker"))
+        return {"endpoint": self._endpoints[self._endpoint], **answer}
 
     def shards(self) -> list[dict[str, Any]]:
         """The shard hosts (``mmi.shards``, docs/PROTOCOL.md section 6): what each offers, how much of it a split
         worker uses, and which."""
         return self._wait(self._ask("mmi.shards"))
+
+    def model_files(self) -> list[dict[str, Any]]:
+        """The model files of the mesh (``mmi.models``, docs/PROTOCOL.md section 6): each name with its sha256 and
+        size, the workers and stores that hold it, holders found with a bad copy, and transfers of it under way."""
+        return self._wait(self._ask("mmi.models"))
 
     def recent_requests(self) -> list[dict[str, Any]]:
         """The last few hundred requests that ended, oldest first (``mmi.requests``, docs/PROTOCOL.md section 6)."""
@@ -709,7 +719,7 @@ class QMeshClient:
                 if len(self._endpoints) > 1:
                     self._switch_due = "connecting to it failed"
             else:
-                failure = handshake_failure(event, self.broker, message["value"], self._curve)
+                failure = self._handshakes.refusal(event, message["value"])
                 self._handshake_error = failure or self._handshake_error
 
     def _send_again(self) -> None:

@@ -17,12 +17,12 @@ import typer
 from qmesh.client.sdk import QMeshClient
 from qmesh.common.config import (
     broker_key_option,
+    broker_option,
     client_keys_from_options,
     config_option,
     curve_secret_option,
     version_option,
 )
-from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
 
 app = typer.Typer(add_completion=False, help="Show the mesh's workers and queues (like 'ollama ps').")
@@ -34,7 +34,12 @@ SHARD_COLUMNS = ("SHARD HOST", "HOST", "DEVICE", "MEMORY", "USED", "FREE", "WORK
 
 def snapshot(client: QMeshClient) -> dict[str, Any]:
     """The mesh right now, in the shape ``--json`` prints."""
-    return {"workers": worker_rows(client.workers()), "models": client.models(), "shards": client.shards()}
+    return {
+        "broker": client.broker_info(),
+        "workers": worker_rows(client.workers()),
+        "models": client.models(),
+        "shards": client.shards(),
+    }
 
 
 def worker_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -69,9 +74,13 @@ def _worker_row(worker: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(snap: dict[str, Any]) -> str:
-    """Aligned tables: workers, models, shard hosts; a mesh without workers says so rather than printing empty
-    headers."""
+    """Aligned tables: workers, models, shard hosts (after a line naming the active broker, for a pair); a mesh
+    without workers says so rather than printing empty headers."""
     lines: list[str] = []
+    broker = snap.get("broker") or {}
+    if broker.get("pair_role"):  # which broker of the pair serves: after a takeover, the backup
+        role, epoch = broker["pair_role"], broker["epoch"]
+        lines += [f"broker {broker['endpoint']}: active, the {role} of its pair, epoch {epoch}", ""]
     if snap["workers"]:
         rows = [
             (
@@ -148,7 +157,7 @@ def run(
         min=0.0,
         help="Refresh every N seconds until Ctrl-C (0: print once).",
     ),
-    broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     connect_timeout: float = typer.Option(

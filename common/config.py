@@ -30,6 +30,7 @@ from typing import Any
 
 import typer
 
+from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import ConfigError
 from qmesh.common.keys import CurveClientKeys
 from qmesh.common.paths import config_dir
@@ -186,9 +187,24 @@ def curve_secret_option() -> Any:
     )
 
 
+def broker_option() -> Any:
+    """``--broker``: where the broker listens, or both brokers of a pair."""
+    return typer.Option(
+        DEFAULT_BROKER,
+        "--broker",
+        envvar="QMESH_BROKER",
+        help="Broker endpoint; a broker pair as both, the primary's first: tcp://A:5555,tcp://B:5556.",
+    )
+
+
 def broker_key_option() -> Any:
-    """``--broker-key FILE``: the broker's public key (NAME.key)."""
-    return typer.Option(None, "--broker-key", envvar="QMESH_BROKER_KEY", help="The broker's CURVE public key file.")
+    """``--broker-key FILE``: the broker's public key (NAME.key); a pair's, one per broker (A.key,B.key)."""
+    return typer.Option(
+        None,
+        "--broker-key",
+        envvar="QMESH_BROKER_KEY",
+        help="The broker's CURVE public key file; a pair's as A.key,B.key (in --broker's order) unless they share one.",
+    )
 
 
 def client_keys_from_options(curve_secret: Path | None, broker_key: Path | None) -> CurveClientKeys | None:

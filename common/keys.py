@@ -35,19 +35,33 @@ class AllowedKey:
 
 @dataclass(frozen=True, slots=True)
 class CurveClientKeys:
-    """What a worker or client needs to talk to a CURVE broker."""
+    """What a worker or client needs to talk to a CURVE broker: its own key pair and the broker's public key, or
+    each broker's of a pair (in ``--broker``'s order; one key alone serves a pair that shares its key pair)."""
 
     own: KeyPair
-    broker_public: bytes
+    broker_publics: tuple[bytes, ...]
 
     @classmethod
-    def load(cls, secret_file: str | Path, broker_key_file: str | Path) -> CurveClientKeys:
-        return cls(load_keypair(secret_file), load_public_key(broker_key_file))
+    def load(cls, secret_file: str | Path, broker_key_files: str | Path) -> CurveClientKeys:
+        """``broker_key_files``: ``NAME.key``, or ``A.key,B.key`` for a pair."""
+        files = [part.strip() for part in str(broker_key_files).split(",") if part.strip()]
+        if not files:
+            raise ConfigError("no broker key file given")
+        return cls(load_keypair(secret_file), tuple(load_public_key(file) for file in files))
 
-    def apply(self, socket: zmq.Socket) -> None:
+    def check_brokers(self, count: int) -> None:
+        """One broker key for all the brokers, or one for each."""
+        if len(self.broker_publics) not in (1, count):
+            raise ConfigError(
+                f"{len(self.broker_publics)} broker keys for {count} broker(s): give one key file, or one per broker "
+                "in --broker's order (--broker-key A.key,B.key)"
+            )
+
+    def apply(self, socket: zmq.Socket, broker_index: int = 0) -> None:
+        """Make ``socket`` a CURVE client of broker number ``broker_index`` (of ``--broker``'s list)."""
         socket.curve_secretkey = self.own.secret
         socket.curve_publickey = self.own.public
-        socket.curve_serverkey = self.broker_public
+        socket.curve_serverkey = self.broker_publics[broker_index if len(self.broker_publics) > 1 else 0]
 
 
 def key_fingerprint(public: bytes | str) -> str:
@@ -169,3 +183,27 @@ def handshake_failure(event: int, broker: str, value: int = 0, curve: bool | Non
             "and this side do not agree on using CURVE"
         )
     return None
+
+
+# A broker that dies while a handshake is under way hangs up as one that cannot read our HELLO does (a wrong broker
+# key): only this many such failures in a row, with no success between, are taken for a wrong key.
+WRONG_KEY_AFTER = 3
+
+
+@dataclass(slots=True)
+class HandshakeWatch:
+    """The handshake events of one connection (libzmq retries a failed handshake by itself), judged: a refusal that
+    retrying cannot fix, or nothing. One hang-up during the handshake is not yet a wrong key."""
+
+    broker: str
+    curve: bool | None = None
+    hang_ups: int = 0  # EVENT_HANDSHAKE_FAILED_NO_DETAIL in a row
+
+    def refusal(self, event: int, value: int = 0) -> str | None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.hang_ups = 0
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self.hang_ups += 1
+            if self.hang_ups < WRONG_KEY_AFTER:
+                return None
+        return handshake_failure(event, self.broker, value, self.curve)

@@ -28,7 +28,7 @@ from qmesh.common import protocol as p
 from qmesh.common.endpoints import broker_endpoints
 from qmesh.common.errors import TransferFailed
 from qmesh.common.fastio import recv_frames, send_frames
-from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
+from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, HandshakeWatch
 from qmesh.common.modelfiles import DigestCache, IncomingFile, free_bytes, partial_path, space_problem
 from qmesh.common.transfer import Download, Progress, check_model_name
 
@@ -64,16 +64,22 @@ class TransferLink:
     """One DEALER to the broker for transfers, with this side's CURVE keys; a refused handshake ends every wait at
     once with the reason, as the SDK's does."""
 
-    def __init__(self, broker: str, curve: CurveClientKeys | None = None, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        broker: str,
+        curve: CurveClientKeys | None = None,
+        context: zmq.Context | None = None,
+        broker_index: int = 0,
+    ) -> None:
         self.broker = broker
-        self._curve = curve is not None
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
         self._socket.setsockopt(zmq.RCVHWM, 0)  # the window bounds what is queued, not a high-water mark
         if curve is not None:
-            curve.apply(self._socket)
+            curve.apply(self._socket, broker_index)
         self._monitor = self._socket.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._handshakes = HandshakeWatch(broker, curve is not None)
         try:
             self._socket.connect(broker)
         except zmq.ZMQError as exc:
@@ -96,7 +102,7 @@ class TransferLink:
             events = dict(self._poller.poll(max(0.0, deadline - time.monotonic()) * 1000))
             if self._monitor in events:
                 event = recv_monitor_message(self._monitor)
-                failure = handshake_failure(event["event"], self.broker, event["value"], self._curve)
+                failure = self._handshakes.refusal(event["event"], event["value"])
                 if failure is not None:
                     raise TransferFailed(failure)
             if self._socket in events:
@@ -168,7 +174,7 @@ def pull_model(
             except _Elsewhere:  # the other broker of the pair, at once
                 turn += 1
                 link.close()
-                link = TransferLink(endpoints[turn % len(endpoints)], curve, context)
+                link = TransferLink(endpoints[turn % len(endpoints)], curve, context, turn % len(endpoints))
                 continue
             except _Retry as exc:
                 attempt, turn, last = attempt + 1, 0, str(exc)

@@ -10,12 +10,12 @@ import uvicorn
 
 from qmesh.common.config import (
     broker_key_option,
+    broker_option,
     client_keys_from_options,
     config_option,
     curve_secret_option,
     version_option,
 )
-from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.gateway.app import create_app
@@ -35,7 +35,7 @@ def run(
         "127.0.0.1", "--host", envvar="QMESH_GATEWAY_HOST", help="Address to listen on (0.0.0.0: every interface)."
     ),
     port: int = typer.Option(8000, "--port", envvar="QMESH_GATEWAY_PORT", min=0, max=65535, help="TCP port."),
-    broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     api_key: list[str] = typer.Option(  # noqa: B008 (typer declares options in defaults)

@@ -5,7 +5,10 @@ restarted primary comes back passive."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,8 @@ import pytest
 from meshkit import MODEL, GatewayThread, WorkerProcess
 from qmesh.client.sdk import QMeshClient, Request
 from qmesh.common import protocol as p
+from qmesh.common.errors import MeshError
+from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.gateway.bridge import Bridge
 from qmesh.testing import Child, free_endpoint, qmesh_command, wait_for
 
@@ -30,19 +35,39 @@ MAX_TOKENS = 80
 
 
 class BrokerPair:
-    """Two broker processes, primary and backup, on loopback, with their HA link."""
+    """Two broker processes, primary and backup, on loopback, with their HA link; with ``curve``, each broker has a
+    key pair of its own (``primary.key``, ``backup.key``) and admits ``worker.key`` and ``client.key``."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, curve: bool = False) -> None:
         self.log_dir = log_dir
         self.endpoints = {"primary": free_endpoint(), "backup": free_endpoint()}
         self.ha = {"primary": free_endpoint(), "backup": free_endpoint()}
         self.brokers: dict[str, Child] = {}
+        self.keys: Path | None = None
+        if curve:
+            self.keys = log_dir / "keys"
+            for name in ("primary", "backup", "impostor", "worker", "client"):
+                generate_keys(self.keys / name)
+            for name, allow in (("worker", "allow-workers"), ("client", "allow-clients")):
+                (self.keys / allow).mkdir()
+                shutil.copy(self.keys / f"{name}.key", self.keys / allow / f"{name}.key")
 
     @property
     def address(self) -> str:
         return f"{self.endpoints['primary']},{self.endpoints['backup']}"
 
-    def start(self, role: str) -> Child:
+    def client_keys(self, name: str) -> list[str]:
+        """``--curve-secret`` and ``--broker-key`` (both brokers' keys, in --broker's order) for key ``name``."""
+        assert self.keys is not None
+        return ["--curve-secret", str(self.keys / f"{name}.key_secret"), "--broker-key", self.broker_keys]
+
+    @property
+    def broker_keys(self) -> str:
+        assert self.keys is not None
+        return f"{self.keys / 'primary.key'},{self.keys / 'backup.key'}"
+
+    def start(self, role: str, key: str | None = None) -> Child:
+        """Start broker ``role``; with CURVE, under key pair ``key`` (its own unless told: an impostor's)."""
         peer = "backup" if role == "primary" else "primary"
         command = qmesh_command(
             "qmesh-broker",
@@ -53,6 +78,13 @@ class BrokerPair:
             "--heartbeat-ms", str(HEARTBEAT_MS),
             "--log-level", "info",
         )  # fmt: skip
+        if self.keys is not None:
+            command += [
+                "--curve-secret", str(self.keys / f"{key or role}.key_secret"),
+                "--allow-workers", str(self.keys / "allow-workers"),
+                "--allow-clients", str(self.keys / "allow-clients"),
+                "--ha-peer-key", str(self.keys / f"{peer}.key"),
+            ]  # fmt: skip
         log_path = self.log_dir / f"broker-{role}-{time.monotonic_ns()}.log"
         self.brokers[role] = Child(f"broker {role}", command, log_path)
         return self.brokers[role]
@@ -202,3 +234,83 @@ def test_the_gateway_keeps_serving_across_a_takeover(pair, worker):
         assert answer.choices[0].message.content is not None
         with pytest.raises(openai.APIError):  # an unknown model is still answered, by the new active broker
             api.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+
+def status(pair: BrokerPair, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "qmesh.client.status", "--broker", pair.address, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_status_names_the_active_broker_before_and_after_a_takeover(pair, worker):
+    assert f"broker {pair.endpoints['primary']}: active, the primary of its pair, epoch 1" in status(pair)
+    pair.brokers["primary"].kill()
+    wait_for(lambda: pair.active() == "backup", 20, "the backup to take over")
+    assert f"broker {pair.endpoints['backup']}: active, the backup of its pair, epoch 2" in status(pair)
+    assert '"pair_role": "backup"' in status(pair, "--json")
+
+
+@pytest.fixture
+def curve_pair(tmp_path: Path) -> Iterator[BrokerPair]:
+    brokers = BrokerPair(tmp_path, curve=True)
+    try:
+        yield brokers
+    finally:
+        brokers.stop()
+
+
+def test_a_curve_pair_fails_over_with_each_brokers_own_key(curve_pair, tmp_path):
+    """CURVE on both sides: workers and clients list both brokers' keys (--broker-key A.key,B.key), each broker
+    admits only its peer on the HA link; a takeover changes nothing for them."""
+    curve_pair.start("primary")
+    curve_pair.start("backup")
+    worker = WorkerProcess(
+        curve_pair.address, "--heartbeat-ms", str(HEARTBEAT_MS), *curve_pair.client_keys("worker"), log_dir=tmp_path
+    )
+    keys = curve_pair.keys
+    assert keys is not None
+    client_keys = CurveClientKeys.load(keys / "client.key_secret", curve_pair.broker_keys)
+    try:
+        with QMeshClient(curve_pair.address, timeout=180, connect_timeout=5, curve=client_keys) as client:
+            wait_for(lambda: client.models().get(MODEL, {}).get("workers", 0) >= 1, 90, "the worker")
+            stream = client.submit(PROMPTS[0], model=MODEL, max_tokens=40, temperature=0)
+            wait_for(lambda: client.poll(0.05) or len(stream.chunks) >= 3, 60, "a stream")
+            os.kill(curve_pair.brokers["primary"].pid, signal.SIGKILL)
+            assert stream.result().ok, stream.result().error
+            backup = {"endpoint": curve_pair.endpoints["backup"], "pair_role": "backup", "epoch": 2}
+            assert client.broker_info() == backup
+        assert "Traceback" not in worker.log()
+    finally:
+        worker.stop()
+
+
+def test_an_impostor_cannot_pose_as_the_peer_broker(curve_pair):
+    """A broker with another key pair at the backup's place, and active: the primary neither hears it (it cannot
+    prove the backup's key) nor lets it listen (its key is not the backup's), so it takes over itself when asked."""
+    keys = curve_pair.keys
+    assert keys is not None
+    impostor = curve_pair.start("backup", key="impostor")
+    client_keys = CurveClientKeys.load(keys / "client.key_secret", keys / "impostor.key")
+    with QMeshClient(curve_pair.endpoints["backup"], connect_timeout=5, curve=client_keys) as client:
+        info = wait_for(lambda: _answer_or_none(client), 20, "the impostor to call itself active")
+        assert info["epoch"] == 2
+    primary = curve_pair.start("primary")
+    client_keys = CurveClientKeys.load(keys / "client.key_secret", keys / "primary.key")
+    with QMeshClient(curve_pair.endpoints["primary"], connect_timeout=5, curve=client_keys) as client:
+        info = wait_for(lambda: _answer_or_none(client), 20, "the primary to serve")
+    assert info == {"endpoint": curve_pair.endpoints["primary"], "pair_role": "primary", "epoch": 1}
+    wait_for(lambda: "refused a connection to the HA link from key" in primary.log(), 10, "the impostor refused")
+    assert "passive" not in primary.log() and impostor.alive()
+
+
+def _answer_or_none(client: QMeshClient) -> dict | None:
+    try:
+        return client.broker_info()
+    except MeshError as exc:
+        assert exc.code == p.NOT_ACTIVE, exc
+        return None

@@ -17,12 +17,12 @@ from click.core import ParameterSource
 from qmesh.common import protocol as p
 from qmesh.common.config import (
     broker_key_option,
+    broker_option,
     client_keys_from_options,
     config_option,
     curve_secret_option,
     version_option,
 )
-from qmesh.common.endpoints import DEFAULT_BROKER
 from qmesh.common.errors import QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.common.modelfiles import default_digest_cache
@@ -56,7 +56,7 @@ def run(
     name: str = typer.Option(
         None, "--name", envvar="QMESH_WORKER_NAME", help="Service name to register (default: the model's short name)."
     ),
-    broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     threads: int = typer.Option(

@@ -24,7 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from qmesh.common import protocol as p
 from qmesh.common.fastio import recv_frames, send_frames
-from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
+from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, HandshakeWatch
 from qmesh.worker.generation import Job
 
 log = logging.getLogger(__name__)
@@ -76,20 +76,23 @@ class BrokerLink:
         self._lock = threading.Lock()
         self._dealer: zmq.Socket | None = None
         self._handshake_events: zmq.Socket | None = None
+        self._handshakes = HandshakeWatch("")
 
     # ------------------------------------------------------------------------------------------ loop thread
 
-    def open(self, connection: int, endpoint: str) -> None:
-        """A new DEALER (a new routing id) to ``endpoint``, for connection number ``connection``."""
+    def open(self, connection: int, endpoint: str, broker_index: int = 0) -> None:
+        """A new DEALER (a new routing id) to ``endpoint``, broker number ``broker_index`` of ``--broker`` (whose
+        CURVE key it expects), for connection number ``connection``."""
         with self._lock:
             assert self._dealer is None, "open() while a connection is open"
             dealer = self.context.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
             dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
             if self.curve is not None:
-                self.curve.apply(dealer)
+                self.curve.apply(dealer, broker_index)
             self._handshake_events = dealer.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
             self.endpoint = endpoint
+            self._handshakes = HandshakeWatch(endpoint)
             dealer.connect(endpoint)
             self._dealer, self.connection, self.broken = dealer, connection, False
 
@@ -136,7 +139,7 @@ class BrokerLink:
         with self._lock:
             while self._handshake_events is not None and self._handshake_events.poll(0):
                 event = recv_monitor_message(self._handshake_events)["event"]
-                failure = handshake_failure(event, self.endpoint)
+                failure = self._handshakes.refusal(event)
                 if failure is not None:
                     return failure, gone
                 gone |= event == zmq.EVENT_DISCONNECTED

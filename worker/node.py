@@ -161,6 +161,8 @@ class WorkerNode(threading.Thread):
             max_reconnect_delay=settings.max_reconnect_delay,
             capability=p.EMBEDDINGS if settings.embeddings else p.CHAT,
         )
+        if settings.curve is not None:
+            settings.curve.check_brokers(len(config.brokers))
         self.core = WorkerCore(config, time.monotonic())
         self._model_reader = ModelReader()  # the model's bytes, for the broker's READs (a pull from this worker)
         self._wakeup = Wakeup()
@@ -281,7 +283,7 @@ class WorkerNode(threading.Thread):
                 case SendHeartbeat(busy, draining):
                     link.send(p.heartbeat(self._load(busy, draining)))
                 case Connect(connection, endpoint):
-                    link.open(connection, endpoint)
+                    link.open(connection, endpoint, self.core.config.brokers.index(endpoint))
                 case Close(flush):
                     link.close(flush)
                 case StartJob(job):
