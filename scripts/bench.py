@@ -6,6 +6,7 @@ scripts/bench scale      # 1,000 simulated workers, 2,000 paced streams: added i
 scripts/bench slots      # tokens/s of one worker with 1, 2, 4 slots and of two 1-slot workers
 scripts/bench seed       # the seed project's table: load time, tokens/s, memory, mesh overhead
 scripts/bench prefix     # cache-aware against least-loaded routing: multi-turn chats, a shared system prompt
+scripts/bench pull       # the default model pulled through the broker (MB/s), and a token stream's ITL meanwhile
 scripts/bench all --quick
 """
 
@@ -16,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from benchkit import capacity, overhead, prefix, scale, seed, slots
+from benchkit import capacity, overhead, prefix, pull, scale, seed, slots
 from benchkit.procs import OtherLoad
 from benchkit.report import DEFAULT_RECORD, command_line, publish
 
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "slots": slots,
     "seed": seed,
     "prefix": prefix,
+    "pull": pull,
 }
 
 

@@ -233,7 +233,7 @@ def test_a_chunk_past_the_end_or_larger_than_offered_ends_the_transfer() -> None
 
 
 def test_while_requests_run_the_pacer_spreads_the_reads_over_time() -> None:
-    # 4 bytes a second, a burst of one window (8 bytes): two reads at once, then one a second.
+    # 4 bytes a second, at most two chunks (8 bytes) saved up: two reads at once, then one a second.
     config = TransferConfig(chunk=CHUNK, window=WINDOW, rate=0.0, busy_rate=4.0, idle_timeout=1e9)
     busy = transfers(config, busy=True)
     idle = transfers(config, busy=False)

@@ -297,6 +297,7 @@ class WorkerNode(threading.Thread):
                     job.reset_credit(max(0, window - resent))
                 case ServeRead(read_key, read):
                     link.send(self._model_reader.answer(read_key, read))
+                    self._wakeup.ring()  # the send may have taken the socket's signal of the next READ: look again
                 case Exit(failure):
                     self.failure = failure
         if self.core.registered:
