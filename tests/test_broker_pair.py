@@ -9,12 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
+import zmq
 
 from meshkit import MODEL, GatewayThread, WorkerProcess
 from qmesh.client.sdk import QMeshClient, Request
@@ -314,3 +316,42 @@ def _answer_or_none(client: QMeshClient) -> dict | None:
     except MeshError as exc:
         assert exc.code == p.NOT_ACTIVE, exc
         return None
+
+
+def lazy_pirate_request(endpoints: list[str], service: str, body: bytes, timeout: float) -> tuple[list[bytes], int]:
+    """A plain 7/MDP client (a REQ socket) that follows the RFC's advice: no answer within ``timeout``, or a
+    passive broker's 421, and it asks again on a new socket, of the next broker. Returns the REPLY's body and the
+    number of tries."""
+    for attempt in range(1, 9):
+        socket = zmq.Context.instance().socket(zmq.REQ)
+        socket.linger = 0
+        socket.connect(endpoints[(attempt - 1) % len(endpoints)])
+        try:
+            socket.send_multipart([b"MDPC01", service.encode(), body])
+            if socket.poll(timeout * 1000):
+                header, _, *reply = socket.recv_multipart()
+                assert header == b"MDPC01"
+                error = p.unpack_map(reply[0]).get("error") if len(reply) == 1 else None
+                if not (isinstance(error, dict) and error.get("code") == p.NOT_ACTIVE):
+                    return reply, attempt
+        finally:
+            socket.close()
+    raise AssertionError("no broker of the pair answered")
+
+
+def test_a_plain_mdp_client_gets_a_complete_answer_by_asking_again(pair, worker):
+    """A 7/MDP client knows nothing of pairs: the active broker dies before it answers; the client asks again on a
+    new socket, of the other broker, and gets the whole answer there."""
+    prompt = "Write a very long story about a dragon who learns to cook, in many chapters."
+    body = p.pack({"prompt": prompt, "max_tokens": 400, "temperature": 0})  # seconds of tokens: it dies under them
+    killer = threading.Timer(0.3, os.kill, (pair.brokers["primary"].pid, signal.SIGKILL))
+    killer.start()
+    try:
+        reply, attempts = lazy_pirate_request(list(pair.endpoints.values()), MODEL, body, timeout=8)
+    finally:
+        killer.cancel()
+    assert attempts >= 2, "the primary answered before it was killed: the test proves nothing"
+    *chunks, final = reply
+    summary = p.unpack_map(final)
+    assert summary["finish_reason"] in ("stop", "length") and summary["tokens"] == len(chunks) > 0
+    assert "".join(p.unpack_map(chunk)["text"] for chunk in chunks).strip()
