@@ -40,7 +40,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SECTIONS = ("broker", "worker", "client", "gateway", "status", "models")
+SECTIONS = ("broker", "worker", "client", "gateway", "status", "models", "shard")
 NOT_IN_FILE = {"config", "version"}  # options that make no sense in the file itself
 # Old key names still read, per table. deploy/qmesh.toml showed [gateway] api_keys before the key took the option's
 # name (--api-key), so a file copied from it keeps working.

@@ -5,7 +5,8 @@ it), and links that a test can cut with ``ip link set ... down``. Everything is 
 and removed by ``Network.close()``; addresses come from 10.231.0.0/16, used only inside these namespaces.
 
 Run as a program (inside a namespace), this file is a tiny SDK client that prints JSON lines:
-``python netkit.py stream ENDPOINT PROMPT MAX_TOKENS`` or ``python netkit.py workers ENDPOINT``.
+``python netkit.py stream ENDPOINT PROMPT MAX_TOKENS`` or ``python netkit.py workers ENDPOINT`` (the workers' names
+and the shard hosts), with keys from QMESH_CURVE_SECRET and QMESH_BROKER_KEY when the mesh uses CURVE.
 """
 
 from __future__ import annotations
@@ -109,6 +110,27 @@ class Network:
             ip("-n", namespace.name, "link", "set", dev, "up")
         return Link(left, left_dev, left_addr, right, right_dev, right_addr)
 
+    def lan(self, hosts: list[Namespace]) -> dict[Namespace, Link]:
+        """One switch (a Linux bridge in a namespace of its own) with every host on it, in 10.231.200.0/24, so that
+        any host reaches any other. Each host's link has the switch on its left and the host on its right: its
+        ``right_addr`` is the host's address, ``set_right`` its cable."""
+        switch = self.add_host("switch")
+        ip("-n", switch.name, "link", "add", "br0", "type", "bridge")
+        ip("-n", switch.name, "link", "set", "br0", "up")
+        links = {}
+        for number, host in enumerate(hosts, start=1):
+            self._links += 1
+            n = self._links
+            left_dev, right_dev, addr = f"{self._dev_prefix}l{n}", f"{self._dev_prefix}r{n}", f"{SUBNET}.200.{number}"
+            veth = ("type", "veth", "peer", "name", right_dev, "netns", host.name)
+            ip("-n", switch.name, "link", "add", left_dev, *veth)
+            ip("-n", switch.name, "link", "set", left_dev, "master", "br0")
+            ip("-n", switch.name, "link", "set", left_dev, "up")
+            ip("-n", host.name, "addr", "add", f"{addr}/24", "dev", right_dev)
+            ip("-n", host.name, "link", "set", right_dev, "up")
+            links[host] = Link(switch, left_dev, "", host, right_dev, addr)
+        return links
+
     def close(self) -> None:
         """Delete the namespaces (and with them their veths). Stop the processes inside them first."""
         for namespace in reversed(self.namespaces):
@@ -163,6 +185,14 @@ def run_json(namespace: Namespace, *args: str, timeout: float = 30) -> Any:
 # ---------------------------------------------------------------------------------------------- the client program
 
 
+def _curve() -> Any:
+    """The client's keys when the test runs the mesh with CURVE: QMESH_CURVE_SECRET and QMESH_BROKER_KEY."""
+    from qmesh.common.config import client_keys_from_options
+
+    secret, broker_key = os.environ.get("QMESH_CURVE_SECRET"), os.environ.get("QMESH_BROKER_KEY")
+    return client_keys_from_options(Path(secret) if secret else None, Path(broker_key) if broker_key else None)
+
+
 def _emit(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
@@ -171,7 +201,7 @@ def _stream(endpoint: str, prompt: str, max_tokens: int) -> None:
     """One request: a line per chunk (with the worker serving it), then the result and every streamed token id."""
     from qmesh.client.sdk import QMeshClient
 
-    with QMeshClient(endpoint, timeout=60, connect_timeout=10) as client:
+    with QMeshClient(endpoint, timeout=60, connect_timeout=10, curve=_curve()) as client:
         request = client.submit(prompt, model="smollm2-135m", max_tokens=max_tokens, temperature=0)
         reported = 0
         while not request.done:
@@ -195,8 +225,8 @@ def _stream(endpoint: str, prompt: str, max_tokens: int) -> None:
 def _workers(endpoint: str) -> None:
     from qmesh.client.sdk import QMeshClient
 
-    with QMeshClient(endpoint, connect_timeout=10) as client:
-        _emit(workers=[worker["name"] for worker in client.workers()])
+    with QMeshClient(endpoint, connect_timeout=10, curve=_curve()) as client:
+        _emit(workers=[worker["name"] for worker in client.workers()], shards=client.shards())
 
 
 def main(argv: list[str]) -> int:

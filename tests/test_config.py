@@ -30,6 +30,7 @@ from qmesh.common.logs import setup_logging
 from qmesh.gateway.cli import run as gateway_run
 from qmesh.testing import ROOT, Child, free_endpoint, wait_for
 from qmesh.worker.cli import run as worker_run
+from qmesh.worker.shard_cli import run as shard_run
 
 COMMANDS = {
     "qmesh-broker": ("qmesh.broker.cli", broker_run),
@@ -37,6 +38,7 @@ COMMANDS = {
     "qmesh-client": ("qmesh.client.cli", client_run),
     "qmesh-gateway": ("qmesh.gateway.cli", gateway_run),
     "qmesh-status": ("qmesh.client.status", status_run),
+    "qmesh-shard": ("qmesh.worker.shard_cli", shard_run),
 }
 
 demo = typer.Typer()
@@ -109,7 +111,10 @@ def test_a_real_command_takes_its_table_and_env_and_flags_override_it(home):
         ("[broker]\nmax_queue = -1\n", "[broker] max_queue: must be at least 0, got -1"),
         ("[broker]\nqueue_timeout = true\n", "[broker] queue_timeout: expected a number, got boolean True"),
         ('[broker]\nlog_format = "xml"\n', "[broker] log_format: expected one of text, json, got 'xml'"),
-        ("[brokers]\nbind = 'x'\n", "unknown table [brokers] (tables: broker, worker, client, gateway, status)"),
+        (
+            "[brokers]\nbind = 'x'\n",
+            "unknown table [brokers] (tables: broker, worker, client, gateway, status, models, shard)",
+        ),
         ("broker = 3\n", "'broker' must be a table ([broker]), not a integer"),
         ("[broker\n", "not valid TOML"),
     ],

@@ -9,10 +9,8 @@ import time
 from enum import Enum
 from pathlib import Path
 
-import click
 import psutil
 import typer
-from click.core import ParameterSource
 
 from qmesh.common import protocol as p
 from qmesh.common.config import (
@@ -60,11 +58,12 @@ def run(
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     threads: int = typer.Option(
-        2,
+        None,
         "--threads",
         envvar="QMESH_WORKER_THREADS",
         min=1,
-        help="Worker threads, each with its own llama-server; 2 x 1 slot was fastest on 2 cores (bench slots).",
+        help="Worker threads, each with its own llama-server; 2 x 1 slot was fastest on 2 cores (bench slots). "
+        "Default: 2, or 1 with --shards (each thread holds shard hosts of its own).",
     ),
     slots: int = typer.Option(
         1, "--slots", envvar="QMESH_WORKER_SLOTS", min=1, max=64, help="llama-server parallel slots per thread."
@@ -95,7 +94,7 @@ def run(
         "--shards",
         envvar="QMESH_WORKER_SHARDS",
         help="Spread the model's layers over N shard hosts of the mesh (qmesh-shard), or 'auto': as few as hold it "
-        "(GGUF size plus context). Per worker thread; with --shards, --threads defaults to 1.",
+        "(GGUF size plus context). Per worker thread.",
     ),
     embeddings: bool = typer.Option(
         False,
@@ -141,11 +140,8 @@ def run(
 ) -> None:
     setup_logging(log_level, log_format)
     shard_count = _shard_count(shards) if shards is not None else None
-    if (
-        shard_count is not None
-        and click.get_current_context().get_parameter_source("threads") is ParameterSource.DEFAULT
-    ):
-        threads = 1  # one split llama-server: each thread would hold a set of shard hosts of its own
+    if threads is None:
+        threads = 2 if shard_count is None else 1
     if pooling is not None and not embeddings:
         typer.echo("qmesh-worker: --pooling applies to an embeddings worker: add --embeddings", err=True)
         raise typer.Exit(2)

@@ -155,10 +155,11 @@ class ShardLink:
         dealer = self.context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
+        index = (self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)
+        self.endpoint = self.endpoints[index]
         if self.curve is not None:
-            self.curve.apply(dealer)
+            self.curve.apply(dealer, index)
         self._monitor = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
-        self.endpoint = self.endpoints[(self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)]
         dealer.connect(self.endpoint)
         self._dealer, self.answered, self.lost = dealer, False, None
         now = time.monotonic()

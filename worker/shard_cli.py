@@ -13,12 +13,13 @@ import typer
 
 from qmesh.common.config import (
     broker_key_option,
+    broker_option,
     client_keys_from_options,
     config_option,
     curve_secret_option,
     version_option,
 )
-from qmesh.common.endpoints import DEFAULT_BROKER
+from qmesh.common.endpoints import broker_endpoints
 from qmesh.common.errors import ConfigError, QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.worker.binary import find_rpc_server
@@ -32,7 +33,7 @@ app = typer.Typer(
 
 @app.command()
 def run(
-    broker: str = typer.Option(DEFAULT_BROKER, "--broker", envvar="QMESH_BROKER", help="Broker endpoint."),
+    broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
     memory: int = typer.Option(
@@ -89,6 +90,8 @@ def run(
     setup_logging(log_level, log_format)
     try:
         curve = client_keys_from_options(curve_secret, broker_key)
+        if curve is not None:
+            curve.check_brokers(len(broker_endpoints(broker)))
         check_exposure(curve is not None, rpc_host, insecure)
         binary = find_rpc_server(rpc_server)
     except QMeshError as exc:

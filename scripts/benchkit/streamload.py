@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from qmesh.client.sdk import QMeshClient, Request
+from qmesh.common.keys import CurveClientKeys
 from qmesh.worker.http_client import LlamaHttpClient
 
 from .stats import LoadResult, StreamRecord
@@ -71,8 +72,8 @@ class DirectLoad:
 class MeshLoad:
     """One SDK client (one connection, as an application would use it) with ``concurrency`` requests in flight."""
 
-    def __init__(self, endpoint: str, model: str, concurrency: int) -> None:
-        self.client = QMeshClient(endpoint, timeout=300)
+    def __init__(self, endpoint: str, model: str, concurrency: int, curve: CurveClientKeys | None = None) -> None:
+        self.client = QMeshClient(endpoint, timeout=300, curve=curve)
         self.model = model
         self.concurrency = concurrency
 
