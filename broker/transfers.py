@@ -9,7 +9,7 @@ there to ``broker.models_store`` and feeds its answers back (``on_store_reply``)
 to the sha256 they were served for is remembered (by its copy: the worker's machine and file, or the store) and
 never asked for that file again.
 
-**A pull** (``docs/PROTOCOL.md``, section 11): FETCH names a model; the broker picks a holder (its store first: one
+**A pull** (``docs/PROTOCOL.md``, section 12): FETCH names a model; the broker picks a holder (its store first: one
 hop less, then the holder with the fewest transfers) and answers OFFER. The puller then asks for chunks by offset,
 at most ``window`` in flight (its credit); each CHUNK becomes a READ to the holder, and the holder's DATA is
 forwarded to the puller. A holder that vanishes, stalls or fails a read hands its outstanding ranges to another

@@ -309,7 +309,7 @@ class WorkerAttach:
     framing: Framing = MDP02
 
 
-# Model transfers (section 11 of docs/PROTOCOL.md): what a puller, a pusher and a holder send the broker.
+# Model transfers (section 12 of docs/PROTOCOL.md): what a puller, a pusher and a holder send the broker.
 
 
 @dataclass(slots=True, frozen=True)

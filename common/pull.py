@@ -168,9 +168,10 @@ def pull_model(
     link = TransferLink(endpoints[0], curve, context)
     try:
         while attempt < attempts:
-            pull = _Pull(link, name, folder, sha256, report, free_space, connect_timeout, stall_timeout)
+            others_left = turn + 1 < len(endpoints)
+            pull = _Pull(link, name, folder, sha256, report, free_space, connect_timeout, stall_timeout, others_left)
             try:
-                path = pull.run(others_left=turn + 1 < len(endpoints))
+                path = pull.run()
             except _Elsewhere:  # the other broker of the pair, at once
                 turn += 1
                 link.close()
@@ -209,7 +210,9 @@ class _Pull:
         free_space: Callable[[Path], int],
         connect_timeout: float,
         stall_timeout: float,
+        others_left: bool,
     ) -> None:
+        """``others_left``: another broker of a pair may serve if this one does not."""
         self.link, self.name, self.folder, self.sha256 = link, name, folder, sha256
         self.report, self.free_space = report, free_space
         self.connect_timeout, self.stall_timeout = connect_timeout, stall_timeout
@@ -217,17 +220,16 @@ class _Pull:
         self.model: p.ModelInfo | None = None
         self.received = 0
         self.resumed_at = 0
-        self.passive = False  # the broker said it is the passive one of a pair
+        self.others_left = others_left
         self.silent = False  # the broker did not answer at all
 
-    def run(self, others_left: bool = False) -> Path:
-        """``others_left``: another broker of a pair may serve if this one does not."""
+    def run(self) -> Path:
         link, transfer_id = self.link, self.transfer_id
         link.send(p.model_fetch(transfer_id, self.name, self.sha256))
         try:
             offer = self._next(self.connect_timeout, f"no answer from the broker at {link.broker}")
         except TransferFailed as exc:
-            if others_left and (self.passive or self.silent):
+            if self.others_left and self.silent:
                 raise _Elsewhere from exc
             raise
         if offer.command != p.C_OFFER or offer.model is None:
@@ -289,7 +291,8 @@ class _Pull:
                 continue  # a late answer on an earlier attempt's transfer
             if reply.command == p.C_ENDED:
                 code, message = reply.error or (p.WORKER_FAILED, "the broker ended the transfer")
-                self.passive = code == p.NOT_ACTIVE
+                if code == p.NOT_ACTIVE and self.others_left:  # passive, or it stepped down mid-pull
+                    raise _Elsewhere(message)
                 if code in RETRYABLE:
                     raise _Retry(f"{code}: {message}")
                 raise TransferFailed(f"cannot pull model {self.name!r}: {message}")
@@ -312,44 +315,70 @@ def push_model(
     stall_timeout: float = STALL_TIMEOUT,
     context: zmq.Context | None = None,
 ) -> p.ModelInfo:
-    """Push the file at ``path`` into the broker's store as model ``name``; returns the model as stored. The store
-    acknowledges what it wrote; no more than a window of chunks is ever unacknowledged. Raises TransferFailed."""
+    """Push the file at ``path`` into the broker's store as model ``name`` (``broker`` may name a pair: the push goes
+    to the one that serves); returns the model as stored. The store acknowledges what it wrote; no more than a window
+    of chunks is ever unacknowledged. Raises TransferFailed."""
     check_model_name(name)
     digest = digests.digest(path)
     model = p.ModelInfo(name, digest.sha256, digest.size)
-    link = TransferLink(broker, curve, context)
-    transfer_id = os.urandom(8)
-    try:
-        link.send(p.model_push(transfer_id, model))
-        reply = _push_reply(link, transfer_id, connect_timeout, f"no answer from the broker at {broker}")
-        if reply.command == p.C_ENDED:
-            return reply.model or model  # the store had it already
-        if reply.command != p.C_OFFER:
-            raise TransferFailed(f"the broker answered a push with {reply.command!r}, not an offer")
+    endpoints = broker_endpoints(broker)
+    for index, endpoint in enumerate(endpoints):
+        link = TransferLink(endpoint, curve, context, index)
+        transfer_id = os.urandom(8)
+        try:
+            link.send(p.model_push(transfer_id, model))
+            reply = _push_reply(link, transfer_id, connect_timeout)
+            passive = reply is not None and reply.error is not None and reply.error[0] == p.NOT_ACTIVE
+            if (reply is None or passive) and index + 1 < len(endpoints):
+                continue  # the other broker of the pair
+            if reply is None:
+                raise TransferFailed(f"cannot push: no answer from the broker at {endpoint}")
+            return _push_bytes(link, transfer_id, path, model, reply, report, stall_timeout)
+        except BaseException:
+            _end_quietly(link, transfer_id)
+            raise
+        finally:
+            link.close()
+    raise AssertionError("broker_endpoints names at least one broker")
+
+
+def _push_bytes(
+    link: TransferLink,
+    transfer_id: bytes,
+    path: Path,
+    model: p.ModelInfo,
+    reply: p.TransferReply,
+    report: Callable[[Progress, float, bool], None] | None,
+    stall_timeout: float,
+) -> p.ModelInfo:
+    """The bytes of a push the broker answered with ``reply``: from its offer's offset, a window at a time."""
+    if reply.command == p.C_OFFER:
         sent = acked = reply.offset
-        progress = Progress(f"pushing {name}", model.size, reply.offset, time.monotonic())
+        progress = Progress(f"pushing {model.name}", model.size, reply.offset, time.monotonic())
         with open(path, "rb", buffering=0) as handle:
-            while True:
+            while reply.command != p.C_ENDED:
                 while sent < model.size and sent - acked < reply.chunk * reply.window:
                     data = os.pread(handle.fileno(), min(reply.chunk, model.size - sent), sent)
                     if not data:
                         raise TransferFailed(f"{path} is shorter than the {model.size} bytes it had when hashed")
                     link.send(p.push_chunk(transfer_id, sent, data))
                     sent += len(data)
-                answer = _push_reply(link, transfer_id, stall_timeout, f"no answer for {stall_timeout:g} s")
-                if answer.command == p.C_ENDED:
-                    progress.done = model.size
+                answer = _push_reply(link, transfer_id, stall_timeout)
+                if answer is None:
+                    raise TransferFailed(f"cannot push: no answer from the broker for {stall_timeout:g} s")
+                if answer.command == p.C_ACK:
+                    acked = progress.done = answer.offset
                     if report is not None:
-                        report(progress, time.monotonic(), True)
-                    return answer.model or model
-                acked = progress.done = answer.offset
-                if report is not None:
-                    report(progress, time.monotonic(), False)
-    except BaseException:
-        _end_quietly(link, transfer_id)
-        raise
-    finally:
-        link.close()
+                        report(progress, time.monotonic(), acked == model.size)
+                elif answer.command == p.C_ENDED:
+                    reply = answer
+                else:
+                    raise TransferFailed(f"the broker answered a push's bytes with {answer.command!r}")
+    if reply.command != p.C_ENDED:
+        raise TransferFailed(f"the broker answered a push with {reply.command!r}")
+    if reply.error is not None:
+        raise TransferFailed(f"the broker refused the push: {reply.error[1]}")
+    return reply.model or model  # stored (or the store had it already)
 
 
 def _end_quietly(link: TransferLink, transfer_id: bytes) -> None:
@@ -358,15 +387,13 @@ def _end_quietly(link: TransferLink, transfer_id: bytes) -> None:
         link.send(p.transfer_end(transfer_id, p.OUTCOME_CANCELLED))
 
 
-def _push_reply(link: TransferLink, transfer_id: bytes, timeout: float, silence: str) -> p.TransferReply:
+def _push_reply(link: TransferLink, transfer_id: bytes, timeout: float) -> p.TransferReply | None:
+    """The broker's next answer on this push, or None after ``timeout`` seconds of silence."""
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         reply = link.receive(left)
         if reply is None:
-            break
-        if reply.transfer_id != transfer_id:
-            continue
-        if reply.command == p.C_ENDED and reply.error is not None:
-            raise TransferFailed(f"the broker refused the push: {reply.error[1]}")
-        return reply
-    raise TransferFailed(f"cannot push: {silence}")
+            return None
+        if reply.transfer_id == transfer_id:
+            return reply
+    return None
