@@ -33,6 +33,12 @@ from qmesh.common.pull import ProgressReport, pull_model, push_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The model files of the mesh: list, pull, push.")
 
+
+@app.callback()
+def options(version: bool = version_option()) -> None:
+    """The model files of the mesh: list, pull, push."""
+
+
 COLUMNS = ("NAME", "SHA256", "SIZE", "HELD BY")
 
 
@@ -73,7 +79,6 @@ def list_models(
     broker_key: Path = broker_key_option(),
     connect_timeout: float = _connect_timeout(),
     config: Path = config_option("models"),
-    version: bool = version_option(),
 ) -> None:
     """Each model in the mesh: name, sha256, size, and the workers and stores that hold it."""
     try:
@@ -94,7 +99,6 @@ def pull(
     broker_key: Path = broker_key_option(),
     connect_timeout: float = _connect_timeout(),
     config: Path = config_option("models"),
-    version: bool = version_option(),
 ) -> None:
     """Fetch a model through the broker into the first models folder ($QMESH_MODELS_DIR, else ./models), verified by
     its sha256; an interrupted pull goes on from the bytes it left."""
@@ -149,7 +153,6 @@ def push(
     broker_key: Path = broker_key_option(),
     connect_timeout: float = _connect_timeout(),
     config: Path = config_option("models"),
-    version: bool = version_option(),
 ) -> None:
     """Copy a model file into the broker's store (qmesh-broker --models-dir), from where workers pull it."""
     name = name or path.stem

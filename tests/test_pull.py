@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from meshkit import FAST, BrokerThread
 from qmesh.broker.models_store import ModelStore
 from qmesh.broker.security import BrokerSecurity
 from qmesh.broker.transfers import TransferConfig
+from qmesh.client.models_cli import list_models, pull, push
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
+from qmesh.common.config import section_defaults
 from qmesh.common.errors import TransferFailed
 from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.common.modelfiles import DigestCache, partial_path
@@ -248,3 +251,11 @@ def test_no_broker_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     with pytest.raises(TransferFailed, match="no answer from the broker at tcp://127.0.0.1:9 .*qmesh-broker running"):
         pull_model("tiny", tmp_path, "tcp://127.0.0.1:9", connect_timeout=1.0)
     assert time.monotonic() - started < 5
+
+
+def test_qmesh_models_reads_the_models_table_and_says_its_version() -> None:
+    example = ROOT / "deploy" / "qmesh.toml"
+    for command in (list_models, pull, push):
+        assert section_defaults(example, "models", command)["broker"] == "tcp://10.0.0.1:5555"
+    done = subprocess.run([*MODELS_CLI, "--version"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout == f"qmesh {version('qmesh')}\n"
