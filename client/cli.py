@@ -374,6 +374,7 @@ class JsonlPrinter:
             "prompt": prompt.text,
             "text": result.text,
             "model": result.model,
+            "model_sha256": result.model_sha256,  # which file made the answer
             "worker": result.worker,
             "tokens": result.tokens,
             "prompt_tokens": result.prompt_tokens,

@@ -124,6 +124,7 @@ def test_batch_answers_in_input_order_as_jsonl(endpoint):
     for record in records:
         assert record["error"] is None and record["text"].strip()
         assert record["model"] == MODEL and record["worker"]
+        assert len(record["model_sha256"]) == 64, "the answer names the model file that made it"
         assert record["tokens"] > 0 and record["ttft_ms"] > 0 and record["finish_reason"] in ("stop", "length")
         assert record["prompt_tokens"] > 0 and 0 <= record["cached_tokens"] <= record["prompt_tokens"]
 

@@ -183,7 +183,7 @@ def test_keys_generate_puts_a_bare_name_where_its_help_says(tmp_path):
 def test_the_deploy_files_name_only_variables_qmesh_reads():
     options = [broker_run, worker_run, client_run, status_run, gateway_run]
     read = {p.default.envvar for run in options for p in inspect.signature(run).parameters.values()}
-    read |= {"QMESH_HOME", "QMESH_MODELS_DIR"}  # read by qmesh.common.paths and qmesh.worker.models
+    read |= {"QMESH_HOME", "QMESH_MODELS_DIR"}  # read by qmesh.common.paths
     for path in sorted((ROOT / "deploy").iterdir()):
         named = set(re.findall(r"\bQMESH_[A-Z_]+", path.read_text()))
         assert named <= read, f"{path.name} names variables no command reads: {sorted(named - read)}"
