@@ -33,13 +33,13 @@ from qmesh.common.errors import QMeshError, SidecarStartError
 from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
 from qmesh.common.tunnel import Exit
 from qmesh.worker.binary import LlamaServerBinary
+from qmesh.worker.core import FATAL_REFUSALS
 from qmesh.worker.http_client import LlamaHttpClient
 from qmesh.worker.process import READY, LlamaProcessManager
 
 log = logging.getLogger(__name__)
 
 MAX_POLL_SECONDS = 0.25  # how often a stop request and rpc-server's state are looked at when nothing happens
-FATAL_REFUSALS = frozenset({p.BAD_REQUEST, p.FORBIDDEN})  # what registering again cannot fix
 _DEVICE_LINE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)$")  # rpc-server's "Devices:" list
 
 

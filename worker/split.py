@@ -131,11 +131,11 @@ class SplitWorker(threading.Thread):
         held (the broker RELEASEs those hosts)."""
         excluded = tuple(exclude[-p.MAX_SHARDS :])
         ask = p.ShardAsk(self.worker_name, self.settings.service, self.memory, self.shards, excluded)
-        waiting_since: float | None = None
+        told, next_ask = False, None  # said once that it waits; when to ask again after a 503
         retry = min(max(self.settings.heartbeat_interval, 0.5), 5.0)
         self._ask(ask)
         while not self._stop_requested.is_set():
-            for message in self.link.poll(0.25):
+            for message in self.link.poll(0.25):  # polling keeps the lease's heartbeats going while it waits
                 if message.command != p.W_SHARD_GRANT:
                     continue
                 if message.refusal is None:
@@ -145,10 +145,12 @@ class SplitWorker(threading.Thread):
                 code, text = message.refusal
                 if code != p.QUEUE_FULL:
                     raise QMeshError(f"the broker refused shard hosts to this worker: {text}")
-                if waiting_since is None:
-                    waiting_since = time.monotonic()
+                if not told:
+                    told = True
                     log.warning("%s: waiting for shard hosts: %s", self.worker_name, text)
-                self._stop_requested.wait(retry)
+                next_ask = time.monotonic() + retry
+            if next_ask is not None and time.monotonic() >= next_ask:
+                next_ask = None
                 self._ask(ask)
             if self.link.fatal is not None:
                 raise QMeshError(self.link.fatal)
