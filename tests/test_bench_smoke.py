@@ -55,3 +55,16 @@ def test_prefix_benchmark_runs_both_policies_and_keeps_chats_on_their_cache(tmp_
     assert "### prefix: " in section
     assert "- command: `scripts/bench prefix --quick" in section
     assert "goal 1a: " in section and "broker memory per cached prefix entry" in section
+
+
+@pytest.mark.sidecar  # its workers and shard hosts start llama-server and rpc-server
+def test_split_benchmark_measures_the_model_unsplit_and_over_shard_hosts(tmp_path: Path) -> None:
+    record, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "split", "--quick"]
+    command += ["--record", str(record), "--json", str(figures)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    data = json.loads(figures.read_text())["split"]
+    for service in ("bench-whole", "bench-split-rpc", "bench-split-curve"):
+        assert data[service]["errors"] == 0 and data[service]["tokens_per_s"] > 0, service
+    assert "| split over 2 hosts, CURVE bridge |" in record.read_text()
