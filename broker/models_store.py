@@ -49,19 +49,28 @@ class ModelStore:
         log.info("store %s: %d model(s): %s", folder, len(self.models), ", ".join(sorted(self.models)) or "none")
 
     def handle(self, frames: list[bytes]) -> list[list[bytes]]:
-        """What the core sent the store; returns the answers (none to END)."""
+        """What the core sent the store; returns the answers (none to END). A file that cannot be written or renamed
+        ends that push with the reason: nothing here may take the broker's loop down."""
         message = p.parse_for_store(frames)
         if isinstance(message, p.BrokerToWorker):
             assert message.read is not None  # parse_for_store passes READs only
             return [self._reader.answer(message.route_key, message.read)]
-        if isinstance(message, p.ModelPush):
-            return [self._open(message.transfer_id, message.model)]
-        if isinstance(message, p.PushChunk):
+        if isinstance(message, p.TransferEnd):
+            self._drop(message.transfer_id)
+            return []
+        try:
+            if isinstance(message, p.ModelPush):
+                return [self._open(message.transfer_id, message.model)]
             return [self._write(message)]
-        incoming = self._incoming.pop(message.transfer_id, None)
+        except OSError as exc:
+            log.error("store: a push into %s failed: %s", self.folder, exc)
+            self._drop(message.transfer_id)
+            return [p.transfer_ended(message.transfer_id, (p.WORKER_FAILED, f"the broker's store failed: {exc}"))]
+
+    def _drop(self, key: bytes) -> None:
+        incoming = self._incoming.pop(key, None)
         if incoming is not None:
             incoming.discard()
-        return []
 
     def close(self) -> None:
         for incoming in self._incoming.values():
@@ -70,10 +79,7 @@ class ModelStore:
         self._reader.close()
 
     def _open(self, key: bytes, model: p.ModelInfo) -> list[bytes]:
-        try:
-            incoming = IncomingFile(self.folder, model, resume=False)
-        except OSError as exc:
-            return p.transfer_ended(key, (p.WORKER_FAILED, f"the store cannot write into {self.folder}: {exc}"))
+        incoming = IncomingFile(self.folder, model, resume=False)
         problem = space_problem(self.folder, model, 0, self._free_space(self.folder))
         if problem is not None:
             incoming.discard()
@@ -90,12 +96,7 @@ class ModelStore:
             del self._incoming[key]
             incoming.discard()
             return p.transfer_ended(key, (p.BAD_REQUEST, f"expected bytes from {incoming.have}, got {chunk.offset}"))
-        try:
-            incoming.append(chunk.data)
-        except OSError as exc:  # a full disk after all, an I/O error
-            del self._incoming[key]
-            incoming.discard()
-            return p.transfer_ended(key, (p.INSUFFICIENT_STORAGE, f"the store cannot write {incoming.path}: {exc}"))
+        incoming.append(chunk.data)
         if not incoming.complete:
             return p.push_ack(key, incoming.have)
         del self._incoming[key]
