@@ -176,12 +176,9 @@ class Broker:
         """The peer's announcements, and its HA link closing (its process died), into the pair's state machine."""
         assert self.pair is not None
         was_active = self.pair.active
-        if self._ha_events in ready:
-            with contextlib.suppress(zmq.Again):
-                while True:
-                    if recv_monitor_message(self._ha_events, zmq.NOBLOCK)["event"] == zmq.EVENT_DISCONNECTED:
-                        self.pair.on_peer_gone(time.monotonic())
-        if self._ha_sub in ready:
+        # Announcements first, whether or not the poll saw them: those queued when the link closed were sent before
+        # the peer died, and heard after its death they would make it look alive for ``liveness`` more heartbeats.
+        if self._ha_sub in ready or self._ha_events in ready:
             with contextlib.suppress(zmq.Again):
                 while True:
                     frames = self._ha_sub.recv_multipart(zmq.NOBLOCK)
@@ -191,6 +188,11 @@ class Broker:
                         log.warning("dropped a malformed message on the HA link: %s", exc)
                         continue
                     self.pair.on_peer(PairState(state), epoch, time.monotonic())
+        if self._ha_events in ready:
+            with contextlib.suppress(zmq.Again):
+                while True:
+                    if recv_monitor_message(self._ha_events, zmq.NOBLOCK)["event"] == zmq.EVENT_DISCONNECTED:
+                        self.pair.on_peer_gone(time.monotonic())
         self._follow_pair(was_active)
 
     def _follow_pair(self, was_active: bool) -> None:

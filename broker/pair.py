@@ -50,6 +50,7 @@ class PairCore:
     peer_state: PairState | None = None  # as the peer last announced it
     peer_expires: float = 0.0  # the peer counts as dead once silent until then
     next_publish: float = 0.0
+    peer_link_closed: bool = False  # the HA link to the peer closed since it last spoke: its process died
 
     def __post_init__(self) -> None:
         self.state = PairState.PRIMARY if self.role is Role.PRIMARY else PairState.BACKUP
@@ -69,7 +70,7 @@ class PairCore:
         """The peer announced its state and epoch over the HA link."""
         self.now = now
         before, mine, previous = self.state, self.epoch, self.peer_state
-        self.peer_state, self.peer_expires = state, now + self.ttl
+        self.peer_state, self.peer_expires, self.peer_link_closed = state, now + self.ttl, False
         self.epoch = max(self.epoch, epoch)
         if state is PairState.ACTIVE:
             wins = self.active and (mine > epoch or mine == epoch and self.role is Role.PRIMARY)
@@ -99,13 +100,14 @@ class PairCore:
     def on_peer_gone(self, now: float) -> None:
         """The HA link to the peer closed (its process died): it is dead now, not after ``liveness`` intervals."""
         self.now = now
-        self.peer_expires = min(self.peer_expires, now)
+        self.peer_expires, self.peer_link_closed = min(self.peer_expires, now), True
 
     def on_vote(self, now: float) -> bool:
         """A client or worker asks for service; True if this broker serves it (it may take over now)."""
         self.now = now
         if not self.active and now >= self.peer_expires:
-            self._take_over(f"the peer has been silent for {self.ttl:g} s and a client or worker asked")
+            gone = "its HA link closed" if self.peer_link_closed else f"it has been silent for {self.ttl:g} s"
+            self._take_over(f"the peer is gone ({gone}) and a client or worker asked")
         return self.active
 
     def tick(self, now: float) -> bool:

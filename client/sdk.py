@@ -249,10 +249,10 @@ class QMeshClient:
     already loaded.
 
     A broker pair: ``broker`` lists both, ``"tcp://A:5555,tcp://B:5556"``. The client talks to one; it moves to the
-    other when that one says it is passive (421), is of an older epoch than one already seen, closes the
-    connection, or stays silent for ``liveness`` seconds while requests wait (it is probed first), and sends
-    everything in flight again there, resuming streams after the tokens received (a worker that kept generating
-    carries on exactly where the client is).
+    other when that one says it is passive (421), is of an older epoch than one already seen (unless the other did
+    not answer either since), closes the connection, or stays silent for ``liveness`` seconds while requests wait
+    (it is probed first), and sends everything in flight again there, resuming streams after the tokens received (a
+    worker that kept generating carries on exactly where the client is).
     """
 
     def __init__(
@@ -283,10 +283,15 @@ class QMeshClient:
             curve.check_brokers(len(self._endpoints))
         self._endpoint = 0
         self._max_epoch = 0  # the newest epoch of a broker pair seen: a broker of an older one is stale
+        self._switches_unanswered = 0  # moves to the other broker since a broker of the newest epoch took a request
         self._switch_due: str | None = None  # why the client must move to the other broker of the pair
         self._last_heard = time.monotonic()
         self._probe: bytes | None = None  # the id of the MMI call asking a silent broker whether it is there
         self._switched = False  # everything was sent again on a new connection to the other broker
+        self._leaving_dead = False  # the switch due leaves a broker that died or went silent
+        self._fled_at: float | None = None  # when the client last left a dead broker, until another answers
+        self._not_yet: set[bytes] = set()  # requests the passive broker refused just after that: asked again soon
+        self._ask_again_at: float | None = None
         self._opened_at = time.monotonic()
         self.liveness = liveness
         self._curve_keys = curve
@@ -341,11 +346,15 @@ class QMeshClient:
             self._switch_due,
         )
         self._switch_due, self._probe = None, None
+        self._fled_at = time.monotonic() if self._leaving_dead else None
+        self._leaving_dead, self._ask_again_at = False, None
+        self._not_yet.clear()
         self._poller.unregister(self._socket)
         self._poller.unregister(self._monitor)
         self._shut()
         self._outbox.clear()  # meant for the broker left behind: what matters is sent again
         self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+        self._switches_unanswered += 1
         self._connected = False
         self._last_heard = time.monotonic()
         self._open()
@@ -627,6 +636,11 @@ class QMeshClient:
         self._check_pair(now)
         if self._switch_due is not None and now - self._opened_at >= SWITCH_DWELL:
             self._switch()
+        elif self._ask_again_at is not None and now >= self._ask_again_at:
+            for request_id in self._not_yet:
+                self._resend(request_id)
+            self._not_yet.clear()
+            self._ask_again_at = None
         self._expire(now)
 
     def _check_pair(self, now: float) -> None:
@@ -636,7 +650,7 @@ class QMeshClient:
             return
         silent = now - self._last_heard
         if silent >= self.liveness:
-            self._switch_due = f"the broker was silent for {silent:.1f} s"
+            self._leave_for_dead(f"the broker was silent for {silent:.1f} s")
         elif silent >= self.liveness / 2 and self._probe is None:
             self._probe = self._ask("mmi.service", b"").request_id
 
@@ -656,6 +670,7 @@ class QMeshClient:
             self._probe = None
         if self._not_from_the_active_broker(reply):
             return
+        self._fled_at = None  # an active broker answers
         call = self._mmi.pop(reply.request_id or b"", None)
         if call is not None:
             _settle(call, reply.body)
@@ -685,14 +700,35 @@ class QMeshClient:
         error = fields.get("error")
         epoch = error.get("epoch") if isinstance(error, dict) else fields.get("epoch")
         if isinstance(epoch, int) and epoch < self._max_epoch and reply.command == p.C_STATUS:
-            self._switch_due = f"the broker is of epoch {epoch}, older than {self._max_epoch}"
-            return True
+            if self._switches_unanswered < len(self._endpoints):
+                self._switch_due = f"the broker is of epoch {epoch}, older than {self._max_epoch}"
+                return True
+            # Both brokers were tried since one of the newer epoch last took a request: that one is dead or cut off,
+            # and this one (restarted without hearing it, or across a partition) is the broker there is.
+            log.warning(
+                "the broker at %s is of epoch %d, older than %d, but no broker of a newer one answers: following it",
+                self._endpoints[self._endpoint],
+                epoch,
+                self._max_epoch,
+            )
+            self._max_epoch = epoch
         if isinstance(epoch, int):
             self._max_epoch = max(self._max_epoch, epoch)
+            if reply.command == p.C_STATUS:
+                self._switches_unanswered = 0
         if isinstance(error, dict) and error.get("code") == p.NOT_ACTIVE and len(self._endpoints) > 1:
-            self._switch_due = "it is the passive broker of its pair"
+            now = time.monotonic()
+            if self._fled_at is not None and now - self._fled_at < self.liveness and reply.request_id:
+                # Just after its peer died it may not know yet: ask it again rather than go back to the dead one.
+                self._not_yet.add(reply.request_id)
+                self._ask_again_at = self._ask_again_at or now + p.PASSIVE_RETRY
+            else:
+                self._switch_due = "it is the passive broker of its pair"
             return True
         return False
+
+    def _leave_for_dead(self, why: str) -> None:
+        self._switch_due, self._leaving_dead = why, True
 
     def _drain_monitor(self) -> None:
         while True:
@@ -711,13 +747,13 @@ class QMeshClient:
                 self._connected = False
                 self._no_connection = f"cannot reach the broker at {self.broker}: the connection was lost"
                 if len(self._endpoints) > 1:
-                    self._switch_due = "the connection to it closed"
+                    self._leave_for_dead("the connection to it closed")
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 self._no_connection = (
                     f"cannot reach the broker at {self.broker}: connecting failed (is qmesh-broker running?)"
                 )
                 if len(self._endpoints) > 1:
-                    self._switch_due = "connecting to it failed"
+                    self._leave_for_dead("connecting to it failed")
             else:
                 failure = self._handshakes.refusal(event, message["value"])
                 self._handshake_error = failure or self._handshake_error
@@ -726,18 +762,27 @@ class QMeshClient:
         """After a reconnection the broker may have lost everything (a restart, the other broker of a pair): send
         each request and question again, resuming streams (a worker may have kept the stream going: the hint asks
         the broker to give it a moment to come back)."""
-        for request in list(self._requests.values()):
-            body = request._resume_body()
-            if body is None:
-                request._end(MeshError(p.WORKER_FAILED, "the connection to the broker was lost mid-stream"))
-                continue
-            request.status, request.unacknowledged_chunks = {}, 0
-            hint = request.hint
-            if hint is not None and hint.stream is not None:
-                hint = replace(hint, attach=True)
-            self._send(p.client_request(request.model, [body], request.id, hint))
-        for request_id, call in self._mmi.items():
+        for request_id in [*self._requests, *self._mmi]:
+            self._resend(request_id)
+
+    def _resend(self, request_id: bytes) -> None:
+        """Send a request in flight (resumed after the tokens received) or an MMI question again."""
+        call = self._mmi.get(request_id)
+        if call is not None:
             self._send(p.client_request(call.service, list(call.body), request_id))
+            return
+        request = self._requests.get(request_id)
+        if request is None:
+            return  # it ended meanwhile
+        body = request._resume_body()
+        if body is None:
+            request._end(MeshError(p.WORKER_FAILED, "the connection to the broker was lost mid-stream"))
+            return
+        request.status, request.unacknowledged_chunks = {}, 0
+        hint = request.hint
+        if hint is not None and hint.stream is not None:
+            hint = replace(hint, attach=True)
+        self._send(p.client_request(request.model, [body], request.id, hint))
 
     def _expire(self, now: float) -> None:
         refusal = self._refusal()

@@ -89,6 +89,9 @@ WORKER_FAILED = 502
 QUEUE_FULL = 503
 QUEUE_TIMEOUT = 504
 NOT_ACTIVE = 421  # this broker of a pair is passive: the other one serves (HTTP's "misdirected request")
+# Seconds before a client or worker that just left a dead broker of a pair asks the other again after its 421: it
+# takes over once it too sees its peer gone, which may be a moment later.
+PASSIVE_RETRY = 0.25
 
 MAX_SERVICE_LEN = 255
 MAX_REQUEST_ID_LEN = 64

@@ -7,6 +7,7 @@ scripts/bench slots      # tokens/s of one worker with 1, 2, 4 slots and of two 
 scripts/bench seed       # the seed project's table: load time, tokens/s, memory, mesh overhead
 scripts/bench prefix     # cache-aware against least-loaded routing: multi-turn chats, a shared system prompt
 scripts/bench pull       # the default model pulled through the broker (MB/s), and a token stream's ITL meanwhile
+scripts/bench failover   # a broker pair's active broker killed under a stream, 20 times: how long the stream stops
 scripts/bench split      # unsplit and split over 2 shard hosts, by direct RPC and through the CURVE bridge
 scripts/bench all --quick
 """
@@ -18,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from benchkit import capacity, overhead, prefix, pull, scale, seed, slots, split
+from benchkit import capacity, failover, overhead, prefix, pull, scale, seed, slots, split
 from benchkit.procs import OtherLoad
 from benchkit.report import DEFAULT_RECORD, command_line, publish
 
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "seed": seed,
     "prefix": prefix,
     "pull": pull,
+    "failover": failover,
     "split": split,
 }
 

@@ -544,12 +544,51 @@ def test_a_passive_broker_sends_the_worker_to_the_other_at_once_and_a_round_of_r
     assert core.registered and core.max_epoch == 3
 
 
+def test_after_its_broker_died_the_worker_asks_the_passive_one_again_until_it_takes_over() -> None:
+    """The passive broker may hear of its peer's death a moment after the worker: its 421 then means "not yet", and
+    the worker asks it again shortly rather than going back to the dead one, until a heartbeat timeout has passed."""
+    core = pair_core()
+    core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
+    assert of_type(core.on_broker_gone(1.0), Connect) == [Connect(2, PAIR[1])]
+    out = core.on_broker_message(p.disconnect((p.NOT_ACTIVE, "passive")), 1.01)
+    assert not of_type(out, Connect) and core.reconnect_at == 1.01 + core.config.passive_retry
+    assert of_type(core.tick(core.reconnect_at), Connect) == [Connect(3, PAIR[1])], "the same broker, not the dead one"
+    core.on_broker_message(p.heartbeat({"epoch": 2}), 1.3)
+    assert core.registered and core.fled is None and core.failed_attempts == 0
+    late = 1.3 + TTL  # a 421 long after the flight: the dead broker may be back and active
+    core.on_broker_gone(late)
+    out = core.on_broker_message(p.disconnect((p.NOT_ACTIVE, "passive")), late + TTL)
+    assert of_type(out, Connect) == [Connect(5, PAIR[1])]
+
+
+def test_a_pair_broker_that_nobody_listens_for_sends_the_worker_to_the_other_at_once() -> None:
+    core = pair_core()  # connecting to PAIR[0]: the connection is refused (its process is not running)
+    assert of_type(core.on_broker_gone(0.1), Connect) == [Connect(2, PAIR[1])]
+    alone = make_core()  # a broker alone may be restarting: the connection keeps trying, READY waits in it
+    alone.on_sidecar(True, 0.0)
+    assert alone.on_broker_gone(0.1) == [] and alone.phase is Phase.CONNECTING
+
+
 def test_a_broker_of_an_older_epoch_is_left_for_the_other() -> None:
     core = pair_core()
     core.on_broker_message(p.heartbeat({"epoch": 4}), 0.1)
     core.on_broker_gone(0.2)
     out = core.on_broker_message(p.heartbeat({"epoch": 3}), 0.3)  # the old active, woken from a freeze
     assert not core.registered and of_type(out, Connect) == [Connect(3, PAIR[0])]
+
+
+def test_a_broker_of_an_older_epoch_is_followed_once_a_round_finds_no_broker_of_the_newer_one() -> None:
+    """The broker of epoch 4 died and its peer came back alone, never having heard of epoch 4: once the dead one has
+    not answered either, the older one is the broker there is (waiting for epoch 4 would keep the worker out)."""
+    core = pair_core()
+    core.on_broker_message(p.heartbeat({"epoch": 4}), 0.1)
+    core.on_broker_gone(0.2)
+    core.on_broker_message(p.heartbeat({"epoch": 3}), 0.3)
+    assert not core.registered
+    core.tick(0.3 + TTL)  # the broker of epoch 4 does not answer
+    assert of_type(core.tick(core.reconnect_at), Connect) == [Connect(4, PAIR[1])]
+    core.on_broker_message(p.heartbeat({"epoch": 3}), core.reconnect_at + 0.1)
+    assert core.registered and core.max_epoch == 3
 
 
 def test_generations_with_a_stream_outlive_their_broker_and_go_on_for_their_clients() -> None:

@@ -56,6 +56,7 @@ class WorkerConfig:
     max_reconnect_delay: float = 30.0
     capability: str = p.CHAT  # the kind of request it serves: CHAT (generations) or EMBEDDINGS
     hold_streams: float = 30.0  # seconds a generation kept running without a broker waits for its client
+    passive_retry: float = p.PASSIVE_RETRY
 
     @property
     def broker_ttl(self) -> float:
@@ -168,6 +169,7 @@ class WorkerCore:
     endpoint: int = 0  # index into config.brokers of the current (or next) connection
     max_epoch: int = 0  # the newest epoch of a broker pair seen: a broker of an older one is stale
     held: dict[bytes, Kept] = field(default_factory=dict)  # stream id -> generation kept without a broker
+    fled: tuple[int, float] | None = None  # (endpoint, when) of the broker of a pair left for dead, until registered
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -214,15 +216,28 @@ class WorkerCore:
             return out
         if self.phase is Phase.CONNECTING:
             if message.epoch is not None and message.epoch < self.max_epoch:  # a broker that missed a takeover
+                if self.failed_attempts < len(self.config.brokers):
+                    log.warning(
+                        "%s: the broker at %s is of epoch %d, older than %d: trying the other",
+                        self._name,
+                        self._endpoint,
+                        message.epoch,
+                        self.max_epoch,
+                    )
+                    self._drop_connection(out, keep_streams=True)
+                    return out
+                # A round of the pair went by and no broker of the newer epoch took us: that one is dead or cut off,
+                # and this one (restarted without hearing it, or on the other side of a partition) is the broker
+                # there is. Waiting for the newer epoch would leave this worker out of the mesh for good.
                 log.warning(
-                    "%s: the broker at %s is of epoch %d, older than %d: trying the other",
+                    "%s: the broker at %s is of epoch %d, older than %d, but no broker of a newer one answers: "
+                    "following it",
                     self._name,
                     self._endpoint,
                     message.epoch,
                     self.max_epoch,
                 )
-                self._drop_connection(out, keep_streams=True)
-                return out
+                self.max_epoch = message.epoch
             self._register(message.epoch, out)
         if message.command == p.W_REQUEST:
             self._accept(message.route_key, message.body, out)
@@ -237,12 +252,19 @@ class WorkerCore:
         return out
 
     def on_broker_gone(self, now: float) -> list[Effect]:
-        """The connection to a registered broker closed under us (its process died): go to the other at once."""
+        """The connection to the broker closed under us, or could not be made (nothing listens there): its process
+        died. A registered worker goes to the other broker at once; so does one still connecting to a pair's broker
+        (alone, the broker may be restarting: the connection keeps trying until the broker's heartbeats are due)."""
         self.now = now
         out: list[Effect] = []
         if self.phase is Phase.REGISTERED:
             log.warning("%s: the broker at %s is gone", self._name, self._endpoint)
-            self._drop_connection(out, keep_streams=True)
+        elif self.phase is Phase.CONNECTING and len(self.config.brokers) > 1:
+            log.info("%s: nothing answers at %s", self._name, self._endpoint)
+        else:
+            return out
+        self._flee()
+        self._drop_connection(out, keep_streams=True)
         return out
 
     def on_job_finished(self, job: Job, body: bytes, now: float) -> list[Effect]:
@@ -315,6 +337,7 @@ class WorkerCore:
                 log.warning(
                     "%s: the broker at %s was silent for %g s", self._name, self._endpoint, self.config.broker_ttl
                 )
+            self._flee()
             self._drop_connection(out, keep_streams=True)
             return out
         if now >= self.next_heartbeat:
@@ -367,6 +390,7 @@ class WorkerCore:
         """The broker answered READY: offer it the generations kept since the last one died."""
         self.phase = Phase.REGISTERED
         self.failed_attempts = 0
+        self.fled = None
         self.max_epoch = max(self.max_epoch, epoch or 0)
         log.info(
             "%s: registered for %s with %d slot(s) at %s%s",
@@ -417,6 +441,15 @@ class WorkerCore:
             self._stop(out, f"the broker at {self._endpoint} refused this worker: {refusal[1]}", leave=False)
             return
         if refusal is not None and refusal[0] == p.NOT_ACTIVE:
+            if self._other_fled():
+                log.info(
+                    "%s: the broker at %s is not active yet (the other is gone): asking again in %g s",
+                    self._name,
+                    self._endpoint,
+                    self.config.passive_retry,
+                )
+                self._drop_connection(out, again_in=self.config.passive_retry)
+                return
             log.info("%s: the broker at %s is not the active one of its pair", self._name, self._endpoint)
         elif self.phase is Phase.CONNECTING:
             why = f": {refusal[1]}" if refusal is not None else ""
@@ -427,22 +460,39 @@ class WorkerCore:
         # what the worker was generating is kept for the clients that will ask the new broker for it.
         self._drop_connection(out, keep_streams=self.phase is Phase.REGISTERED)
 
-    def _drop_connection(self, out: list[Effect], keep_streams: bool = False) -> None:
+    def _flee(self) -> None:
+        """The current broker died (or went silent): remember it, so that the other broker of the pair, which may
+        not have noticed yet, is asked again rather than this one."""
+        if len(self.config.brokers) > 1:
+            self.fled = (self.endpoint, self.now)
+
+    def _other_fled(self) -> bool:
+        """The broker of the pair this worker is not connecting to was left for dead a moment ago (within a
+        heartbeat timeout, the longest the passive one can take to see the same)."""
+        return (
+            self.fled is not None and self.fled[0] != self.endpoint and self.now - self.fled[1] < self.config.broker_ttl
+        )
+
+    def _drop_connection(self, out: list[Effect], keep_streams: bool = False, again_in: float | None = None) -> None:
         """End the connection without a DISCONNECT (the broker already dropped us or cannot hear us) and try the
         next endpoint: at once after a registered connection, and at once while a pair's other broker is untried;
         exponentially later (with jitter) after each round of attempts that got no answer. ``keep_streams``: its
-        broker died, so generations with a stream id go on (``held``) for clients to find again."""
+        broker died, so generations with a stream id go on (``held``) for clients to find again. ``again_in``: try
+        the same endpoint again after this many seconds instead."""
         registered = self.phase is Phase.REGISTERED
         if keep_streams:
             self._keep_streams(out)
         self._orphan_jobs(out)
         out.append(Close(flush=False))
         self.phase = Phase.WAITING_SIDECAR
-        self.endpoint = (self.endpoint + 1) % len(self.config.brokers)
+        if again_in is None:
+            self.endpoint = (self.endpoint + 1) % len(self.config.brokers)
         if self._exit_if_stopping(out) or not self.sidecar_healthy:
             return
         delay = 0.0
-        if not registered:
+        if again_in is not None:
+            delay = again_in
+        elif not registered:
             self.failed_attempts += 1
             rounds = self.failed_attempts // len(self.config.brokers)  # the other broker of a pair is tried at once
             if rounds:

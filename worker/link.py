@@ -90,7 +90,9 @@ class BrokerLink:
             dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES + 64 * 1024)
             if self.curve is not None:
                 self.curve.apply(dealer, broker_index)
-            self._handshake_events = dealer.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
+            self._handshake_events = dealer.get_monitor_socket(
+                HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+            )
             self.endpoint = endpoint
             self._handshakes = HandshakeWatch(endpoint)
             dealer.connect(endpoint)
@@ -134,7 +136,7 @@ class BrokerLink:
 
     def connection_events(self) -> tuple[str | None, bool]:
         """(why the broker refused the secure handshake, if it did: a refusal that retrying cannot fix; whether the
-        connection closed under us: the broker's process died, or its machine is gone)."""
+        connection closed under us or could not be made: the broker's process died, or its machine is gone)."""
         gone = False
         with self._lock:
             while self._handshake_events is not None and self._handshake_events.poll(0):
@@ -142,7 +144,7 @@ class BrokerLink:
                 failure = self._handshakes.refusal(event)
                 if failure is not None:
                     return failure, gone
-                gone |= event == zmq.EVENT_DISCONNECTED
+                gone |= event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED)
         return None, gone
 
     # ------------------------------------------------------------------------------------------ slot threads

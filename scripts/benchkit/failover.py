@@ -1,0 +1,168 @@
+"""``failover``: a broker pair whose active broker dies under a token stream, again and again: how long the stream
+stops (from the kill to the next token at the client), against the same stream's own gaps between tokens in the same
+run, and whether each answer equals the uninterrupted one.
+
+Two real brokers (``--ha primary`` and ``--ha backup``), one real worker with its llama-server, and an SDK client,
+all with the default heartbeat settings unless told otherwise. Each round starts a stream at temperature 0, waits for
+its first tokens, kills the active broker (``kill`` fault: SIGKILL, its connections close; ``stop`` fault: SIGSTOP, a
+frozen machine that closes nothing, found only by missed heartbeats), lets the stream finish on the other broker, then
+restarts the dead one, which comes back passive: the next round kills the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from qmesh.client.sdk import QMeshClient, Request
+from qmesh.common.errors import MeshError
+from qmesh.testing import Child, free_endpoint, wait_for, wait_for_workers
+
+from . import procs, rig
+from .report import Section, Table
+from .stats import fmt, median, percentile
+
+GOAL_RESUME_S = 3.0  # issue 15: the stream resumes within 3 s of the active broker's death (default heartbeats)
+PROMPT = "Write a very long story about a lighthouse keeper and a storm, in many chapters."
+ROLES = ("primary", "backup")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kills", type=int, default=20, help="active brokers killed, one per stream")
+    parser.add_argument("--fault", choices=("kill", "stop"), default="kill", help="SIGKILL, or SIGSTOP (a freeze)")
+    parser.add_argument("--tokens-before", type=int, default=10, help="tokens a stream has when its broker dies")
+    parser.add_argument("--max-tokens", type=int, default=160, help="tokens per stream")
+    parser.add_argument("--heartbeat-ms", type=int, default=None, help="of brokers and worker (default: theirs)")
+
+
+def quick(args: argparse.Namespace) -> None:
+    args.kills = 4
+
+
+class Pair:
+    """The two brokers of a pair, restartable, and which of them is active."""
+
+    def __init__(self, processes: procs.Processes, heartbeat: list[str]) -> None:
+        self.processes = processes
+        self.heartbeat = heartbeat
+        self.endpoints = {role: free_endpoint() for role in ROLES}
+        self.ha = {role: free_endpoint() for role in ROLES}
+        self.brokers: dict[str, Child] = {}
+
+    @property
+    def address(self) -> str:
+        return ",".join(self.endpoints[role] for role in ROLES)
+
+    def start(self, role: str) -> Child:
+        peer = ROLES[1 - ROLES.index(role)]
+        ha = ["--ha", role, "--ha-bind", self.ha[role], "--ha-peer", self.ha[peer], "--log-level", "info"]
+        self.brokers[role] = self.processes.broker(self.endpoints[role], *ha, *self.heartbeat, name=role)
+        return self.brokers[role]
+
+    def restart(self, role: str) -> None:
+        """Start ``role`` again and wait until it has heard the active one and calls itself passive."""
+        broker = self.start(role)
+        wait_for(lambda: "is passive" in broker.log(), 30, f"the restarted {role} to be passive")
+
+    def active(self) -> str | None:
+        for role in ROLES:
+            if not self.brokers[role].alive():
+                continue
+            with QMeshClient(self.endpoints[role], connect_timeout=2) as client:
+                try:
+                    client.broker_info()
+                except MeshError:
+                    continue
+                return role
+        return None
+
+
+def run(args: argparse.Namespace, command: str) -> Section:
+    section = Section("failover", command)
+    heartbeat = [] if args.heartbeat_ms is None else ["--heartbeat-ms", str(args.heartbeat_ms)]
+    section.settings = {
+        "kills": args.kills,
+        "fault": args.fault,
+        "tokens before the kill": args.tokens_before,
+        "max_tokens": args.max_tokens,
+        "heartbeat": f"{args.heartbeat_ms} ms" if args.heartbeat_ms else "default (2500 ms, liveness 3)",
+    }
+    resumes: list[float] = []
+    gaps: list[float] = []  # between tokens, away from the seams: the stream's own pace
+    exact = complete = 0
+    with procs.Processes() as processes:
+        pair = Pair(processes, heartbeat)
+        for role in ROLES:
+            pair.start(role)
+        processes.worker(pair.address, *rig.worker_args(slots=1, cpu_threads=rig.default_cpu_threads()), *heartbeat)
+        with QMeshClient(pair.address, timeout=300, connect_timeout=10) as client:
+            wait_for_workers(pair.endpoints["primary"], rig.MODEL, 1, 120)
+            reference = client.submit(PROMPT, model=rig.MODEL, max_tokens=args.max_tokens, temperature=0).result()
+            if not reference.ok:
+                raise RuntimeError(f"the reference stream failed: {reference.error}")
+            for round_number in range(args.kills):
+                victim = wait_for(pair.active, 30, "an active broker")
+                stream = client.submit(PROMPT, model=rig.MODEL, max_tokens=args.max_tokens, temperature=0)
+                arrivals = _follow(client, stream, lambda s: len(s.chunks) >= args.tokens_before)
+                killed_at = time.monotonic()
+                os.kill(pair.brokers[victim].pid, signal.SIGKILL if args.fault == "kill" else signal.SIGSTOP)
+                after = _follow(client, stream, lambda s: s.done)
+                result = stream.result()
+                if args.fault == "stop":
+                    pair.brokers[victim].kill()
+                if result.ok and result.tokens == reference.tokens:
+                    complete += 1
+                    exact += result.text == reference.text
+                if after:
+                    resumes.append(after[0] - killed_at)
+                gaps += _gaps(arrivals) + _gaps(after)
+                print(
+                    f"round {round_number + 1}/{args.kills}: killed the {victim}, the stream resumed after "
+                    f"{fmt(resumes[-1] if after else None)} s; {result.tokens} tokens, "
+                    f"{'equal to' if result.text == reference.text else 'NOT equal to'} the uninterrupted answer",
+                    flush=True,
+                )
+                pair.restart(victim)
+    table = Table(["", "p50", "p90", "max", "per inter-token gap (p50)"])
+    pace = median(gaps) if gaps else float("nan")
+    for label, values in (("stream stopped for (s)", resumes), ("inter-token gap (s)", gaps)):
+        if values:
+            table.add(
+                label,
+                fmt(percentile(values, 50), 3),
+                fmt(percentile(values, 90), 3),
+                fmt(max(values), 3),
+                fmt(percentile(values, 50) / pace, 1) + "x",
+            )
+    section.table(f"{args.fault} the active broker mid-stream, {args.kills} times", table)
+    verdict = "met" if resumes and max(resumes) <= GOAL_RESUME_S else "NOT met"
+    section.notes.append(
+        f"goal (the stream resumes within {GOAL_RESUME_S:g} s of the active broker's death, p50 and max): {verdict}"
+    )
+    section.notes.append(
+        f"{complete}/{args.kills} answers complete ({reference.tokens} tokens), {exact}/{args.kills} equal to the "
+        "uninterrupted answer token for token"
+    )
+    section.data = {"resume_s": resumes, "gap_s": gaps, "complete": complete, "exact": exact}
+    return section
+
+
+def _follow(client: QMeshClient, stream: Request, until: Callable[[Request], bool]) -> list[float]:
+    """The arrival time of each chunk of ``stream`` from now until ``until(stream)`` holds."""
+    arrivals, seen = [], len(stream.chunks)
+    deadline = time.monotonic() + 300
+    while not until(stream):
+        if time.monotonic() > deadline:
+            raise RuntimeError("a stream stalled for 300 s")
+        client.poll(0.01)
+        now = time.monotonic()
+        arrivals += [now] * (len(stream.chunks) - seen)
+        seen = len(stream.chunks)
+    return arrivals
+
+
+def _gaps(arrivals: list[float]) -> list[float]:
+    return [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if b > a]
