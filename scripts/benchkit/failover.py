@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 
+from qmesh.broker.core import BrokerConfig
 from qmesh.client.sdk import QMeshClient, Request
 from qmesh.common.errors import MeshError
 from qmesh.testing import Child, free_endpoint, wait_for, wait_for_workers
@@ -25,6 +26,8 @@ from . import procs, rig
 from .report import Section, Table
 from .stats import fmt, median, percentile
 
+DEFAULT_HEARTBEAT_MS = BrokerConfig().heartbeat_interval * 1000
+LIVENESS = BrokerConfig().liveness
 GOAL_RESUME_S = 3.0  # issue 15: the stream resumes within 3 s of the active broker's death (default heartbeats)
 PROMPT = "Write a very long story about a lighthouse keeper and a storm, in many chapters."
 ROLES = ("primary", "backup")
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
         "fault": args.fault,
         "tokens before the kill": args.tokens_before,
         "max_tokens": args.max_tokens,
-        "heartbeat": f"{args.heartbeat_ms} ms" if args.heartbeat_ms else "default (2500 ms, liveness 3)",
+        "heartbeat": f"{args.heartbeat_ms} ms" if args.heartbeat_ms else f"default ({DEFAULT_HEARTBEAT_MS:g} ms)",
     }
     resumes: list[float] = []
     gaps: list[float] = []  # between tokens, away from the seams: the stream's own pace
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace, command: str) -> Section:
         for role in ROLES:
             pair.start(role)
         processes.worker(pair.address, *rig.worker_args(slots=1, cpu_threads=rig.default_cpu_threads()), *heartbeat)
-        with QMeshClient(pair.address, timeout=300, connect_timeout=10) as client:
+        interval = (args.heartbeat_ms or DEFAULT_HEARTBEAT_MS) / 1000
+        with QMeshClient(pair.address, timeout=300, connect_timeout=10, liveness=interval * LIVENESS) as client:
             wait_for_workers(pair.endpoints["primary"], rig.MODEL, 1, 120)
             reference = client.submit(PROMPT, model=rig.MODEL, max_tokens=args.max_tokens, temperature=0).result()
             if not reference.ok:
@@ -138,10 +142,16 @@ def run(args: argparse.Namespace, command: str) -> Section:
                 fmt(percentile(values, 50) / pace, 1) + "x",
             )
     section.table(f"{args.fault} the active broker mid-stream, {args.kills} times", table)
-    verdict = "met" if resumes and max(resumes) <= GOAL_RESUME_S else "NOT met"
-    section.notes.append(
-        f"goal (the stream resumes within {GOAL_RESUME_S:g} s of the active broker's death, p50 and max): {verdict}"
-    )
+    if args.fault == "kill":
+        verdict = "met" if resumes and max(resumes) <= GOAL_RESUME_S else "NOT met"
+        section.notes.append(
+            f"goal (the stream resumes within {GOAL_RESUME_S:g} s of the active broker's death, p50 and max): {verdict}"
+        )
+    else:  # nothing closes: the worker, the client and the backup each wait out the heartbeats they miss
+        section.notes.append(
+            f"a frozen broker is noticed by missed heartbeats: interval x liveness = {interval * LIVENESS:g} s (the "
+            "SDK client's liveness, the silence it tolerates while requests wait, set to the same)"
+        )
     section.notes.append(
         f"{complete}/{args.kills} answers complete ({reference.tokens} tokens), {exact}/{args.kills} equal to the "
         "uninterrupted answer token for token"
