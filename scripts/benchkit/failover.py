@@ -124,7 +124,8 @@ def run(args: argparse.Namespace, command: str) -> Section:
                     resumes.append(after[0] - killed_at)
                 gaps += _gaps(arrivals) + _gaps(after)
                 print(
-                    f"round {round_number + 1}/{args.kills}: killed the {victim}, the stream resumed after "
+                    f"round {round_number + 1}/{args.kills}: {'killed' if args.fault == 'kill' else 'froze'} the "
+                    f"{victim}, the stream resumed after "
                     f"{fmt(resumes[-1] if after else None)} s; {result.tokens} tokens, "
                     f"{'equal to' if result.text == reference.text else 'NOT equal to'} the uninterrupted answer",
                     flush=True,
