@@ -515,6 +515,8 @@ def parse_inbound(frames: list[bytes]) -> InboundMessage:
                 raise ProtocolError("DISCONNECT from a worker takes no frames")
             return WorkerDisconnect(framing)
         if command == W_ATTACH:
+            if delimited:  # a QMesh worker's command, and QMesh workers never send the empty frame
+                raise ProtocolError("ATTACH comes without a leading empty frame")
             if len(frames) != 3 or not 0 < len(frames[2]) <= MAX_STREAM_ID_LEN:
                 raise ProtocolError(f"ATTACH takes one stream id frame of 1-{MAX_STREAM_ID_LEN} bytes")
             return WorkerAttach(frames[2], framing)
@@ -1276,9 +1278,10 @@ def _transfer_from_client(command: bytes, frames: list[bytes], delimited: bool) 
     if command == C_PUSH_DATA:
         return PushChunk(transfer_id, _offset(frames[1]), _chunk_data(frames[2]))
     fields = unpack_map(frames[1])
-    if set(fields) != {"outcome"} or fields["outcome"] not in TRANSFER_OUTCOMES:
+    outcome = fields.get("outcome")
+    if set(fields) != {"outcome"} or not isinstance(outcome, str) or outcome not in TRANSFER_OUTCOMES:
         raise ProtocolError(f"END is {{'outcome': one of {', '.join(sorted(TRANSFER_OUTCOMES))}}}")
-    return TransferEnd(transfer_id, fields["outcome"])
+    return TransferEnd(transfer_id, outcome)
 
 
 def _transfer_from_holder(command: bytes, frames: list[bytes], delimited: bool) -> TransferMessage:
