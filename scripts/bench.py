@@ -1,7 +1,7 @@
 """``scripts/bench``: QMesh's benchmarks. Each prints a table and appends a dated section to docs/BENCHMARKS.md.
 
 scripts/bench overhead   # the same streaming load straight to llama-server and through the mesh
-scripts/bench capacity   # broker chunks/s and CPU per message with fake workers, against zmq.proxy
+scripts/bench capacity   # broker CPU per message against zmq.proxy, per plain MDP request against majortomo
 scripts/bench scale      # 1,000 simulated workers, 2,000 paced streams: added inter-token latency
 scripts/bench slots      # tokens/s of one worker with 1, 2, 4 slots and of two 1-slot workers
 scripts/bench seed       # the seed project's table: load time, tokens/s, memory, mesh overhead

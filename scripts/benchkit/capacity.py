@@ -1,8 +1,12 @@
-"""``capacity``: chunks/s and CPU per message of the broker with fake workers, against ``zmq.proxy``.
+"""``capacity``: chunks/s and CPU per message of the broker with fake workers, against ``zmq.proxy``; CPU per plain
+MDP request against majortomo's broker.
 
 Rounds alternate: the broker (its own process, the real ``qmesh-broker``) routes the streams of
 ``FakeStreamingWorker`` to synthetic clients; then ``zmq.proxy`` (its own process) forwards as many messages of
-the same frames. CPU time of the broker or proxy process is read before and after the load (procs.cpu_seconds).
+the same frames. Then the plain MDP load (``plainmdp``: clients sending requests back to back, echo workers
+answering each with PARTIALs and a FINAL, in the framing majortomo speaks) goes through ``qmesh-broker`` and
+through majortomo 0.2.0's ``Broker`` (its own process), in rotating, mirrored order. CPU time of the broker,
+proxy or majortomo process is read before and after the load (procs.cpu_seconds).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any
 from qmesh.testing import free_endpoint, wait_for_workers
 from qmesh.testing.fakeworker import FakePlan
 
-from . import fakeclient, procs, proxybase
+from . import fakeclient, plainmdp, procs, proxybase
+from .overhead import order
 from .profiling import PySpy, hot_spots
 from .report import Section, Table
 from .stats import fmt, ratio
@@ -22,6 +27,8 @@ from .stats import fmt, ratio
 SERVICE = "fake-model"
 GOAL_CHUNKS_PER_CORE = 30_000
 GOAL_CPU_RATIO = 8.0
+GOAL_MAJORTOMO_RATIO = 3.0  # majortomo's broker CPU per plain MDP request / qmesh-broker's
+QMESH, MAJORTOMO, REF = "qmesh-broker", "majortomo 0.2.0", "qmesh-broker @ ref"
 
 
 @dataclass
@@ -33,6 +40,17 @@ class BrokerRound:
     client: dict[str, Any]
     worker: dict[str, Any]
     warnings: tuple[int, list[str]]
+
+
+@dataclass
+class PlainRound:
+    """One broker's share of a plain MDP round: requests answered, its CPU seconds, the wall time."""
+
+    requests: int
+    bad: int  # requests sent and not answered as they should be
+    cpu: float
+    wall: float
+    client_cpu: float
 
 
 @dataclass
@@ -49,13 +67,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=250, help="chunks per request")
     parser.add_argument("--window", type=int, default=64, help="credit window per stream, in chunks (as the SDK)")
     parser.add_argument("--rounds", type=int, default=2, help="broker/proxy round pairs")
-    parser.add_argument("--profile", action="store_true", help="one more broker round sampled by py-spy")
+    parser.add_argument("--mdp-requests", type=int, default=4000, help="plain MDP requests per broker per round")
+    parser.add_argument("--mdp-clients", type=int, default=4, help="plain MDP clients, one request in flight each")
+    parser.add_argument("--mdp-workers", type=int, default=2, help="plain MDP echo workers")
+    parser.add_argument("--mdp-rounds", type=int, default=4, help="plain MDP rounds (each broker once per round)")
+    parser.add_argument("--mdp-only", action="store_true", help="only the plain MDP comparison with majortomo")
+    parser.add_argument("--profile", action="store_true", help="one more broker round of each load sampled by py-spy")
     parser.add_argument("--ref", default=None, help="also run the broker of this git ref, interleaved (before/after)")
 
 
 def quick(args: argparse.Namespace) -> None:
-    args.rounds = 1
+    args.rounds, args.mdp_rounds = 1, 2
     args.requests = args.requests or 80
+    args.mdp_requests = min(args.mdp_requests, 1000)
 
 
 def run(args: argparse.Namespace, command: str) -> Section:
@@ -70,6 +94,8 @@ def run(args: argparse.Namespace, command: str) -> Section:
         "chunks/request": args.chunks,
         "window": args.window,
         "rounds": args.rounds,
+        "plain MDP": f"{args.mdp_clients} clients, {args.mdp_workers} echo workers, {plainmdp.PARTIALS} PARTIALs "
+        f"and a FINAL per request, {args.mdp_requests} requests per broker per round, {args.mdp_rounds} rounds",
     }
     if args.ref:
         section.settings["compared with the broker of"] = args.ref
@@ -78,7 +104,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
     proxies: list[ProxyRound] = []
     with procs.Processes() as ps:
         ref_code = ps.export(args.ref, "broker", "common") if args.ref else None
-        for _ in range(args.rounds):
+        for _ in range(0 if args.mdp_only else args.rounds):
             if ref_code is not None:
                 refs.append(broker_round(ps, args, streams, requests, code=ref_code))
             brokers.append(broker_round(ps, args, streams, requests))
@@ -88,15 +114,110 @@ def run(args: argparse.Namespace, command: str) -> Section:
                 f"proxy {proxies[-1].messages / proxies[-1].wall:,.0f} msg/s",
                 flush=True,
             )
-        if args.profile:
+        if args.profile and not args.mdp_only:
             profiled = broker_round(ps, args, streams, requests, profile_dir=ps.log_dir)
             table, samples = hot_spots(ps.log_dir / "broker.pyspy")
             section.table(f"broker hot spots under this load (py-spy, {samples} samples, % of busy samples)", table)
             section.notes.append(f"the profiled round ran at {profiled.chunks / profiled.wall:,.0f} chunks/s (wall)")
-    summarise(section, brokers, proxies)
+        plain = plain_rounds(ps, args, ref_code)
+        if args.profile:
+            profiled_plain = plain_round(ps, args, QMESH, None, profile_dir=ps.log_dir)
+            table, samples = hot_spots(ps.log_dir / "broker-plain.pyspy")
+            title = f"broker hot spots under the plain MDP load (py-spy, {samples} samples, % of busy samples)"
+            section.table(title, table)
+            rate = 1e6 * ratio(profiled_plain.cpu, profiled_plain.requests)
+            section.notes.append(f"the profiled plain MDP round used {rate:.0f} us of broker CPU per request")
+    if brokers:
+        summarise(section, brokers, proxies)
     if refs:
         compare(section, args.ref, refs, brokers)
+    summarise_plain(section, plain, args.ref)
     return section
+
+
+def plain_rounds(ps: procs.Processes, args: argparse.Namespace, ref_code: Any) -> dict[str, list[PlainRound]]:
+    """The plain MDP load through each broker, in rotating, mirrored order (AB BA, ABC CBA BCA ...)."""
+    names = [QMESH, MAJORTOMO] + ([REF] if ref_code is not None else [])
+    rounds: dict[str, list[PlainRound]] = {name: [] for name in names}
+    for index in range(args.mdp_rounds):
+        for which in order(index, len(names)):
+            name = names[which]
+            rounds[name].append(plain_round(ps, args, name, ref_code))
+        figures = (f"{name} {1e6 * ratio(rs[-1].cpu, rs[-1].requests):.0f} us/request" for name, rs in rounds.items())
+        print(f"capacity: plain MDP round {index + 1}: " + ", ".join(figures), flush=True)
+    return rounds
+
+
+def plain_round(
+    ps: procs.Processes, args: argparse.Namespace, name: str, ref_code: Any, profile_dir: Any = None
+) -> PlainRound:
+    endpoint = free_endpoint()
+    if name == MAJORTOMO:
+        process, started = ps.function(plainmdp.majortomo_main, endpoint)
+        started.get(timeout=30)
+        pid = process.pid
+        assert pid is not None
+        stop_broker = process.kill
+    else:
+        broker = ps.broker(endpoint, code=ref_code if name == REF else None)
+        pid, stop_broker = broker.pid, broker.stop
+    stop, go = procs.SPAWN.Event(), procs.SPAWN.Event()
+    workers = ps.function(plainmdp.workers_main, endpoint, SERVICE, args.mdp_workers, stop)[1]
+    timeout = 60 + args.mdp_requests / 200
+    warmup = 25 * args.mdp_clients
+    _, clients = ps.function(
+        plainmdp.clients_main, endpoint, SERVICE, args.mdp_clients, warmup, args.mdp_requests, go, timeout
+    )
+    clients.get(timeout=timeout)  # "warm": every worker has registered and answered
+    spy = PySpy(pid, profile_dir / "broker-plain.pyspy") if profile_dir is not None else None
+    cpu0 = procs.cpu_seconds(pid)
+    go.set()
+    counts = clients.get(timeout=timeout + 30)
+    cpu1 = procs.cpu_seconds(pid)
+    if spy is not None:
+        spy.stop()
+    stop_broker()
+    stop.set()
+    workers.get(timeout=30)
+    return PlainRound(counts["ok"], counts["requests"] - counts["ok"], cpu1 - cpu0, counts["wall"], counts["cpu"])
+
+
+def summarise_plain(section: Section, rounds: dict[str, list[PlainRound]], ref: str | None) -> None:
+    """Broker CPU per plain MDP request, each broker against majortomo's."""
+    labels = {QMESH: QMESH, MAJORTOMO: MAJORTOMO, REF: f"qmesh-broker @ {ref}"}
+    per_request = {
+        name: 1e6 * ratio(sum(r.cpu for r in rs), sum(r.requests for r in rs)) for name, rs in rounds.items()
+    }
+    table = Table(["broker", "CPU us per request", "majortomo / this", "requests/s (wall)", "failed answers", "goal"])
+    for name, rs in rounds.items():
+        times_less = ratio(per_request[MAJORTOMO], per_request[name])
+        goal = "-"
+        if name == QMESH:
+            goal = f">= {GOAL_MAJORTOMO_RATIO:g}x less: {_verdict(times_less >= GOAL_MAJORTOMO_RATIO)}"
+        table.add(
+            labels[name],
+            fmt(per_request[name], 1),
+            f"{fmt(times_less)}x",
+            fmt(ratio(sum(r.requests for r in rs), sum(r.wall for r in rs)), 0),
+            sum(r.bad for r in rs),
+            goal,
+        )
+    section.table("plain MDP requests: broker CPU per request against majortomo's broker", table)
+    by_round = Table(["round", *(f"{labels[name]} us/request" for name in rounds), "majortomo / qmesh-broker"])
+    for index in range(len(rounds[QMESH])):
+        cells = [1e6 * ratio(rs[index].cpu, rs[index].requests) for rs in rounds.values()]
+        mine, theirs = rounds[QMESH][index], rounds[MAJORTOMO][index]
+        times_less = ratio(theirs.cpu / max(1, theirs.requests), mine.cpu / max(1, mine.requests))
+        by_round.add(index + 1, *(fmt(cell, 1) for cell in cells), f"{fmt(times_less)}x")
+    section.table("plain MDP requests, round by round", by_round)
+    section.notes.append(
+        "plain MDP: a request is the client's REQUEST, the worker's PARTIALs and FINAL (4 messages in, 4 out); "
+        "clients and workers speak majortomo 0.2.0's framing (leading empty frame; MDPC02 with the worker's codes), "
+        "which both brokers accept; majortomo's Broker runs in a process of its own with logging unconfigured "
+        "(warnings only). CPU is the broker process's over the timed requests, after a warm-up"
+    )
+    section.data["plain_mdp_us_per_request"] = {labels[name]: value for name, value in per_request.items()}
+    section.data["plain_mdp_majortomo_ratio"] = ratio(per_request[MAJORTOMO], per_request[QMESH])
 
 
 def broker_round(
