@@ -608,6 +608,35 @@ def test_generations_with_a_stream_outlive_their_broker_and_go_on_for_their_clie
     assert not of_type(out, StartJob), "the same generation, not a new one"
 
 
+def test_a_kept_generation_that_resumed_a_stream_counts_only_its_own_tokens_as_delivered() -> None:
+    """It took the stream over after 2 tokens (a failover) and sent the tokens after those: a client that has 5 in
+    all has 3 of its chunks (counting all 5 skipped 2 more, which the client never got: found by scripts/chaos)."""
+    core = pair_core()
+    core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
+    resumed = GenerationRequest(prompt="hi", stream=b"s1", window=8, resume_tokens=[5, 6], failovers=1)
+    kept = started(core.on_broker_message(p.worker_request(b"k1", [resumed.to_body()]), 0.1))
+    core.on_broker_gone(1.0)
+    core.on_broker_message(p.heartbeat({"epoch": 2}), 1.1)
+    resent = GenerationRequest(prompt="hi", stream=b"s1", window=8, resume_tokens=[5, 6, 7, 8, 9], failovers=2)
+    out = core.on_broker_message(p.worker_request(b"n1", [resent.to_body()]), 1.2)
+    assert out == [Rebind(kept, b"n1", 2, 3, 8)]
+
+
+def test_a_client_behind_where_a_kept_generation_started_gets_a_new_one() -> None:
+    """The broker resumed the stream here after 2 tokens, then died before the client got the second: the kept
+    generation never made that token, so it cannot go on where the client is; a new generation does."""
+    core = pair_core()
+    core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
+    resumed = GenerationRequest(prompt="hi", stream=b"s1", resume_tokens=[5, 6], failovers=1)
+    kept = started(core.on_broker_message(p.worker_request(b"k1", [resumed.to_body()]), 0.1))
+    core.on_broker_gone(1.0)
+    core.on_broker_message(p.heartbeat({"epoch": 2}), 1.1)
+    resent = GenerationRequest(prompt="hi", stream=b"s1", resume_tokens=[5], failovers=1)
+    out = core.on_broker_message(p.worker_request(b"n1", [resent.to_body()]), 1.2)
+    assert CancelJob(kept) in out and not of_type(out, Rebind)
+    assert started(out).request.resume_tokens == [5] and core.held == {}
+
+
 def test_a_kept_generation_that_ended_meanwhile_sends_its_final_when_claimed() -> None:
     core = pair_core()
     core.on_broker_message(p.heartbeat(), 0.0)

@@ -410,8 +410,10 @@ class WorkerCore:
             out.append(Send(p.worker_reply(True, route_key, [p.error_body(p.BAD_REQUEST, str(exc))])))
             return
         if isinstance(request, GenerationRequest) and request.stream in self.held:
-            self._resume_kept(self.held.pop(request.stream), route_key, request, out)
-            return
+            kept = self.held.pop(request.stream)
+            if self._resume_kept(kept, route_key, request, out):
+                return
+            out.append(CancelJob(kept.job))  # it cannot go on where the client is: a new generation does
         previous = self.jobs.get(route_key)
         if previous is not None:  # the broker never reuses a key on one connection: a bug, but never two jobs
             log.warning("%s: the broker sent route key %s twice; cancelling the first", self._name, route_key.hex())
@@ -420,14 +422,29 @@ class WorkerCore:
         self.jobs[route_key] = job
         out.append(StartJob(job))
 
-    def _resume_kept(self, kept: Kept, route_key: bytes, request: GenerationRequest, out: list[Effect]) -> None:
-        """The client of a kept generation asked for it again: it goes on where the client is."""
+    def _resume_kept(self, kept: Kept, route_key: bytes, request: GenerationRequest, out: list[Effect]) -> bool:
+        """The client of a kept generation asked for it again: it goes on where the client is. False if it cannot:
+        the client has fewer tokens than the generation started after (a broker resumed the stream here after
+        tokens that died with it before they reached the client)."""
         job = kept.job
-        out.append(Rebind(job, route_key, self.connection, len(request.resume_tokens), request.window or 0))
+        # A generation that itself resumed a stream (a failover) sent only the tokens after its request's resume
+        # tokens: of its own, the client has those beyond them.
+        assert isinstance(job.request, GenerationRequest)
+        delivered = len(request.resume_tokens) - len(job.request.resume_tokens)
+        if delivered < 0:
+            log.warning(
+                "%s: a client asked for a kept stream after %d token(s), before the %d it resumed after: starting anew",
+                self._name,
+                len(request.resume_tokens),
+                len(job.request.resume_tokens),
+            )
+            return False
+        out.append(Rebind(job, route_key, self.connection, delivered, request.window or 0))
         if kept.final is not None:
             out.append(Send(p.worker_reply(True, route_key, [kept.final])))
-            return
+            return True
         self.jobs[route_key] = job
+        return True
 
     def _check_kind(self, request: GenerationRequest | EmbeddingRequest) -> None:
         """The broker sends each kind of request only to workers of that kind; this catches one that did not."""
