@@ -1,12 +1,10 @@
 """The dashboard in a real browser (headless Chromium, Debian's package, driven by Playwright) against a live mesh:
-a real broker, a worker with a real llama-server, and the gateway. With QMESH_UPDATE_SCREENSHOT=1 the run also
-saves the README's screenshot, docs/dashboard.png (otherwise into the test's temporary folder, so a test run leaves
-the checkout as it was)."""
+a real broker, a worker with a real llama-server, and the gateway. The run also saves the README's screenshot,
+docs/dashboard.png."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -207,10 +205,8 @@ def test_it_reads_on_a_phone(mesh, browser):
         context.close()
 
 
-def test_screenshot_of_a_busy_mesh(mesh, page, tmp_path):
-    """A screenshot of the mesh once qmesh-client has sent a few prompts while the playground streamed (the README's,
-    docs/dashboard.png, with QMESH_UPDATE_SCREENSHOT=1)."""
-    screenshot = SCREENSHOT if os.environ.get("QMESH_UPDATE_SCREENSHOT") == "1" else tmp_path / "dashboard.png"
+def test_screenshot_of_a_busy_mesh(mesh, page):
+    """Saves docs/dashboard.png: the mesh once qmesh-client has sent a few prompts while the playground streamed."""
     page.goto(mesh["url"] + "/dashboard")
     page.wait_for_selector(f'#play-model option[value="{MODEL}"]', state="attached", timeout=WAIT_MS)
     before = newest_seq(mesh["url"])
@@ -236,5 +232,5 @@ def test_screenshot_of_a_busy_mesh(mesh, page, tmp_path):
         arg=[before, len(prompts) + 1],
         timeout=WAIT_MS,
     )
-    page.screenshot(path=str(screenshot), full_page=True)
-    assert screenshot.stat().st_size > 10_000
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
