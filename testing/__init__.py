@@ -43,6 +43,7 @@ PROGRAMS = {
     "qmesh-broker": "qmesh.broker.cli",
     "qmesh-worker": "qmesh.worker.cli",
     "qmesh-client": "qmesh.client.cli",
+    "qmesh-gateway": "qmesh.gateway.cli",
     "qmesh-shard": "qmesh.worker.shard_cli",
 }
 _PR_SET_PDEATHSIG = 1

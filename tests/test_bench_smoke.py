@@ -17,6 +17,7 @@ def test_capacity_benchmark_routes_every_chunk_and_records_a_section(tmp_path: P
     record, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "capacity", "--workers", "1", "--slots", "2"]
     command += ["--requests", "6", "--chunks", "20", "--rounds", "1", "--record", str(record), "--json", str(figures)]
+    command += ["--mdp-requests", "50", "--mdp-rounds", "2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     data = json.loads(figures.read_text())["capacity"]
@@ -25,10 +26,14 @@ def test_capacity_benchmark_routes_every_chunk_and_records_a_section(tmp_path: P
     assert data["lost_chunks"] == 0 and data["failed_requests"] == 0
     assert data["proxy_messages"] == data["inbound"]  # the baseline forwarded as many messages as the broker got
     assert data["warnings"] == 0
+    # the plain MDP load went through both brokers, every answer whole
+    assert data["plain_mdp_requests"] == {"qmesh-broker": 2 * 50, "majortomo 0.2.0": 2 * 50}
+    assert data["plain_mdp_failed"] == 0
     section = record.read_text()
     assert "### capacity: " in section
     assert "- command: `scripts/bench capacity --workers 1" in section
     assert "| CPU us per routed message" in section
+    assert "plain MDP requests: broker CPU per request against majortomo's broker" in section
 
 
 @pytest.mark.sidecar  # the benchmark's workers start real llama-servers, out of sight of conftest's rule

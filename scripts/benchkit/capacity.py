@@ -218,6 +218,8 @@ def summarise_plain(section: Section, rounds: dict[str, list[PlainRound]], ref: 
     )
     section.data["plain_mdp_us_per_request"] = {labels[name]: value for name, value in per_request.items()}
     section.data["plain_mdp_majortomo_ratio"] = ratio(per_request[MAJORTOMO], per_request[QMESH])
+    section.data["plain_mdp_requests"] = {labels[name]: sum(r.requests for r in rs) for name, rs in rounds.items()}
+    section.data["plain_mdp_failed"] = sum(r.bad for rs in rounds.values() for r in rs)
 
 
 def broker_round(

@@ -2,10 +2,12 @@
 
 Identical llama-servers (same binary, model, slots, threads, context): one used directly over HTTP/SSE, one behind
 a real broker and worker; with ``--ref REF`` one more, behind the working tree's broker and the worker of git ref
-REF, so that a worker is measured before and after a change in the same run. Loads never overlap, and their order
-rotates and mirrors from one load to the next (ABBA for two paths, ABC CBA BCA ACB CAB BAC for three): every path
-takes every place equally often and a drift in the machine's speed favours none. At concurrency 1 and at
-saturation (concurrency = slots). Each process's CPU per output token shows where the cores went.
+REF, so that a worker is measured before and after a change in the same run. With ``--gateway`` the load is chat
+over OpenAI's streaming API: llama-server's own ``/v1/chat/completions``, the SDK's chat through the mesh, and
+qmesh-gateway's ``/v1/chat/completions`` in front of the same mesh. Loads never overlap, and their order rotates
+and mirrors from one load to the next (ABBA for two paths, ABC CBA BCA ACB CAB BAC for three): every path takes
+every place equally often and a drift in the machine's speed favours none. At concurrency 1 and at saturation
+(concurrency = slots). Each process's CPU per output token shows where the cores went.
 """
 
 from __future__ import annotations
@@ -20,14 +22,32 @@ from typing import Any
 from . import floor, procs, rig
 from .report import Section, Table
 from .stats import LoadResult, StreamRecord, fmt, median, percentile, ratio
-from .streamload import DirectLoad, MeshLoad, prompts
+from .streamload import ChatHttpLoad, DirectLoad, MeshLoad, prompts
 
 GOAL_ADDED_TTFT_MS = 1.0
 GOAL_TOKENS_RATIO = 0.98
+GOAL_GATEWAY_TTFT_MS = 3.0  # through qmesh-gateway, chat (--gateway)
+GOAL_GATEWAY_TOKENS_RATIO = 0.97
+GATEWAY_MAX_TOKENS = 64  # --gateway's default answer length
 
-DIRECT, MESH, REF = 0, 1, 2  # the paths, in this order: llama-server directly, the working tree's worker, REF's
-CLIENT, BROKER, WORKER, LLAMA = "client (this process)", "broker", "worker (Python)", "llama-server"
-ROLES = (CLIENT, BROKER, WORKER, LLAMA)  # a path's own processes; LLAMA is the direct one or the worker's
+# The paths, in this order: llama-server directly, the working tree's worker, REF's (or with --gateway: directly,
+# the SDK through the mesh, the gateway in front of the same mesh)
+DIRECT, MESH, REF = 0, 1, 2
+GATEWAY = 2
+CLIENT, GATEWAY_PROCESS, BROKER, WORKER, LLAMA = (
+    "client (this process)",
+    "gateway",
+    "broker",
+    "worker (Python)",
+    "llama-server",
+)
+ROLES = (
+    CLIENT,
+    GATEWAY_PROCESS,
+    BROKER,
+    WORKER,
+    LLAMA,
+)  # a path's own processes; LLAMA is the direct one or the worker's
 IDLE = "the other paths' processes (idle)"
 QUIET = 0.25  # cores used by other programs below which a round counts as run alone
 
@@ -39,12 +59,29 @@ class LoadPath:
     label: str
     short: str  # its initial, in cells that list every path
     pids: dict[str, int]  # by role (ROLES)
-    load: Callable[[int], DirectLoad | MeshLoad]  # this path's load at a concurrency
+    load: Callable[[int], Load]  # this path's load at a concurrency
+
+
+Load = DirectLoad | MeshLoad | ChatHttpLoad
 
 
 def load_paths(r: rig.Rig) -> list[LoadPath]:
     me = os.getpid()
-    paths = [LoadPath("direct", "d", {CLIENT: me, LLAMA: r.direct_pid()}, functools.partial(DirectLoad, r.base_url))]
+    direct = {CLIENT: me, LLAMA: r.direct_pid()}
+    if r.gateway is not None:  # chat over OpenAI's API: llama-server's own, the SDK's, the gateway's
+        mesh = r.mesh
+        pids = {CLIENT: me, BROKER: mesh.broker.pid, WORKER: mesh.worker.pid, LLAMA: mesh.sidecar().pid}
+        return [
+            LoadPath("direct", "d", direct, functools.partial(ChatHttpLoad, r.base_url, rig.MODEL)),
+            LoadPath("sdk", "s", pids, functools.partial(MeshLoad, mesh.endpoint, rig.MODEL, chat=True)),
+            LoadPath(
+                "gateway",
+                "g",
+                {**pids, GATEWAY_PROCESS: r.gateway.pid},
+                functools.partial(ChatHttpLoad, r.gateway_url, rig.MODEL),
+            ),
+        ]
+    paths = [LoadPath("direct", "d", direct, functools.partial(DirectLoad, r.base_url))]
     for mesh, short in zip(r.meshes, "qr", strict=False):
         pids = {CLIENT: me, BROKER: mesh.broker.pid, WORKER: mesh.worker.pid, LLAMA: mesh.sidecar().pid}
         paths.append(LoadPath(mesh.label, short, pids, functools.partial(MeshLoad, mesh.endpoint, rig.MODEL)))
@@ -151,7 +188,8 @@ class Series:
         for path in self.paths[1:]:
             headers += [f"{path.label} ms CPU/token", f"{path.label} - direct"]
         table = Table(headers)
-        for name, roles in [*((role, [role]) for role in (*ROLES, IDLE)), ("all", [*ROLES, IDLE])]:
+        present = [role for role in ROLES if any(role in path.pids for path in self.paths)]
+        for name, roles in [*((role, [role]) for role in (*present, IDLE)), ("all", [*ROLES, IDLE])]:
             base, *others = (leg.ms_per_token(*roles) for leg in legs)
             table.add(name, fmt(base, 3), *(cell for value in others for cell in (fmt(value, 3), fmt(value - base, 3))))
         return table
@@ -162,8 +200,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-threads", type=int, default=rig.default_cpu_threads(), help="llama-server threads")
     parser.add_argument("--rounds", type=int, default=8, help="rounds per concurrency (each path once or more)")
     parser.add_argument("--requests", type=int, default=4, help="requests per round at concurrency 1")
-    parser.add_argument("--max-tokens", type=int, default=96, help="tokens generated per request")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help=f"tokens per request (default 96; {GATEWAY_MAX_TOKENS} with --gateway)",
+    )
     parser.add_argument("--ref", default=None, help="also run the worker of this git ref, interleaved (before/after)")
+    parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help="chat over OpenAI's API: llama-server's own, the SDK's through the mesh and qmesh-gateway's, side by side",
+    )
 
 
 def quick(args: argparse.Namespace) -> None:
@@ -215,9 +263,7 @@ def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Series]:
     return out
 
 
-def _measure(
-    load: DirectLoad | MeshLoad, path: LoadPath, meter: procs.CpuMeter, batch: list[str], max_tokens: int
-) -> Leg:
+def _measure(load: Load, path: LoadPath, meter: procs.CpuMeter, batch: list[str], max_tokens: int) -> Leg:
     other, before = procs.OtherLoad(), meter.reading()
     result = load.run(batch, max_tokens)
     cores, used = other.cores(), meter.used(before, meter.reading())
@@ -280,6 +326,79 @@ def goals(all_series: list[Series], slots: int) -> tuple[list[str], dict[str, An
     return lines, data
 
 
+def gateway_goals(all_series: list[Series], slots: int) -> tuple[Table, list[str], dict[str, Any]]:
+    """The gateway path and the SDK path against direct chat: added TTFT (the median of per-prompt differences; the
+    gateway sends no prompt time to net out), tokens/s at saturation, each process's CPU per output token."""
+    single = next(s for s in all_series if s.concurrency == 1)
+    saturated = next(s for s in all_series if s.concurrency == slots)
+    table = Table(["measure", "sdk", "gateway", "goal (gateway)"])
+    data: dict[str, Any] = {}
+    for path, name in ((MESH, "sdk"), (GATEWAY, "gateway")):
+        added = single.paired_ms(path, lambda r: r.ttft)
+        direct_rate = saturated.pooled(DIRECT).result.tokens_per_s()
+        data[name] = {
+            "added_ttft_ms": added,
+            "added_ttft_p50_ms": percentile(added, 50),
+            "tokens_ratio_saturation": ratio(saturated.pooled(path).result.tokens_per_s(), direct_rate),
+            "tokens_ratios_saturation": saturated.round_ratios(path),
+            "tokens_ratio_saturation_quiet_median": median(saturated.quiet_ratios(path)),
+            "quiet_rounds_saturation": len(saturated.quiet_ratios(path)),
+        }
+        for label, series in (("c1", single), ("saturation", saturated)):
+            leg = series.pooled(path)
+            data[name][f"ms_per_token_{label}"] = {role: leg.ms_per_token(role) for role in path_roles(series, path)}
+    sdk, gateway = data["sdk"], data["gateway"]
+    ttft_ok = gateway["added_ttft_p50_ms"] <= GOAL_GATEWAY_TTFT_MS
+    rate_ok = gateway["tokens_ratio_saturation"] >= GOAL_GATEWAY_TOKENS_RATIO
+    table.add(
+        "added TTFT p50 ms at concurrency 1 (p25-p75), paired per prompt",
+        _added_cell(sdk["added_ttft_ms"]),
+        _added_cell(gateway["added_ttft_ms"]),
+        f"<= {GOAL_GATEWAY_TTFT_MS:g} ms: {'met' if ttft_ok else 'NOT met'}",
+    )
+    net = single.paired_ms(MESH, lambda r: r.ttft_beyond_prompt)
+    sdk["added_ttft_net_p50_ms"] = percentile(net, 50)
+    table.add("the same less llama-server's prompt time (the gateway does not report it)", _added_cell(net), "-", "-")
+    table.add(
+        f"tokens/s / direct at saturation (concurrency {slots}), pooled (range of rounds)",
+        _ratio_cell(sdk),
+        _ratio_cell(gateway),
+        f">= {GOAL_GATEWAY_TOKENS_RATIO:g}x: {'met' if rate_ok else 'NOT met'}",
+    )
+    table.add(
+        "the same, median of the quiet rounds",
+        f"{fmt(sdk['tokens_ratio_saturation_quiet_median'], 3)}x ({sdk['quiet_rounds_saturation']})",
+        f"{fmt(gateway['tokens_ratio_saturation_quiet_median'], 3)}x ({gateway['quiet_rounds_saturation']})",
+        "-",
+    )
+    for label, name in (("c1", "concurrency 1"), ("saturation", f"saturation (concurrency {slots})")):
+        for role in (GATEWAY_PROCESS, BROKER, WORKER):
+            cells = [data[path][f"ms_per_token_{label}"].get(role) for path in ("sdk", "gateway")]
+            table.add(f"{role} ms CPU per output token, {name}", *(fmt(cell, 3) for cell in cells), "-")
+        added = [
+            sum(data[path][f"ms_per_token_{label}"].get(role, 0.0) for role in (GATEWAY_PROCESS, BROKER, WORKER))
+            for path in ("sdk", "gateway")
+        ]
+        table.add(f"gateway + broker + worker ms CPU per output token, {name}", *(fmt(cell, 3) for cell in added), "-")
+    lines = [
+        f"goal: added TTFT p50 through the gateway <= {GOAL_GATEWAY_TTFT_MS:g} ms: "
+        f"{gateway['added_ttft_p50_ms']:.2f} ms, {'met' if ttft_ok else 'NOT met'} (median of "
+        f"{len(gateway['added_ttft_ms'])} per-prompt differences, each prompt sent every way back to back; "
+        "llama-server's prompt time is in it, as the gateway does not report it)",
+        f"goal: tokens/s through the gateway >= {GOAL_GATEWAY_TOKENS_RATIO:g}x direct at saturation: "
+        f"{gateway['tokens_ratio_saturation']:.3f}x pooled, {'met' if rate_ok else 'NOT met'}",
+    ]
+    return table, lines, data
+
+
+def path_roles(series: Series, path: int) -> list[str]:
+    return [role for role in ROLES if role in series.paths[path].pids]
+
+
+def _added_cell(values: list[float]) -> str:
+    return f"{fmt(percentile(values, 50))} ({fmt(percentile(values, 25))} to {fmt(percentile(values, 75))})"
+
+
 def before_after(all_series: list[Series], ref: str, slots: int) -> tuple[Table, dict[str, Any]]:
     """The worker of ``ref`` against the working tree's, side by side (same broker code, same run, interleaved).
 
@@ -334,6 +453,10 @@ def _ttft_cell(data: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, command: str) -> Section:
+    if args.gateway and args.ref:
+        raise SystemExit("overhead: --gateway and --ref cannot be combined")
+    if args.max_tokens is None:
+        args.max_tokens = GATEWAY_MAX_TOKENS if args.gateway else 96
     section = Section("overhead", command)
     section.settings = {
         "model": rig.MODEL,
@@ -342,12 +465,12 @@ def run(args: argparse.Namespace, command: str) -> Section:
         "rounds": args.rounds,
         "requests/round at c=1": args.requests,
         "max_tokens": args.max_tokens,
-        "sampling": "greedy, raw prompt",
+        "sampling": "greedy, " + ("chat (one user message, the model's template)" if args.gateway else "raw prompt"),
     }
     if args.ref:
         section.settings["also the worker of"] = args.ref
     with procs.Processes() as ps:
-        r = rig.start(ps, args.slots, args.cpu_threads, args.ref)
+        r = rig.start(ps, args.slots, args.cpu_threads, args.ref, gateway=args.gateway)
         all_series = interleave(r, args)
         warnings = sum(procs.warnings_in(child)[0] for child in r.children())
         mesh_floor, zmq_floor = floor.mesh_round_trip(ps, r.mesh.endpoint), floor.zmq_round_trip(ps)
@@ -357,7 +480,11 @@ def run(args: argparse.Namespace, command: str) -> Section:
         section.table(label, series.comparison())
         section.table(f"{label}, round by round", series.round_table())
         section.table(f"{label}, CPU per output token of each process", series.cpu_table())
-    lines, section.data = goals(all_series, args.slots)
+    if args.gateway:
+        table, lines, section.data = gateway_goals(all_series, args.slots)
+        section.table("the gateway's goals, and the SDK path's figures beside them", table)
+    else:
+        lines, section.data = goals(all_series, args.slots)
     if args.ref:
         table, section.data["ref"] = before_after(all_series, args.ref, args.slots)
         section.table(f"before/after: the worker of {args.ref} against the working tree's", table)
@@ -381,11 +508,20 @@ def run(args: argparse.Namespace, command: str) -> Section:
         + ("checked" if r.same_sidecar else "NOT the same, see the workers'")
         + f" (`{' '.join(r.sidecar_command[1:])}`)"
     )
-    section.notes.append(
-        "a mesh path: SDK -> broker process -> worker process (which streams /completion with the raw prompt "
-        "text) -> llama-server; the direct path: /completion with the same text; loads in rotating, mirrored order; "
-        "CPU from the scheduler's per-thread nanosecond counts (procs.cpu_seconds)"
-    )
+    if args.gateway:
+        section.notes.append(
+            "chat paths: direct = llama-server's /v1/chat/completions, streamed; sdk = QMeshClient with one user "
+            "message -> broker -> worker (/apply-template, then /completion) -> llama-server; gateway = the same "
+            "HTTP request to qmesh-gateway, whose bridge drives one SDK client to the same broker; the HTTP paths are "
+            "read by the same client code (streamload.ChatHttpLoad); loads in rotating, mirrored order; CPU from the "
+            "scheduler's per-thread nanosecond counts (procs.cpu_seconds)"
+        )
+    else:
+        section.notes.append(
+            "a mesh path: SDK -> broker process -> worker process (which streams /completion with the raw prompt "
+            "text) -> llama-server; the direct path: /completion with the same text; loads in rotating, mirrored "
+            "order; CPU from the scheduler's per-thread nanosecond counts (procs.cpu_seconds)"
+        )
     if args.ref:
         section.notes.append(
             f"the {args.ref} path: the working tree's broker (a second instance) and the worker of {args.ref} "

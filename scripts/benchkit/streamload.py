@@ -1,12 +1,18 @@
-"""Closed-loop streaming loads on the real model: straight to llama-server, or through the mesh with the SDK.
+"""Closed-loop streaming loads on the real model: straight to llama-server, or through the mesh with the SDK, or
+as chat over OpenAI's HTTP API (llama-server's own, or qmesh-gateway's).
 
-Both send the same raw prompts (no chat template) with greedy sampling, keep ``concurrency`` requests in
-flight, and stamp every chunk as it arrives, so TTFT, ITL and tokens/s are measured the same way on both paths.
+All send the same prompts with greedy sampling, keep ``concurrency`` requests in flight, and stamp every chunk as
+it arrives, so TTFT, ITL and tokens/s are measured the same way on every path. Raw prompts (no chat template) for
+llama-server's ``/completion`` and the SDK; chat (one user message, the model's template) for the HTTP loads and
+the SDK's ``chat`` mode.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import queue
+import socket
 import threading
 import time
 from typing import Any
@@ -18,6 +24,7 @@ from qmesh.worker.http_client import LlamaHttpClient
 from .stats import LoadResult, StreamRecord
 
 PROMPT = "Once upon a time, in a village by the sea, there lived an old fisherman named {name}. Every morning"
+JSON_HEADERS = {"Content-Type": "application/json"}
 NAMES = ("Tom", "Ada", "Lin", "Omar", "Eva", "Raj", "Mia", "Ivan", "Zoe", "Ken", "Ana", "Bo")
 
 
@@ -69,13 +76,120 @@ class DirectLoad:
             client.close()
 
 
-class MeshLoad:
-    """One SDK client (one connection, as an application would use it) with ``concurrency`` requests in flight."""
+class ChatHttpLoad:
+    """``concurrency`` threads, each with its own keep-alive connection, streaming ``/v1/chat/completions``.
 
-    def __init__(self, endpoint: str, model: str, concurrency: int, curve: CurveClientKeys | None = None) -> None:
+    The same client code reads llama-server's OpenAI API and qmesh-gateway's: a chunk is an SSE event whose delta
+    has text; tokens are the usage's ``completion_tokens`` (``stream_options.include_usage``); llama-server's
+    ``timings.prompt_ms``, which the gateway does not send, gives the prompt time where there is one."""
+
+    def __init__(self, base_url: str, model: str, concurrency: int) -> None:
+        host, _, port = base_url.split("//", 1)[1].rstrip("/").partition(":")
+        self.connections = [http.client.HTTPConnection(host, int(port), timeout=300) for _ in range(concurrency)]
+        self.model = model
+
+    def run(self, texts: list[str], max_tokens: int) -> LoadResult:
+        todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for text in texts:
+            todo.put(text)
+        records: list[StreamRecord] = []
+        start = time.monotonic()
+        threads = [threading.Thread(target=self._stream, args=(c, todo, max_tokens, records)) for c in self.connections]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return LoadResult(records, time.monotonic() - start)
+
+    def _stream(
+        self, connection: http.client.HTTPConnection, todo: queue.SimpleQueue[str], tokens: int, out: list[StreamRecord]
+    ) -> None:
+        while True:
+            try:
+                text = todo.get_nowait()
+            except queue.Empty:
+                return
+            body = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": tokens,
+                "temperature": 0.0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            record = StreamRecord(0.0)
+            for attempt in range(2):  # a connection the server closed after its last answer is opened again
+                _reopen_if_closed(connection)
+                record.sent = time.monotonic()
+                try:
+                    connection.request("POST", "/v1/chat/completions", json.dumps(body), JSON_HEADERS)
+                    self._read(connection.getresponse(), record)
+                except (http.client.RemoteDisconnected, ConnectionError) as exc:
+                    connection.close()
+                    if attempt or record.chunk_times:
+                        record.error = repr(exc)
+                        break
+                    continue
+                except Exception as exc:  # a benchmark reports failures instead of stopping
+                    connection.close()
+                    record.error = repr(exc)
+                break
+            out.append(record)
+
+    @staticmethod
+    def _read(response: http.client.HTTPResponse, record: StreamRecord) -> None:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+        while True:
+            line = response.readline()
+            if not line:
+                raise RuntimeError("the stream ended before [DONE]")
+            if not line.startswith(b"data: "):
+                continue
+            if line.startswith(b"data: [DONE]"):
+                response.read()  # the chunked body's end: the connection is ready for the next request
+                return
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"error event: {event['error']}")
+            if any(choice["delta"].get("content") for choice in event["choices"]):
+                record.chunk_times.append(time.monotonic())
+            if event.get("usage"):
+                record.tokens = event["usage"]["completion_tokens"]
+                record.prompt_s = _prompt_seconds(event.get("timings") or {})
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.close()
+
+
+def _reopen_if_closed(connection: http.client.HTTPConnection) -> None:
+    """Connect before the request is timed: again if the server closed the connection after its last answer
+    (llama-server does after a stream, whatever its Keep-Alive header says; uvicorn keeps it open)."""
+    sock = connection.sock
+    if sock is not None:
+        try:
+            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                connection.close()
+        except BlockingIOError:
+            pass  # open, and nothing to read: reusable
+        except OSError:
+            connection.close()
+    if connection.sock is None:
+        connection.connect()
+
+
+class MeshLoad:
+    """One SDK client (one connection, as an application would use it) with ``concurrency`` requests in flight;
+    ``chat``: each prompt as one user message (the worker applies the model's template), else raw."""
+
+    def __init__(
+        self, endpoint: str, model: str, concurrency: int, curve: CurveClientKeys | None = None, chat: bool = False
+    ) -> None:
         self.client = QMeshClient(endpoint, timeout=300, curve=curve)
         self.model = model
         self.concurrency = concurrency
+        self.chat = chat
 
     def run(self, texts: list[str], max_tokens: int) -> LoadResult:
         pending = list(reversed(texts))
@@ -84,8 +198,12 @@ class MeshLoad:
         start = time.monotonic()
         while pending or flight:
             while pending and len(flight) < self.concurrency:
+                text = pending.pop()
+                prompt = (
+                    {"messages": [{"role": "user", "content": text}]} if self.chat else {"prompt": text, "raw": True}
+                )
                 request = self.client.submit(
-                    pending.pop(), model=self.model, max_tokens=max_tokens, temperature=0.0, raw=True
+                    model=self.model, max_tokens=max_tokens, temperature=0.0, raw=not self.chat, **prompt
                 )
                 flight[request] = StreamRecord(request.sent_at)
             self.client.poll(0.5)
