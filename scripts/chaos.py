@@ -4,7 +4,11 @@ Starts a broker and M workers as real processes on loopback and sends N prompts 
 time. Meanwhile, at moments drawn from a seeded RNG (each armed after a random number of answers, then fired
 while a request is streaming, so kills land mid-stream), it SIGKILLs worker processes and restarts each a few
 seconds later, SIGKILLs llama-server sidecars (their worker's manager restarts them) and restarts the broker
-exactly once (SIGKILL, then a new broker on the same endpoint).
+(SIGKILL, then a new broker on the same endpoint; once unless ``--broker-kills`` says otherwise).
+
+With ``--pair`` the mesh has a primary/backup broker pair instead (workers and the client are given both), and
+the broker's fault is a SIGKILL of the *active* broker (the one that answers ``mmi.broker``; the passive one
+answers 421), started again a moment later (it comes back passive): three times unless ``--broker-kills`` says.
 
 A request counts as *lost* when it ended "successfully" but its FINAL disagrees with what was streamed (token
 count, empty text, more tokens than asked for), and as *hung* when it has not ended by its hard deadline. The
@@ -34,7 +38,8 @@ import psutil
 
 from qmesh.client.sdk import QMeshClient, Request
 from qmesh.common.errors import QMeshError
-from qmesh.testing import Child, WaitTimeout, free_endpoint, qmesh_command, wait_for_workers
+from qmesh.testing import Child, WaitTimeout, free_endpoint, qmesh_command, start_broker, wait_for_workers
+from qmesh.testing.pair import ROLES, BrokerPair
 
 MODEL = "smollm2-135m"
 SUBJECTS = ["a lighthouse", "the moon", "a red fox", "bread", "a glacier", "the river Nile", "chess", "a violin"]
@@ -66,38 +71,48 @@ def _is_llama(process: psutil.Process) -> bool:
 
 
 class Mesh:
-    """The broker and worker processes of the run, restartable one by one, and everything they spawned.
+    """The broker (or broker pair) and worker processes of the run, restartable one by one, and everything they
+    spawned.
 
     Every process is started from the main thread: their parent-death signal follows the thread that forked."""
 
-    def __init__(self, workers: int, heartbeat_ms: int, log_dir: Path) -> None:
-        self.endpoint = free_endpoint()
+    def __init__(self, workers: int, heartbeat_ms: int, log_dir: Path, pair: bool) -> None:
         self.heartbeat_ms = heartbeat_ms
         self.log_dir = log_dir
-        self.broker: Child | None = None
+        self.pair = BrokerPair(log_dir, heartbeat_ms) if pair else None
+        self.address = self.pair.address if self.pair else free_endpoint()  # --broker of the workers and clients
+        self.broker: Child | None = None  # without a pair
         self.workers: list[Child | None] = [None] * workers
         self._serial = count(1)
         self._spawned: dict[int, psutil.Process] = {}  # every process and sidecar seen, to check none is left
 
-    def start_broker(self, timeout: float = 10.0) -> Child:
-        """Start a broker on the endpoint, retrying while the old one's port is not free yet."""
-        command = qmesh_command("qmesh-broker", "--bind", self.endpoint, "--heartbeat-ms", str(self.heartbeat_ms))
-        deadline = time.monotonic() + timeout
-        while True:
-            broker = Child("broker", command, self.log_dir / f"broker-{next(self._serial)}.log")
-            self._remember(broker.pid)
-            while broker.alive() and "listening on" not in broker.log() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if broker.alive():
-                self.broker = broker
-                return broker
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"the broker did not start on {self.endpoint}:\n{broker.log()}")
-            time.sleep(0.2)
+    def start_brokers(self) -> None:
+        for role in ROLES if self.pair else [None]:
+            self.start_broker(role)
+
+    def start_broker(self, role: str | None = None) -> Child:
+        """Start the broker (or the pair's broker ``role``) on its endpoint and wait until it listens."""
+        if self.pair is not None:
+            assert role is not None
+            broker = self.pair.start(role)
+        else:
+            heartbeat = str(self.heartbeat_ms)
+            command = qmesh_command("qmesh-broker", "--bind", self.address, "--heartbeat-ms", heartbeat)
+            broker = self.broker = start_broker(
+                lambda: Child("broker", command, self.log_dir / f"broker-{next(self._serial)}.log")
+            )
+        self._remember(broker.pid)
+        return broker
+
+    @property
+    def brokers(self) -> list[Child]:
+        if self.pair is not None:
+            return list(self.pair.brokers.values())
+        return [self.broker] if self.broker else []
 
     def start_worker(self, index: int) -> Child:
         heartbeat = str(self.heartbeat_ms)
-        options = ["--model", MODEL, "--broker", self.endpoint, "--heartbeat-ms", heartbeat, "--grace", "5"]
+        options = ["--model", MODEL, "--broker", self.address, "--heartbeat-ms", heartbeat, "--grace", "5"]
         command = qmesh_command("qmesh-worker", *options, "--slots", "1", "--threads", "1", "--cpu-threads", "1")
         home = self.log_dir / f"home-{index}"  # its own persistent worker id, as on its own machine
         log_path = self.log_dir / f"worker{index}-{next(self._serial)}.log"
@@ -119,9 +134,9 @@ class Mesh:
             self._spawned[pid] = psutil.Process(pid)
 
     def stop(self, grace: float = 15.0) -> list[str]:
-        """SIGTERM workers then the broker, SIGKILL what is left after ``grace``; returns what survived."""
+        """SIGTERM workers then the broker(s), SIGKILL what is left after ``grace``; returns what survived."""
         self.remember_sidecars()
-        children = [w for w in self.workers if w is not None] + ([self.broker] if self.broker else [])
+        children = [w for w in self.workers if w is not None] + self.brokers
         for child in children:
             if child.alive():
                 child.popen.terminate()
@@ -188,16 +203,17 @@ def judge(index: int, request: Request, max_tokens: int) -> Outcome:
     if result.finish_reason == "length" and len(token_ids) != max_tokens:
         problems.append(f"finish_reason length after {len(token_ids)} of {max_tokens} tokens")
     if problems:
-        outcome.kind, outcome.message = "lost", "; ".join(problems)
+        moves = f"{result.failovers} failover(s), resumed by the SDK {request.resumes} time(s), last on {result.worker}"
+        outcome.kind, outcome.message = "lost", f"{'; '.join(problems)} ({moves})"
     return outcome
 
 
 class Traffic(threading.Thread):
     """Sends the prompts, ``concurrency`` at a time, and judges each one as it ends or passes its deadline."""
 
-    def __init__(self, endpoint: str, prompts: list[str], concurrency: int, max_tokens: int, deadline: float) -> None:
+    def __init__(self, address: str, prompts: list[str], concurrency: int, max_tokens: int, deadline: float) -> None:
         super().__init__(name="chaos-traffic", daemon=True)
-        self.endpoint = endpoint
+        self.address = address
         self.prompts = prompts
         self.concurrency = concurrency
         self.max_tokens = max_tokens
@@ -218,7 +234,7 @@ class Traffic(threading.Thread):
     def run(self) -> None:
         try:
             # The SDK's own timeout is past our hard deadline, so that a hang shows as a hang, not as a 504.
-            with QMeshClient(self.endpoint, timeout=self.deadline + 60, connect_timeout=10) as client:
+            with QMeshClient(self.address, timeout=self.deadline + 60, connect_timeout=10) as client:
                 self._pump(client)
         except BaseException as exc:  # reported as the run's failure, never swallowed
             self.crash = exc
@@ -258,13 +274,14 @@ class Traffic(threading.Thread):
 
 @dataclass(slots=True)
 class Event:
-    kind: str  # "worker", "sidecar" or "broker"
+    kind: str  # "worker", "sidecar" or "broker" (with a pair: the active one)
     after: int  # requests that must have ended before it is armed
     armed_at: float | None = None
 
 
 class Chaos:
-    """Fires the planned events from the main thread (which owns every process) and restarts killed workers."""
+    """Fires the planned events from the main thread (which owns every process) and restarts killed workers and
+    (with a pair) killed brokers."""
 
     VICTIM_WAIT = 3.0  # seconds an armed event waits for a request to be streaming before it fires anyway
     QUIET = 2.0  # seconds between two events, so that each one's recovery is visible on its own
@@ -273,6 +290,7 @@ class Chaos:
         self.mesh, self.traffic, self.rng, self.plan = mesh, traffic, rng, plan
         self.started = started
         self.restarts: dict[int, float] = {}  # worker index -> when to start it again
+        self.broker_restarts: dict[str, float] = {}  # broker of the pair (role) -> when to start it again
         self.done: collections.Counter[str] = collections.Counter()
         self._quiet_until = 0.0
 
@@ -285,6 +303,10 @@ class Chaos:
             if now >= when:
                 del self.restarts[index]
                 self.say(f"restart worker {index} (pid {self.mesh.start_worker(index).pid})")
+        for role, when in list(self.broker_restarts.items()):
+            if now >= when:
+                del self.broker_restarts[role]
+                self.say(f"restart broker {role} (pid {self.mesh.start_broker(role).pid})")
         self.mesh.remember_sidecars()
         if not self.plan or now < self._quiet_until or self.traffic.finished < self.plan[0].after:
             return
@@ -300,11 +322,16 @@ class Chaos:
             self._quiet_until = time.monotonic() + self.QUIET
 
     def finish(self, restart: bool) -> None:
-        """Start at once the workers still waiting for their restart (if ``restart``), so that the mesh ends whole."""
+        """Start at once the workers and brokers still waiting for their restart (if ``restart``), so that the mesh
+        ends whole."""
         for index in list(self.restarts):
             del self.restarts[index]
             if restart:
                 self.say(f"restart worker {index} (pid {self.mesh.start_worker(index).pid}) for the end of the run")
+        for role in list(self.broker_restarts):
+            del self.broker_restarts[role]
+            if restart:
+                self.say(f"restart broker {role} (pid {self.mesh.start_broker(role).pid}) for the end of the run")
 
     def _streaming_pids(self) -> set[int]:
         pids = set()
@@ -346,6 +373,8 @@ class Chaos:
         return True
 
     def _fire_broker(self, streaming: set[int]) -> bool:
+        if self.mesh.pair is not None:
+            return self._fire_active_broker(self.mesh.pair, streaming)
         assert self.mesh.broker is not None
         old = self.mesh.broker.pid
         self.mesh.broker.kill()
@@ -353,10 +382,31 @@ class Chaos:
         self.say(f"SIGKILL broker (pid {old}, {len(streaming)} worker(s) streaming); new broker pid {new.pid}")
         return True
 
+    def _fire_active_broker(self, pair: BrokerPair, streaming: set[int]) -> bool:
+        """SIGKILL the broker of the pair that says it is active; it starts again 1-3 s later, passive. Only while
+        the other broker runs and one is active: two dead brokers are more than a pair is meant to survive."""
+        if self.broker_restarts or not all(broker.alive() for broker in pair.brokers.values()):
+            return False
+        actives = pair.actives()
+        if len(actives) != 1:  # none yet: the survivor of the last kill has not been asked for service
+            return False
+        role = actives[0]
+        victim = pair.brokers[role]
+        victim.kill()
+        delay = self.rng.uniform(1.0, 3.0)
+        self.broker_restarts[role] = time.monotonic() + delay
+        self.say(
+            f"SIGKILL the active broker, the {role} (pid {victim.pid}, {len(streaming)} worker(s) streaming); "
+            f"restart in {delay:.1f} s"
+        )
+        return True
 
-def make_plan(rng: random.Random, prompts: int, worker_kills: int, sidecar_kills: int) -> list[Event]:
+
+def make_plan(
+    rng: random.Random, prompts: int, worker_kills: int, sidecar_kills: int, broker_kills: int
+) -> list[Event]:
     """Events in a random order, armed after random numbers of answers spread over the run."""
-    kinds = ["worker"] * worker_kills + ["sidecar"] * sidecar_kills + ["broker"]
+    kinds = ["worker"] * worker_kills + ["sidecar"] * sidecar_kills + ["broker"] * broker_kills
     rng.shuffle(kinds)
     low, high = max(1, prompts // 10), max(1, prompts * 8 // 10)
     marks = sorted(rng.randint(low, high) for _ in kinds)
@@ -370,28 +420,30 @@ def make_prompts(rng: random.Random, n: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def all_registered(endpoint: str, workers: int, timeout: float) -> bool:
+def all_registered(address: str, workers: int, timeout: float) -> bool:
     """True once ``workers`` workers of the model are registered with the broker, False if not within ``timeout``."""
     try:
-        wait_for_workers(endpoint, MODEL, workers, timeout)
+        wait_for_workers(address, MODEL, workers, timeout)
     except WaitTimeout:
         return False
     return True
 
 
-def registered_workers(endpoint: str) -> int:
-    with contextlib.suppress(QMeshError), QMeshClient(endpoint, connect_timeout=5) as client:
+def registered_workers(address: str) -> int:
+    with contextlib.suppress(QMeshError), QMeshClient(address, connect_timeout=5) as client:
         return int(client.models().get(MODEL, {}).get("workers", 0))
     return 0
 
 
-def check_seams(endpoint: str, outcomes: list[Outcome], max_tokens: int) -> list[str]:
-    """Ask again, on the calm mesh, every prompt that failed over; temperature 0 must give the same tokens.
+def check_seams(address: str, outcomes: list[Outcome], max_tokens: int) -> list[str]:
+    """Ask again, on the calm mesh, every prompt that failed over or was resumed by the SDK; temperature 0 must give
+    the same tokens.
 
-    The seam is where the stream moved to another worker: text lost or repeated there shows up as a difference.
+    The seam is where the stream moved to another worker, or to another broker (the worker that kept generating
+    handed it on): text lost or repeated there shows up as a difference.
     """
     mismatches = []
-    with QMeshClient(endpoint, timeout=120, connect_timeout=5) as client:
+    with QMeshClient(address, timeout=120, connect_timeout=5) as client:
         for outcome in outcomes:
             again = client.submit(outcome.prompt, model=MODEL, max_tokens=max_tokens, temperature=0)
             result = again.result()
@@ -420,13 +472,14 @@ def report(args: argparse.Namespace, traffic: Traffic, chaos: Chaos, extra: dict
         ("lost", str(by_kind["lost"])),
         ("hung", str(by_kind["hung"])),
         ("failovers (sum)", f"{failovers}  ({moved} request(s) moved; {resumed} resumed by the SDK)"),
-        ("kills done", f"{kills}  (planned: {args.worker_kills}, {args.sidecar_kills}, 1)"),
+        ("kills done", f"{kills}  (planned: {args.worker_kills}, {args.sidecar_kills}, {args.broker_kills})"),
         *extra.items(),
     ]
     print()
     print(
         f"QMesh chaos run: seed {args.seed}, {args.prompts} prompts, {args.workers} workers, "
-        f"max_tokens {args.max_tokens}, concurrency {args.concurrency}"
+        f"{'a broker pair' if args.pair else 'one broker'}, max_tokens {args.max_tokens}, "
+        f"concurrency {args.concurrency}"
     )
     for name, value in rows:
         print(f"  {name:<26} {value}")
@@ -450,6 +503,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4, help="prompts in flight at once (default 4)")
     parser.add_argument("--worker-kills", type=int, default=2, help="worker processes to SIGKILL (default 2)")
     parser.add_argument("--sidecar-kills", type=int, default=2, help="llama-servers to SIGKILL (default 2)")
+    parser.add_argument("--pair", action="store_true", help="a primary/backup broker pair instead of one broker")
+    parser.add_argument(
+        "--broker-kills",
+        type=int,
+        default=None,
+        help="broker restarts, or with --pair SIGKILLs of the active broker (default 1, or 3 with --pair)",
+    )
     parser.add_argument("--heartbeat-ms", type=int, default=300, help="broker and worker heartbeat (default 300)")
     parser.add_argument(
         "--request-deadline",
@@ -462,6 +522,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1_000_000)
+    if args.broker_kills is None:
+        args.broker_kills = 3 if args.pair else 1
     if args.prompts < 1 or args.workers < 1 or args.concurrency < 1:
         parser.error("--prompts, --workers and --concurrency must be at least 1")
     return args
@@ -479,17 +541,18 @@ def main(argv: list[str] | None = None) -> int:
     hard_stop = started + args.duration_limit
     rng = random.Random(args.seed)
     log_dir = Path(tempfile.mkdtemp(prefix="qmesh-chaos-"))
-    mesh = Mesh(args.workers, args.heartbeat_ms, log_dir)
+    mesh = Mesh(args.workers, args.heartbeat_ms, log_dir, args.pair)
     prompts = make_prompts(rng, args.prompts)
-    traffic = Traffic(mesh.endpoint, prompts, args.concurrency, args.max_tokens, args.request_deadline)
-    chaos = Chaos(mesh, traffic, rng, make_plan(rng, args.prompts, args.worker_kills, args.sidecar_kills), started)
+    traffic = Traffic(mesh.address, prompts, args.concurrency, args.max_tokens, args.request_deadline)
+    plan = make_plan(rng, args.prompts, args.worker_kills, args.sidecar_kills, args.broker_kills)
+    chaos = Chaos(mesh, traffic, rng, plan, started)
     status, extra = 1, {}
-    print(f"chaos: seed {args.seed}; broker {mesh.endpoint}; logs in {log_dir}", flush=True)
+    print(f"chaos: seed {args.seed}; broker {mesh.address}; logs in {log_dir}", flush=True)
     try:
-        mesh.start_broker()
+        mesh.start_brokers()
         for index in range(args.workers):
             mesh.start_worker(index)
-        if not all_registered(mesh.endpoint, args.workers, max(1.0, min(180.0, hard_stop - time.monotonic()))):
+        if not all_registered(mesh.address, args.workers, max(1.0, min(180.0, hard_stop - time.monotonic()))):
             print(f"chaos: the workers did not all register; see {log_dir}", file=sys.stderr)
             return 2
         chaos.say(f"{args.workers} workers registered; sending {args.prompts} prompts")
@@ -505,9 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         chaos.finish(restart=time.monotonic() < hard_stop)
         if traffic.crash is not None:
             raise RuntimeError(f"the traffic thread crashed: {traffic.crash!r}") from traffic.crash
-        extra = after_run(args, mesh, traffic, hard_stop)
+        extra, one_active = after_run(args, mesh, traffic, hard_stop)
         lost, hung = report(args, traffic, chaos, extra)
-        status = 0 if lost == 0 and hung == 0 and traffic.sent == args.prompts else 1
+        status = 0 if lost == 0 and hung == 0 and traffic.sent == args.prompts and one_active else 1
     except KeyboardInterrupt:
         print("\nchaos: interrupted; stopping everything", file=sys.stderr)
         traffic.stop()
@@ -528,20 +591,26 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def after_run(args: argparse.Namespace, mesh: Mesh, traffic: Traffic, hard_stop: float) -> dict[str, str]:
-    """Figures taken once the traffic is over: the mesh whole again, and the seams compared with calm runs."""
-    whole = all_registered(mesh.endpoint, args.workers, max(1.0, min(60.0, hard_stop - time.monotonic())))
+def after_run(args: argparse.Namespace, mesh: Mesh, traffic: Traffic, hard_stop: float) -> tuple[dict[str, str], bool]:
+    """Figures taken once the traffic is over: the mesh whole again, the seams compared with calm runs and, with a
+    pair, its brokers asked one by one which is active. Returns them and whether exactly one broker is active."""
+    whole = all_registered(mesh.address, args.workers, max(1.0, min(60.0, hard_stop - time.monotonic())))
     extra = {
-        "workers registered at end": f"{registered_workers(mesh.endpoint)}/{args.workers}"
+        "workers registered at end": f"{registered_workers(mesh.address)}/{args.workers}"
         + ("" if whole else " (not all came back)")
     }
-    moved = [o for o in traffic.outcomes if o.kind == "answered" and o.failovers]
+    one_active = True
+    if mesh.pair is not None:
+        actives = mesh.pair.actives()
+        one_active = len(actives) == 1
+        extra["active brokers at end"] = f"{', '.join(actives) or 'none'}" + ("" if one_active else " (must be one)")
+    moved = [o for o in traffic.outcomes if o.kind == "answered" and (o.failovers or o.resumes)]
     if not args.no_seam_check and moved and time.monotonic() < hard_stop:
-        mismatches = check_seams(mesh.endpoint, moved, args.max_tokens)
+        mismatches = check_seams(mesh.address, moved, args.max_tokens)
         extra["seams equal to calm rerun"] = f"{len(moved) - len(mismatches)}/{len(moved)}"
         for line in mismatches:
             print(f"chaos: seam differs: {line}")
-    return extra
+    return extra, one_active
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ QMesh processes, written once:
 - ``free_endpoint()``: a free loopback TCP endpoint;
 - ``qmesh_command()``: the command line of a QMesh program (``qmesh-worker`` ...) run by this Python;
 - ``Child``: a subprocess that never outlives this process (PR_SET_PDEATHSIG), its output in a log file;
+- ``start_broker()``: a broker process started until it listens;
 - ``wait_for()`` a condition, ``wait_for_workers()`` until the broker lists N workers of a model;
+- ``qmesh.testing.pair``: a primary/backup broker pair (``BrokerPair``) for the pair tests and ``scripts/chaos --pair``;
 - ``qmesh.testing.fakeworker``: a fake streaming worker, imported by that name only where a fake is the point
   (broker capacity and flow control, not generation); tests get it as the ``fake_workers`` fixture.
 
@@ -146,6 +148,22 @@ class Child:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.terminate(grace)
         self.kill()
+
+
+def start_broker(start: Callable[[], Child], timeout: float = 10.0) -> Child:
+    """Call ``start`` (it starts a ``qmesh-broker``) and wait until that broker listens; return it. A broker started
+    right after the one it replaces may find the port not free yet and exit: then it is started again, until
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        broker = start()
+        while broker.alive() and "listening on" not in broker.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if broker.alive():
+            return broker
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{broker.name} did not start:\n{broker.log()}")
+        time.sleep(0.2)
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
