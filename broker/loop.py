@@ -107,6 +107,14 @@ class Broker:
         self._ha_sub = self._context.socket(zmq.SUB)
         self._ha_sub.setsockopt(zmq.LINGER, 0)
         self._ha_sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # A peer silent for ``liveness`` heartbeats (its machine cut off) is hung up on and dialled again at once,
+        # each attempt given as long: when the network heals, the brokers hear each other within a heartbeat, and
+        # two actives settle at once. The old connection would carry the peer's states again only when TCP's backed
+        # off retransmission timer fires (seconds after a short cut, minutes after a long one).
+        ttl_ms = round(self.config.heartbeat_interval * self.config.liveness * 1000)
+        self._ha_sub.setsockopt(zmq.HEARTBEAT_IVL, round(self.config.heartbeat_interval * 1000))
+        self._ha_sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, ttl_ms)
+        self._ha_sub.setsockopt(zmq.CONNECT_TIMEOUT, ttl_ms)
         if self.security is not None:  # the link is encrypted; only the real peer, holding its secret, can publish
             self.security.configure_ha_link(self._ha_pub, self._ha_sub, settings.peer_key)
         self._ha_events = self._ha_sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)

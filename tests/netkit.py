@@ -7,6 +7,8 @@ and removed by ``Network.close()``; addresses come from 10.231.0.0/16, used only
 Run as a program (inside a namespace), this file is a tiny SDK client that prints JSON lines:
 ``python netkit.py stream ENDPOINT PROMPT MAX_TOKENS`` or ``python netkit.py workers ENDPOINT`` (the workers' names
 and the shard hosts), with keys from QMESH_CURVE_SECRET and QMESH_BROKER_KEY when the mesh uses CURVE.
+``python netkit.py active BROKER_A,BROKER_B`` asks each broker of a pair on its own and prints those that say they
+are active; ``stream`` takes a fourth argument, the client's ``liveness`` (how long it bears a silent broker).
 """
 
 from __future__ import annotations
@@ -197,11 +199,13 @@ def _emit(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def _stream(endpoint: str, prompt: str, max_tokens: int) -> None:
-    """One request: a line per chunk (with the worker serving it), then the result and every streamed token id."""
+def _stream(endpoint: str, prompt: str, max_tokens: int, liveness: float | None) -> None:
+    """One request: a line per chunk (with the worker serving it), then the result and every streamed token id.
+    ``liveness``: the seconds of a broker's silence the client bears while it waits (the SDK's default if None)."""
     from qmesh.client.sdk import QMeshClient
 
-    with QMeshClient(endpoint, timeout=60, connect_timeout=10, curve=_curve()) as client:
+    pair = {} if liveness is None else {"liveness": liveness}
+    with QMeshClient(endpoint, timeout=60, connect_timeout=10, curve=_curve(), **pair) as client:
         request = client.submit(prompt, model="smollm2-135m", max_tokens=max_tokens, temperature=0)
         reported = 0
         while not request.done:
@@ -217,6 +221,7 @@ def _stream(endpoint: str, prompt: str, max_tokens: int) -> None:
             text=result.text,
             tokens=result.tokens,
             failovers=result.failovers,
+            resumes=request.resumes,
             worker=result.worker,
             token_ids=[token for chunk in request.chunks for token in chunk.tokens],
         )
@@ -229,12 +234,30 @@ def _workers(endpoint: str) -> None:
         _emit(workers=[worker["name"] for worker in client.workers()], shards=client.shards())
 
 
+def _active(address: str) -> None:
+    """Each broker of a pair asked on its own which it is: the endpoints of those that say they are active."""
+    from qmesh.common.endpoints import broker_endpoints
+    from qmesh.common.keys import CurveClientKeys
+    from qmesh.testing.pair import says_active
+
+    keys, active = _curve(), []
+    for index, endpoint in enumerate(broker_endpoints(address)):
+        curve = None
+        if keys is not None:  # this broker's public key: one per broker in --broker's order, or one the pair shares
+            curve = CurveClientKeys(keys.own, (keys.broker_publics[index % len(keys.broker_publics)],))
+        if says_active(endpoint, curve, timeout=2.0):
+            active.append(endpoint)
+    _emit(active=active)
+
+
 def main(argv: list[str]) -> int:
     command, endpoint, *rest = argv
     if command == "stream":
-        _stream(endpoint, rest[0], int(rest[1]))
+        _stream(endpoint, rest[0], int(rest[1]), float(rest[2]) if len(rest) > 2 else None)
     elif command == "workers":
         _workers(endpoint)
+    elif command == "active":
+        _active(endpoint)
     else:
         raise SystemExit(f"unknown command {command!r}")
     return 0
