@@ -30,9 +30,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmesh.common import protocol as p
+
+if TYPE_CHECKING:
+    from qmesh.broker.core import Peer  # broker.core owns this module: imported for its type only
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,6 @@ class Transfers:
         self.by_peer: dict[bytes, dict[bytes, Transfer]] = {}  # peer -> transfer id -> transfer
         self.reads: dict[bytes, bytes] = {}  # read key -> transfer key
         self.bad: dict[tuple[str, str], str] = {}  # (copy, sha256) -> the holder's name when it was found bad
-        self.relayed = 0  # bytes, over all transfers
         self._busy = busy
         cfg = self.config
         # Two chunks saved up at most: after a pause, a transfer starts again at its pace, not with a burst that
@@ -171,7 +173,9 @@ class Transfers:
 
     # ------------------------------------------------------------------------------------------ events
 
-    def on_message(self, identity: bytes, message: p.TransferMessage, now: float, peer: Any = None) -> list[Outgoing]:
+    def on_message(
+        self, identity: bytes, message: p.TransferMessage, now: float, peer: Peer | None = None
+    ) -> list[Outgoing]:
         """A transfer message from a client or holder. ``peer`` (a ``broker.core.Peer``, None without CURVE) says
         what its key may do: fetch or push with a client key, or a worker key limited to the models it serves."""
         out: list[Outgoing] = []
@@ -215,7 +219,7 @@ class Transfers:
         return out
 
     def peer_gone(self, identity: bytes, now: float) -> list[Outgoing]:
-        """A client is unreachable: its transfers end (a push's partial file stays in the store, to resume)."""
+        """A client is unreachable: its transfers end (the store drops the file of a push: a push starts over)."""
         out: list[Outgoing] = []
         for transfer in list(self.by_peer.get(identity, {}).values()):
             self._close(transfer, None, now, out, why="its client is gone")
@@ -248,7 +252,7 @@ class Transfers:
     # ------------------------------------------------------------------------------------------ opening
 
     def _open(
-        self, identity: bytes, message: p.ModelFetch | p.ModelPush, now: float, peer: Any, out: list[Outgoing]
+        self, identity: bytes, message: p.ModelFetch | p.ModelPush, now: float, peer: Peer | None, out: list[Outgoing]
     ) -> None:
         transfer_id = message.transfer_id
         name = message.name if isinstance(message, p.ModelFetch) else message.model.name
@@ -262,7 +266,7 @@ class Transfers:
         log.warning("refused a transfer of %r: %s", name, refusal[1])
         out.append((identity, p.transfer_ended(transfer_id, refusal)))
 
-    def _refusal(self, identity: bytes, transfer_id: bytes, name: str, peer: Any) -> tuple[int, str] | None:
+    def _refusal(self, identity: bytes, transfer_id: bytes, name: str, peer: Peer | None) -> tuple[int, str] | None:
         problem = p.model_name_problem(name)
         if problem is not None:
             return p.BAD_REQUEST, problem
@@ -373,7 +377,9 @@ class Transfers:
         transfer.pending.append((message.offset, message.length))
         self._want_turn(transfer)
 
-    def _on_holder(self, identity: bytes, message: p.HolderData | p.HolderReadFailed, now: float, out: list[Outgoing]):
+    def _on_holder(
+        self, identity: bytes, message: p.HolderData | p.HolderReadFailed, now: float, out: list[Outgoing]
+    ) -> None:
         key = self.reads.get(message.read_key)
         transfer = self.transfers.get(key) if key is not None else None
         if transfer is None or transfer.holder != identity or message.read_key not in transfer.reads:
@@ -384,7 +390,6 @@ class Transfers:
         holder.reads -= 1
         if isinstance(message, p.HolderData) and (message.offset, len(message.data)) == (offset, length):
             transfer.bytes += length
-            self.relayed += length
             transfer.served_by[holder.copy] = holder.name
             out.append((transfer.peer, p.model_data(transfer.transfer_id, offset, message.data)))
             return
@@ -473,7 +478,6 @@ class Transfers:
             return
         transfer.next_offset += len(message.data)
         transfer.bytes += len(message.data)
-        self.relayed += len(message.data)
         out.append((STORE, p.push_chunk(transfer.key, message.offset, message.data)))
 
     def _on_store_push_reply(self, reply: p.TransferReply, now: float, out: list[Outgoing]) -> None:

@@ -80,7 +80,7 @@ def test_a_pull_is_offered_then_each_chunk_asked_for_is_read_from_the_holder_and
     assert [(read.sha256, read.offset, read.length) for _, read in issued] == [(SHA, 0, 4), (SHA, 4, 4)]
     (data,) = replies(answer(machine, W1, *issued[1], b"efgh"), PULLER)
     assert (data.command, data.transfer_id, data.offset, data.data) == (p.C_DATA, b"t1", 4, b"efgh")
-    assert machine.relayed == 4
+    assert machine.by_peer[PULLER][b"t1"].bytes == 4
 
 
 def test_the_store_serves_before_workers_and_the_least_busy_worker_before_others() -> None:
