@@ -129,7 +129,12 @@ class ShardRegistry:
             message = p.parse_from_shard_peer(frames)
         except p.ProtocolError as exc:
             self.dropped_messages += 1
-            log.debug("dropped malformed message from shard peer %s: %s", identity.hex(), exc)
+            log.debug(
+                "dropped malformed message from shard peer %s: %s (%d so far)",
+                identity.hex(),
+                exc,
+                self.dropped_messages,
+            )
             return []
         out: list[Outgoing] = []
         if peer is not None and not peer.worker:

@@ -18,7 +18,7 @@ from qmesh.client.cli import run as client_run
 from qmesh.client.status import run as status_run
 from qmesh.gateway.cli import run as gateway_run
 from qmesh.testing import ROOT
-from qmesh.worker.binary import LlamaServerBinary
+from qmesh.worker.binary import LlamaServerBinary, find_rpc_server
 from qmesh.worker.cli import run as worker_run
 from qmesh.worker.selfcheck import missing_cpu_flags
 from qmesh.worker.shard_cli import run as shard_run
@@ -133,18 +133,19 @@ def test_setup_says_why_it_does_not_use_the_bundled_build_and_uses_the_one_built
     tmp_path, llama_binary: LlamaServerBinary, model_path: Path
 ):
     venv = _checkout(tmp_path / "qmesh", model_path)
-    # The build a previous run made for this CPU, in the cache (here: a launcher of the real llama-server).
+    # The build a previous run made for this CPU, in the cache (here: launchers of the real llama-server and of the
+    # rpc-server built with it).
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     cpu_sig = hashlib.sha256(f"{flags}\n".encode()).hexdigest()[:16]  # as setup computes it
     cached = tmp_path / "cache" / f"llama-server-11434.0.0-{cpu_sig}"
+    cached_rpc = tmp_path / "cache" / f"rpc-server-11434.0.0-{cpu_sig}"
     cached.parent.mkdir()
-    exports = "".join(f"export {name}='{value}'\n" for name, value in llama_binary.env.items())
-    cached.write_text(f'#!/bin/sh\n{exports}exec "{llama_binary.path}" "$@"\n')
-    cached.chmod(0o755)
-    setup = venv.parent / "scripts" / "setup"
-    done = subprocess.run(
-        [setup], capture_output=True, text=True, env=_environment(tmp_path, venv), cwd=tmp_path, timeout=300
-    )
+    for launcher, binary in ((cached, llama_binary), (cached_rpc, find_rpc_server())):
+        exports = "".join(f"export {name}='{value}'\n" for name, value in binary.env.items())
+        launcher.write_text(f'#!/bin/sh\n{exports}exec "{binary.path}" "$@"\n')
+        launcher.chmod(0o755)
+    setup, env = venv.parent / "scripts" / "setup", _environment(tmp_path, venv)
+    done = subprocess.run([setup], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
@@ -154,6 +155,13 @@ def test_setup_says_why_it_does_not_use_the_bundled_build_and_uses_the_one_built
         f"setup: ready: {venv}, models/smollm2-135m.gguf, llama-server {venv / 'bin' / 'llama-server'} (environment)",
     ]
     assert (venv / ".llama-server-ok").read_text() == f"{cpu_sig}\n", "a second run checks nothing again"
+    assert (venv / "bin" / "rpc-server").read_text() == cached_rpc.read_text(), "rpc-server comes with llama-server"
+    # A build of an earlier setup, before shard hosts, came without rpc-server: the next run puts it beside.
+    (venv / "bin" / "rpc-server").unlink()
+    again = subprocess.run([setup], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "setup: the llama-server built here earlier came without rpc-server" in again.stderr.splitlines()
+    assert (venv / "bin" / "rpc-server").read_text() == cached_rpc.read_text()
 
 
 def test_keys_show_names_a_missing_file(tmp_path):

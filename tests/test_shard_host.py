@@ -109,7 +109,7 @@ def test_a_crashed_rpc_server_takes_the_host_out_until_it_is_back(broker: Broker
         psutil.Process(first).send_signal(signal.SIGKILL)
         wait_for(lambda: host.manager.pid not in (None, first) and host.registered.is_set(), 20, "a restarted host")
         assert [row["name"] for row in shards(broker.endpoint)] == ["test/host"]
-        assert host.manager.restarts == 1
+        assert host.manager.restarts == 1 and host.manager.is_healthy()
     finally:
         host.stop()
         host.join(timeout=10)

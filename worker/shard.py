@@ -45,11 +45,9 @@ _DEVICE_LINE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)$")  # 
 
 @dataclass(slots=True, frozen=True)
 class Device:
-    """A device as rpc-server lists it at start: its name (what ``-d`` takes), description and memory in MiB."""
+    """A device as rpc-server lists it at start: its name (what ``-d`` takes) and its free memory in MiB."""
 
     name: str
-    description: str
-    total: int
     free: int
 
 
@@ -110,7 +108,7 @@ class RpcServerManager(LlamaProcessManager):
         for line in self.output_tail(200):
             match = _DEVICE_LINE.match(line)
             if match:
-                found.append(Device(match[1], match[2], int(match[3]), int(match[4])))
+                found.append(Device(match[1], int(match[4])))
         return found
 
 
