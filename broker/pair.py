@@ -50,7 +50,7 @@ class PairCore:
     peer_state: PairState | None = None  # as the peer last announced it
     peer_expires: float = 0.0  # the peer counts as dead once silent until then
     next_publish: float = 0.0
-    peer_link_closed: bool = False  # the HA link to the peer closed since it last spoke: its process died
+    peer_link_closed: bool = False  # the HA link to the peer dropped since it last spoke
 
     def __post_init__(self) -> None:
         self.state = PairState.PRIMARY if self.role is Role.PRIMARY else PairState.BACKUP
@@ -98,7 +98,7 @@ class PairCore:
         return self.state is not before
 
     def on_peer_gone(self, now: float) -> None:
-        """The HA link to the peer closed (its process died): it is dead now, not after ``liveness`` intervals."""
+        """The HA link to the peer dropped (its process died, or it missed the link's heartbeats): it is dead now."""
         self.now = now
         self.peer_expires, self.peer_link_closed = min(self.peer_expires, now), True
 
@@ -106,7 +106,9 @@ class PairCore:
         """A client or worker asks for service; True if this broker serves it (it may take over now)."""
         self.now = now
         if not self.active and now >= self.peer_expires:
-            gone = "its HA link closed" if self.peer_link_closed else f"it has been silent for {self.ttl:g} s"
+            # The link drops when the peer's process dies, or when it misses its link's heartbeats (a frozen or cut off
+            # peer): either way it is gone.
+            gone = "its HA link dropped" if self.peer_link_closed else f"it has been silent for {self.ttl:g} s"
             self._take_over(f"the peer is gone ({gone}) and a client or worker asked")
         return self.active
 

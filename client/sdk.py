@@ -316,6 +316,7 @@ class QMeshClient:
     def _open(self) -> None:
         """A DEALER to the current endpoint, and its monitor, in the poller."""
         self._opened_at = time.monotonic()
+        self._connected_here = False  # a handshake succeeded on this connection
         self._handshakes = HandshakeWatch(self.broker, self._curve)
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -728,7 +729,9 @@ class QMeshClient:
         return False
 
     def _leave_for_dead(self, why: str) -> None:
-        self._switch_due, self._leaving_dead = why, True
+        """Move to the other broker; if this one had answered on this connection, it died under us, and the other
+        may need a moment to notice (a broker never reached, perhaps not started yet, is no such news)."""
+        self._switch_due, self._leaving_dead = why, self._connected_here
 
     def _drain_monitor(self) -> None:
         while True:
@@ -741,7 +744,7 @@ class QMeshClient:
                 if self._ever_connected and not self._switched:  # the same broker again, which may have restarted
                     self._send_again()
                 self._switched = False
-                self._connected = self._ever_connected = True
+                self._connected = self._ever_connected = self._connected_here = True
                 self._handshake_error = self._no_connection = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected = False

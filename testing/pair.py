@@ -50,7 +50,7 @@ class BrokerPair:
     def __init__(
         self,
         log_dir: Path,
-        heartbeat_ms: int,
+        heartbeat_ms: int | None,
         *,
         curve: bool = False,
         endpoints: Mapping[str, str] | None = None,
@@ -97,9 +97,10 @@ class BrokerPair:
             "--ha", role,
             "--ha-bind", self.ha[role],
             "--ha-peer", self.ha[peer],
-            "--heartbeat-ms", str(self.heartbeat_ms),
             "--log-level", "info",
         )  # fmt: skip
+        if self.heartbeat_ms is not None:  # None: the broker's default
+            command += ["--heartbeat-ms", str(self.heartbeat_ms)]
         if self.keys is not None:
             command += [
                 "--curve-secret", str(self.keys / f"{key or role}.key_secret"),

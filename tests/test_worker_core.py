@@ -564,6 +564,7 @@ def test_after_its_broker_died_the_worker_asks_the_passive_one_again_until_it_ta
 def test_a_pair_broker_that_nobody_listens_for_sends_the_worker_to_the_other_at_once() -> None:
     core = pair_core()  # connecting to PAIR[0]: the connection is refused (its process is not running)
     assert of_type(core.on_broker_gone(0.1), Connect) == [Connect(2, PAIR[1])]
+    assert core.fled is None, "a broker never reached is no news: the other may rightly say it is passive"
     alone = make_core()  # a broker alone may be restarting: the connection keeps trying, READY waits in it
     alone.on_sidecar(True, 0.0)
     assert alone.on_broker_gone(0.1) == [] and alone.phase is Phase.CONNECTING

@@ -478,9 +478,10 @@ class WorkerCore:
         self._drop_connection(out, keep_streams=self.phase is Phase.REGISTERED)
 
     def _flee(self) -> None:
-        """The current broker died (or went silent): remember it, so that the other broker of the pair, which may
-        not have noticed yet, is asked again rather than this one."""
-        if len(self.config.brokers) > 1:
+        """The broker this worker was registered with died (or went silent): remember it, so that the other broker
+        of the pair, which may not have noticed yet, is asked again rather than this one. A broker never reached
+        (not started yet, say) is no such news: the other may rightly be passive."""
+        if len(self.config.brokers) > 1 and self.phase is Phase.REGISTERED:
             self.fled = (self.endpoint, self.now)
 
     def _other_fled(self) -> bool:

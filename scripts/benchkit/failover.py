@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 from qmesh.broker.core import BrokerConfig
 from qmesh.client.sdk import QMeshClient, Request
-from qmesh.common.errors import MeshError
-from qmesh.testing import Child, free_endpoint, wait_for, wait_for_workers
+from qmesh.testing import Child, wait_for, wait_for_workers
+from qmesh.testing.pair import ROLES, BrokerPair
 
 from . import procs, rig
 from .report import Section, Table
@@ -30,7 +30,6 @@ DEFAULT_HEARTBEAT_MS = BrokerConfig().heartbeat_interval * 1000
 LIVENESS = BrokerConfig().liveness
 GOAL_RESUME_S = 3.0  # issue 15: the stream resumes within 3 s of the active broker's death (default heartbeats)
 PROMPT = "Write a very long story about a lighthouse keeper and a storm, in many chapters."
-ROLES = ("primary", "backup")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,47 +44,9 @@ def quick(args: argparse.Namespace) -> None:
     args.kills = 4
 
 
-class Pair:
-    """The two brokers of a pair, restartable, and which of them is active."""
-
-    def __init__(self, processes: procs.Processes, heartbeat: list[str]) -> None:
-        self.processes = processes
-        self.heartbeat = heartbeat
-        self.endpoints = {role: free_endpoint() for role in ROLES}
-        self.ha = {role: free_endpoint() for role in ROLES}
-        self.brokers: dict[str, Child] = {}
-
-    @property
-    def address(self) -> str:
-        return ",".join(self.endpoints[role] for role in ROLES)
-
-    def start(self, role: str) -> Child:
-        peer = ROLES[1 - ROLES.index(role)]
-        ha = ["--ha", role, "--ha-bind", self.ha[role], "--ha-peer", self.ha[peer], "--log-level", "info"]
-        self.brokers[role] = self.processes.broker(self.endpoints[role], *ha, *self.heartbeat, name=role)
-        return self.brokers[role]
-
-    def restart(self, role: str) -> None:
-        """Start ``role`` again and wait until it has heard the active one and calls itself passive."""
-        broker = self.start(role)
-        wait_for(lambda: "is passive" in broker.log(), 30, f"the restarted {role} to be passive")
-
-    def active(self) -> str | None:
-        for role in ROLES:
-            if not self.brokers[role].alive():
-                continue
-            with QMeshClient(self.endpoints[role], connect_timeout=2) as client:
-                try:
-                    client.broker_info()
-                except MeshError:
-                    continue
-                return role
-        return None
-
-
 def run(args: argparse.Namespace, command: str) -> Section:
     section = Section("failover", command)
-    heartbeat = [] if args.heartbeat_ms is None else ["--heartbeat-ms", str(args.heartbeat_ms)]
+    heartbeat = [] if args.heartbeat_ms is None else ["--heartbeat-ms", str(args.heartbeat_ms)]  # the worker's
     section.settings = {
         "kills": args.kills,
         "fault": args.fault,
@@ -97,7 +58,9 @@ def run(args: argparse.Namespace, command: str) -> Section:
     gaps: list[float] = []  # between tokens, away from the seams: the stream's own pace
     exact = complete = 0
     with procs.Processes() as processes:
-        pair = Pair(processes, heartbeat)
+        pair = BrokerPair(
+            processes.log_dir, args.heartbeat_ms, launch=lambda role, argv, _: processes.child(role, argv)
+        )
         for role in ROLES:
             pair.start(role)
         processes.worker(pair.address, *rig.worker_args(slots=1, cpu_threads=rig.default_cpu_threads()), *heartbeat)
@@ -130,7 +93,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
                     f"{'equal to' if result.text == reference.text else 'NOT equal to'} the uninterrupted answer",
                     flush=True,
                 )
-                pair.restart(victim)
+                _wait_passive(pair.start(victim), victim)
     table = Table(["", "p50", "p90", "max", "per inter-token gap (p50)"])
     pace = median(gaps) if gaps else float("nan")
     for label, values in (("stream stopped for (s)", resumes), ("inter-token gap (s)", gaps)):
@@ -159,6 +122,11 @@ def run(args: argparse.Namespace, command: str) -> Section:
     )
     section.data = {"resume_s": resumes, "gap_s": gaps, "complete": complete, "exact": exact}
     return section
+
+
+def _wait_passive(broker: Child, role: str) -> None:
+    """A restarted broker has heard the active one and calls itself passive: the next round can kill the other."""
+    wait_for(lambda: "is passive" in broker.log(), 30, f"the restarted {role} to be passive")
 
 
 def _follow(client: QMeshClient, stream: Request, until: Callable[[Request], bool]) -> list[float]:
