@@ -56,12 +56,14 @@ class BrokerPair:
         endpoints: Mapping[str, str] | None = None,
         ha: Mapping[str, str] | None = None,
         launch: Launcher | None = None,
+        args: Mapping[str, list[str]] | None = None,
     ) -> None:
         self.log_dir = log_dir
         self.heartbeat_ms = heartbeat_ms
         self.endpoints = dict(endpoints or {role: free_endpoint() for role in ROLES})
         self.ha = dict(ha or {role: free_endpoint() for role in ROLES})
         self.brokers: dict[str, Child] = {}
+        self.args = dict(args or {})  # more of each broker's options, by role
         self._launch = launch or (lambda role, argv, log_path: Child(f"broker {role}", argv, log_path))
         self.keys: Path | None = None
         if curve:
@@ -101,6 +103,7 @@ class BrokerPair:
         )  # fmt: skip
         if self.heartbeat_ms is not None:  # None: the broker's default
             command += ["--heartbeat-ms", str(self.heartbeat_ms)]
+        command += self.args.get(role, [])
         if self.keys is not None:
             command += [
                 "--curve-secret", str(self.keys / f"{key or role}.key_secret"),

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 import zmq
 
-from meshkit import MODEL, GatewayThread, WorkerProcess
+from meshkit import MODEL, GatewayThread, WorkerProcess, run_cli
 from qmesh.client.sdk import QMeshClient, Request
 from qmesh.common import protocol as p
 from qmesh.common.errors import MeshError
 from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.gateway.bridge import Bridge
-from qmesh.testing import wait_for
+from qmesh.testing import free_endpoint, wait_for
 from qmesh.testing.pair import BrokerPair
 
 HEARTBEAT_MS = 200
@@ -300,3 +301,30 @@ def test_a_plain_mdp_client_gets_a_complete_answer_by_asking_again(pair, worker)
     summary = p.unpack_map(final)
     assert summary["finish_reason"] in ("stop", "length") and summary["tokens"] == len(chunks) > 0
     assert "".join(p.unpack_map(chunk)["text"] for chunk in chunks).strip()
+
+
+def test_metrics_say_which_broker_is_active_and_the_epoch(tmp_path):
+    ports = {role: int(free_endpoint().rsplit(":", 1)[1]) for role in ("primary", "backup")}
+    brokers = BrokerPair(tmp_path, HEARTBEAT_MS, args={role: ["--metrics-port", str(ports[role])] for role in ports})
+
+    def gauges(role: str) -> tuple[float, float]:
+        text = requests.get(f"http://127.0.0.1:{ports[role]}/metrics", timeout=5).text
+        values = dict(line.split() for line in text.splitlines() if line.startswith("qmesh_broker_"))
+        return float(values["qmesh_broker_active"]), float(values["qmesh_broker_epoch"])
+
+    try:
+        brokers.start("primary")
+        brokers.start("backup")
+        wait_for(lambda: gauges("primary") == (1, 1) and gauges("backup") == (0, 1), 20, "the primary active")
+        brokers.brokers["primary"].kill()
+        wait_for(lambda: brokers.active() == "backup", 20, "the backup to take over")  # asking it is a vote
+        wait_for(lambda: gauges("backup") == (1, 2), 10, "the backup's gauges")
+    finally:
+        brokers.stop()
+
+
+def test_qmesh_client_names_both_brokers_and_is_answered_by_the_backup(pair, worker):
+    pair.brokers["primary"].kill()
+    done = run_cli("qmesh-client", "--broker", pair.address, "--max-tokens", "8", stdin="Say hi.\nSay bye.\n")
+    assert done.returncode == 0, done.stderr
+    assert len([line for line in done.stdout.splitlines() if line.strip()]) >= 2, done.stdout
