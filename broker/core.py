@@ -707,11 +707,13 @@ class BrokerCore:
     def answer_passive(self, identity: bytes, frames: list[bytes], epoch: int) -> list[Outgoing]:
         """What a passive broker of a pair says to a client or worker: "not active, the other broker serves"
         (a 421, with the newest epoch it knows); nothing to what needs no answer."""
+        text = "this broker is the passive one of a pair: use the other"
+        if len(frames) > 1 and frames[0] == p.WORKER and frames[1] in p.SHARD_HELLOS:  # a shard host or split worker
+            return [(identity, p.disconnect((p.NOT_ACTIVE, text)))]
         try:
             message = p.parse_inbound(frames)
         except p.ProtocolError:
             return []
-        text = "this broker is the passive one of a pair: use the other"
         if isinstance(message, p.ClientRequest):
             body = [p.not_active_body(epoch, text)]
             return [(identity, p.client_reply(True, message.service, message.request_id, body, message.framing))]

@@ -81,6 +81,8 @@ def test_a_passive_broker_sends_clients_and_workers_to_the_other() -> None:
     assert p.parse_for_worker(plain[1]) == p.BrokerToWorker(p.W_DISCONNECT)
     (beat,) = core.answer_passive(W1, p.heartbeat(), epoch=4)
     assert p.parse_for_worker(beat[1]) == p.BrokerToWorker(p.W_DISCONNECT)
+    (shard,) = core.answer_passive(W1, p.shard_request(p.ShardAsk("split/1", MODEL, 100, 2)), epoch=4)
+    assert p.parse_for_shard_peer(shard[1]).refusal[0] == p.NOT_ACTIVE  # type: ignore[index]
     assert core.answer_passive(C1, p.client_cancel(b"r1"), epoch=4) == []
     assert core.answer_passive(C1, [b"garbage"], epoch=4) == []
     assert core.workers == {} and core.requests == {}

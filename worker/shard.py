@@ -30,7 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from qmesh.common import protocol as p
 from qmesh.common.endpoints import broker_endpoints
 from qmesh.common.errors import QMeshError, SidecarStartError
-from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, handshake_failure
+from qmesh.common.keys import HANDSHAKE_EVENTS, CurveClientKeys, HandshakeWatch
 from qmesh.common.tunnel import Exit
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.core import FATAL_REFUSALS
@@ -141,6 +141,7 @@ class ShardLink:
         self.fatal: str | None = None  # a refusal that retrying cannot fix
         self._dealer: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        self._handshakes = HandshakeWatch(self.endpoint)
         self._broker_expires = 0.0
         self._next_heartbeat = 0.0
 
@@ -158,6 +159,7 @@ class ShardLink:
         if self.curve is not None:
             self.curve.apply(dealer, index)
         self._monitor = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._handshakes = HandshakeWatch(self.endpoint)
         dealer.connect(self.endpoint)
         self._dealer, self.answered, self.lost = dealer, False, None
         now = time.monotonic()
@@ -199,7 +201,7 @@ class ShardLink:
         messages = []
         if self._monitor in ready:
             while self._monitor.poll(0):
-                failure = handshake_failure(recv_monitor_message(self._monitor)["event"], self.endpoint)
+                failure = self._handshakes.refusal(recv_monitor_message(self._monitor)["event"])
                 if failure is not None:
                     self.fatal = self.lost = failure
         while True:
