@@ -12,7 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import queue
-import socket
+import select
 import threading
 import time
 from typing import Any
@@ -165,16 +165,11 @@ class ChatHttpLoad:
 
 def _reopen_if_closed(connection: http.client.HTTPConnection) -> None:
     """Connect before the request is timed: again if the server closed the connection after its last answer
-    (llama-server does after a stream, whatever its Keep-Alive header says; uvicorn keeps it open)."""
+    (llama-server does after a stream, whatever its Keep-Alive header says; uvicorn keeps it open). A socket with
+    nothing to read is open; a readable one is closing (a peek would wait: the socket has a timeout)."""
     sock = connection.sock
-    if sock is not None:
-        try:
-            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                connection.close()
-        except BlockingIOError:
-            pass  # open, and nothing to read: reusable
-        except OSError:
-            connection.close()
+    if sock is not None and select.select([sock], [], [], 0)[0]:
+        connection.close()
     if connection.sock is None:
         connection.connect()
 
