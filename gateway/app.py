@@ -221,6 +221,13 @@ async def _disconnected(request: Request) -> None:
 
 async def _events(choices: list[BridgedRequest], first: Event) -> AsyncIterator[tuple[int, Event]]:
     """(choice index, event) of every choice as they arrive, until each has ended."""
+    if len(choices) == 1:  # nothing to merge: no task per event, the stream's hot path
+        event = first
+        yield 0, event
+        while not isinstance(event, Result):
+            event = await choices[0].next()
+            yield 0, event
+        return
     pending = {asyncio.ensure_future(bridged.next()): index for index, bridged in enumerate(choices[1:], 1)}
     yield 0, first
     if not isinstance(first, Result):
@@ -241,10 +248,11 @@ async def _events(choices: list[BridgedRequest], first: Event) -> AsyncIterator[
 
 async def _sse(
     bridge: Bridge, choices: list[BridgedRequest], openai_request: OpenAIRequest, first: Event
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """The stream as server-sent events, the choices' chunks as they come; leaving it early (a disconnect)
     cancels the generations."""
     results: list[Result] = []
+    texts = _TextEvents(openai_request)
     try:
         for index in range(len(choices)):
             opening = openai_request.first_chunk(index)
@@ -252,18 +260,21 @@ async def _sse(
                 yield _data(opening)
         async for index, event in _events(choices, first):
             if isinstance(event, Delta):
-                yield _data(openai_request.chunk(index, event.text, event.logprobs))
+                if event.text and not event.logprobs:
+                    yield texts.event(index, event.text)
+                else:
+                    yield _data(openai_request.chunk(index, event.text, event.logprobs))
                 continue
             if event.error is not None:
                 yield _data(from_mesh(event.error).body())
-                yield "data: [DONE]\n\n"
+                yield DONE
                 return
             results.append(event)
             for chunk in openai_request.last_chunks(index, event):
                 yield _data(chunk)
         if openai_request.include_usage:
             yield _data(openai_request.usage_chunk(results))
-        yield "data: [DONE]\n\n"
+        yield DONE
     finally:
         for bridged in choices:
             if not bridged.finished:
@@ -271,8 +282,35 @@ async def _sse(
                 log.info("client went away mid-stream; cancelled its %s request", openai_request.model)
 
 
-def _data(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps would make one per call
+_encode = _ENCODER.encode
+DONE = b"data: [DONE]\n\n"
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + _encode(obj).encode() + b"\n\n"
+
+
+class _TextEvents:
+    """The event of a choice's text chunk (no log-probabilities), byte for byte what ``_data(request.chunk(index,
+    text))`` makes: the chunk object is encoded once per choice around a placeholder, and each token only encodes
+    its text as a JSON string between the two halves, instead of building and encoding the whole object."""
+
+    PLACEHOLDER = "\x00text\x00"
+
+    def __init__(self, openai_request: OpenAIRequest) -> None:
+        self.openai_request = openai_request
+        self.halves: dict[int, tuple[bytes, bytes]] = {}
+
+    def event(self, index: int, text: str) -> bytes:
+        halves = self.halves.get(index)
+        if halves is None:
+            marker = _encode(self.PLACEHOLDER).encode()
+            before, found, after = _data(self.openai_request.chunk(index, self.PLACEHOLDER)).partition(marker)
+            assert found and marker not in after, "the placeholder must appear exactly once"
+            halves = self.halves[index] = before, after
+        before, after = halves
+        return before + _encode(text).encode() + after
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
