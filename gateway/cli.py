@@ -68,6 +68,8 @@ def run(
             create_app(bridge, split_keys(api_key)),
             host=host,
             port=port,
+            http="httptools",  # every token of a stream is written through these two: h11 and asyncio cost more
+            loop="uvloop",
             log_config=None,  # keep our handlers: --log-format applies to uvicorn's records too
             log_level=log_level.value,
             timeout_graceful_shutdown=5,
