@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25  # upper bound between deadline checks and stop checks when nothing arrives
 MODELS_REFRESH_SECONDS = 2.0  # how old the model table (each model's context) may get before it is asked again
 _ids = itertools.count()
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # ints: no enum arithmetic per turn
+
 
 @dataclass(slots=True)
 class Delta:
@@ -225,9 +227,9 @@ class Bridge:
             self._wake_rx.close(linger=0)
 
     def _drain_wake(self) -> None:
-        with contextlib.suppress(zmq.Again):
-            while True:
-                self._wake_rx.recv(zmq.NOBLOCK)
+        # Most turns are a chunk's, with no wake-up byte: asking the socket costs less than the Again a recv raises.
+        while self._wake_rx.get(_EVENTS) & _POLLIN:
+            self._wake_rx.recv(_NOBLOCK)
 
     def _run_commands(self, client: QMeshClient) -> None:
         while True:
