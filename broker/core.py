@@ -218,15 +218,22 @@ class BrokerCore:
         the roles its allow-list gives it, and a worker key may be limited to some models.
         """
         self._now = now
-        if peer is None and len(frames) > 4 and frames[1] == p.W_PARTIAL and frames[0] == p.WORKER and not frames[3]:
+        lead = 0 if frames and frames[0] else 1  # a REQ-compatible peer's leading empty frame (majortomo's)
+        if (
+            peer is None
+            and len(frames) > lead + 4
+            and frames[lead + 1] == p.W_PARTIAL
+            and frames[lead] == p.WORKER
+            and not frames[lead + 3]
+        ):
             # The message that dominates a busy mesh, handled without building a message object: a PARTIAL from
             # a registered worker for a request it holds. Anything else takes the general path below.
             worker = self.workers.get(identity)
-            request = self.requests.get(frames[2]) if worker is not None else None
+            request = self.requests.get(frames[lead + 2]) if worker is not None else None
             if request is not None and request.worker == identity:
                 worker.expires_at = now + self._worker_ttl
                 out: list[Outgoing] = []
-                self._forward_partial(request, frames[4:], now, out)
+                self._forward_partial(request, frames[lead + 4 :], now, out)
                 return out
         shards = self.shards  # a shard peer's messages go to its registry (about 50 ns for any other message)
         if (
@@ -865,11 +872,12 @@ class BrokerCore:
         queue_wait = None if request.dispatched_at is None else request.dispatched_at - start
         ttft = None if request.first_chunk_at is None else request.first_chunk_at - start
         prompt, cached = _prompt_tokens(summary)
-        self.finished.append(
-            FinishedRequest(
-                request.service, outcome, queue_wait, ttft, self._now - start, request.chunks, prompt, cached
+        if self.finished.maxlen != 0:  # a zero-length deque: nobody reads the records (a broker without metrics)
+            self.finished.append(
+                FinishedRequest(
+                    request.service, outcome, queue_wait, ttft, self._now - start, request.chunks, prompt, cached
+                )
             )
-        )
         worker = self.workers.get(request.worker) if request.worker is not None else None
         tokens = summary.get("tokens")
         self.recent.append(
