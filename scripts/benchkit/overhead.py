@@ -60,6 +60,7 @@ class LoadPath:
     short: str  # its initial, in cells that list every path
     pids: dict[str, int]  # by role (ROLES)
     load: Callable[[int], Load]  # this path's load at a concurrency
+    prompts: int = 0  # offset of its prompts' numbers: paths that share a llama-server must not share prompts
 
 
 Load = DirectLoad | MeshLoad | ChatHttpLoad
@@ -72,13 +73,16 @@ def load_paths(r: rig.Rig) -> list[LoadPath]:
         mesh = r.mesh
         pids = {CLIENT: me, BROKER: mesh.broker.pid, WORKER: mesh.worker.pid, LLAMA: mesh.sidecar().pid}
         return [
-            LoadPath("direct", "d", direct, functools.partial(ChatHttpLoad, r.base_url, rig.MODEL)),
-            LoadPath("sdk", "s", pids, functools.partial(MeshLoad, mesh.endpoint, rig.MODEL, chat=True)),
+            LoadPath("direct", "d", direct, functools.partial(ChatHttpLoad, r.base_url, rig.MODEL), prompts=100_000),
+            LoadPath(
+                "sdk", "s", pids, functools.partial(MeshLoad, mesh.endpoint, rig.MODEL, chat=True), prompts=100_000
+            ),
             LoadPath(
                 "gateway",
                 "g",
                 {**pids, GATEWAY_PROCESS: r.gateway.pid},
                 functools.partial(ChatHttpLoad, r.gateway_url, rig.MODEL),
+                prompts=200_000,  # it shares the sdk path's llama-server; as many digits, as many tokens
             ),
         ]
     paths = [LoadPath("direct", "d", direct, functools.partial(DirectLoad, r.base_url))]
@@ -243,16 +247,18 @@ def interleave(r: rig.Rig, args: argparse.Namespace) -> list[Series]:
             count = args.requests if concurrency == 1 else max(args.requests, 2 * concurrency)
             done = 0  # loads run at this concurrency, for their order
             for _ in range(args.rounds):
-                texts = prompts(count, offset)
+                # Paths that share a llama-server get prompts of their own (the same but for a number), else the
+                # second would find the whole prompt in that server's cache.
+                texts = [prompts(count, offset + path.prompts) for path in paths]
                 offset += count
-                # At concurrency 1 each prompt goes every way back to back (a set per request); at saturation each
+                # At concurrency 1 each prompt goes every way back to back (a step per request); at saturation each
                 # path runs the whole round. Either way in rotating order: a machine whose speed drifts during the
                 # run (turbo, neighbours of a VM) favours no path.
-                batches = [[text] for text in texts] if concurrency == 1 else [texts]
+                steps = [[[each[k]] for each in texts] for k in range(count)] if concurrency == 1 else [texts]
                 legs = [Leg() for _ in paths]
-                for batch in batches:
+                for step in steps:  # step[i]: path i's prompts
                     for i in order(done, len(paths)):
-                        legs[i].add(_measure(loads[i], paths[i], meter, batch, args.max_tokens))
+                        legs[i].add(_measure(loads[i], paths[i], meter, step[i], args.max_tokens))
                     done += 1
                 series.rounds.append(legs)
                 print(f"overhead: concurrency {concurrency}: " + " | ".join(series.round_table().rows[-1]), flush=True)
