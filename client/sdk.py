@@ -595,10 +595,11 @@ class QMeshClient:
 
     # ------------------------------------------------------------------------------------------ pump
 
-    def wake_on(self, socket: zmq.Socket) -> None:
-        """Also return from ``poll`` when ``socket`` is readable: lets a thread that drives this client be woken
-        for work of its own (the gateway's bridge) without polling on a timer."""
-        self._poller.register(socket, zmq.POLLIN)
+    def watched(self) -> list[zmq.Socket]:
+        """The sockets ``poll`` reads: the broker connection and its monitor (new ones after a move to the other
+        broker of a pair). An event loop that drives this client calls ``poll(0)`` when one of their ``zmq.FD`` is
+        readable; the FD signals edges only, so it calls it again while one of them has ``POLLIN`` in ``zmq.EVENTS``."""
+        return [self._socket, self._monitor]
 
     def _send(self, frames: list[bytes]) -> None:
         """Never block the caller: a socket with no usable connection (yet) keeps the message in the outbox."""

@@ -1,11 +1,11 @@
-"""The bridge between the gateway's asyncio event loop and the single-threaded, pump-driven SDK.
+"""The bridge between the gateway's asyncio event loop and the pump-driven SDK, in the event loop's own thread.
 
-One thread owns one ``QMeshClient``, so every HTTP request shares one broker connection. The event loop never
-touches the client: it puts commands (plain callables) on a thread-safe queue and sends one byte on an inproc
-PUSH socket; the bridge's poller watches that socket beside the broker connection, so a new request or a
-cancel is acted on at once instead of at the next poll timeout. After each wake-up the bridge hands the new
-chunks and finished results of all its requests to the event loop in one ``call_soon_threadsafe`` batch, where
-they land in each request's ``asyncio.Queue``.
+One ``QMeshClient`` serves every HTTP request, so they all share one broker connection. The event loop watches the
+client's sockets (their ``zmq.FD``) and runs a turn of the bridge whenever one is readable, and at least every
+POLL_SECONDS: the client's ``poll(0)``, then the new chunks and finished results of every request go straight into
+each request's ``asyncio.Queue``. A new request or a cancel is sent at once, by the coroutine that asks for it. No
+thread and no hand-over between threads: a token costs the gateway one wake-up (a thread driving the client used
+to hand every batch of chunks to the loop, which woke a second thread per token).
 
 Every few seconds the bridge asks the broker for its model table without waiting for the answer, so the SDK knows
 each model's context and refuses at once (400) a request whose max_tokens cannot fit.
@@ -14,18 +14,15 @@ A request (or a model listing) that arrives while the bridge knows it has no bro
 a refused handshake) fails at once with BrokerUnreachable, a 503: HTTP clients retry a 503 themselves. Requests
 already in flight keep what the SDK gives them (streams resume after a broker restart).
 
-Flow control: the SDK grants the worker credit as chunks reach this thread, not as the HTTP client reads
-them, so a slow HTTP client costs the gateway at most one answer's text in memory (bounded by max_tokens).
+Flow control: the SDK grants the worker credit as chunks reach the bridge, not as the HTTP client reads them, so a
+slow HTTP client costs the gateway at most one answer's text in memory (bounded by max_tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +37,9 @@ from qmesh.common.keys import CurveClientKeys
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.25  # upper bound between deadline checks and stop checks when nothing arrives
+POLL_SECONDS = 0.25  # upper bound between two turns when nothing arrives: deadlines, the model table, the dashboard
 MODELS_REFRESH_SECONDS = 2.0  # how old the model table (each model's context) may get before it is asked again
-_ids = itertools.count()
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # ints: no enum arithmetic per turn
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: no enum arithmetic per turn
 
 
 @dataclass(slots=True)
@@ -55,7 +51,7 @@ class Delta:
 
 
 Event = Delta | Result  # new text, or the end of the generation (``Result.error`` set if it failed)
-Command = Callable[[QMeshClient], None]
+Observer = Callable[[QMeshClient], None]
 ModelTable = dict[str, dict[str, Any]]
 
 
@@ -66,8 +62,8 @@ class BridgedRequest:
         self.model = model
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.finished = False  # the loop has taken the Result
-        self.request: Request | None = None  # bridge thread only
-        self.batch: EmbeddingBatch | None = None  # bridge thread only: an embeddings request's (its one event: the end)
+        self.request: Request | None = None
+        self.batch: EmbeddingBatch | None = None  # an embeddings request's (its one event: the end)
 
     async def next(self) -> Event:
         event = await self.events.get()
@@ -77,7 +73,7 @@ class BridgedRequest:
 
 
 class Bridge:
-    """Owns the broker connection in its own thread; ``submit``, ``cancel`` and ``stop`` are called from the loop."""
+    """Drives one broker connection from the event loop it is started in; every method is called in that loop."""
 
     def __init__(
         self,
@@ -93,180 +89,162 @@ class Bridge:
         self.connect_timeout = connect_timeout
         self.curve = curve
         self._context = context or zmq.Context.instance()
-        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._client: QMeshClient | None = None
         self._active: dict[bytes, BridgedRequest] = {}
         self._batches: list[BridgedRequest] = []  # embeddings requests in flight
         self._listings: list[tuple[MMICall, asyncio.Future[ModelTable]]] = []  # model listings awaiting the broker
         self._refresh: MMICall | None = None  # the bridge's own last question for the model table
         self._next_refresh = 0.0
-        self._observers: list[Command] = []  # run on every turn of the bridge thread (the dashboard's sampler)
+        self._observers: list[Observer] = []  # run on every turn (the dashboard's sampler)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: list[zmq.Socket] = []  # the client's sockets whose FD the loop watches, and those FDs
+        self._fds: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
-        self._started = threading.Event()
-        self._failure: QMeshError | None = None
-        endpoint = f"inproc://qmesh-gateway-wake-{next(_ids)}"
-        self._wake_rx = self._context.socket(zmq.PULL)
-        self._wake_rx.bind(endpoint)
-        self._wake_tx = self._context.socket(zmq.PUSH)
-        self._wake_tx.setsockopt(zmq.LINGER, 0)
-        self._wake_tx.connect(endpoint)
-        self._wake_lock = threading.Lock()  # the PUSH socket is shared by whoever calls in
-        self._thread = threading.Thread(target=self._run, name="qmesh-gateway-bridge", daemon=True)
 
-    # ------------------------------------------------------------------------------------ event-loop side
+    # ------------------------------------------------------------------------------------ the gateway's side
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Connect (in the bridge thread) and deliver events to ``loop``; raises QMeshError for a bad address."""
+        """Connect and deliver events in ``loop`` (the running one); raises QMeshError for a bad address."""
         self._loop = loop
-        self._thread.start()
-        self._started.wait()
-        if self._failure is not None:
-            raise self._failure
+        self._client = QMeshClient(
+            self.broker,
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            curve=self.curve,
+            context=self._context,
+        )
+        log.info("gateway sends its requests to the broker at %s", self.broker)
+        self._tick()
 
     def stop(self) -> None:
         """Cancel what is in flight (each request ends with a 499 Result) and close the connection."""
         self._stopping = True
-        if self._thread.is_alive():
-            self._wake()
-            self._thread.join(timeout=10)
-        elif self._thread.ident is None:  # never started
-            self._wake_rx.close(linger=0)
-        with self._wake_lock:
-            self._wake_tx.close(linger=0)
+        client = self._client
+        if client is None:
+            return
+        self._client = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._watch([])
+        for bridged in self._active.values():
+            if bridged.request is not None and not bridged.request.done:
+                client.cancel(bridged.request)
+        for bridged in self._batches:
+            assert bridged.batch is not None
+            bridged.batch.cancel()
+        shutdown = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
+        self._listings = [(_failed_listing(shutdown), listing) for _, listing in self._listings]
+        self._pump()
+        client.close()
 
     def submit(self, model: str, **options: Any) -> BridgedRequest:
         """Send a request (``QMeshClient.submit`` options); its events arrive in ``BridgedRequest.events``."""
         bridged = BridgedRequest(model)
-        if self._stopping or not self._thread.is_alive():
-            error = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
-            bridged.events.put_nowait(Result(text="", model=model, error=error))
+        client = self._client
+        if client is None or self._stopping:
+            bridged.events.put_nowait(Result(text="", model=model, error=_shutting_down()))
             return bridged
-        self._call(lambda client: self._submit(client, bridged, options))
+        unreachable = client.known_unreachable()
+        if unreachable is not None:
+            bridged.events.put_nowait(Result(text="", model=model, error=unreachable))
+            return bridged
+        try:
+            bridged.request = client.submit(model=model, **options)
+        except QMeshError as exc:  # the one error submit raises: a body larger than any message the mesh takes
+            bridged.events.put_nowait(Result(text="", model=model, error=MeshError(p.TOO_LARGE, str(exc))))
+            return bridged
+        self._active[bridged.request.id] = bridged
+        self._turn()
         return bridged
 
     async def models(self) -> ModelTable:
         """The broker's model table (``QMeshClient.models``), asked on the bridge's connection. Raises
         BrokerUnreachable, or the broker's MeshError (403: the gateway's key is not on the client list)."""
-        if self._stopping or not self._thread.is_alive():
-            raise MeshError(p.QUEUE_FULL, "the gateway is shutting down")
+        client = self._client
+        if client is None or self._stopping:
+            raise _shutting_down()
+        unreachable = client.known_unreachable()
+        if unreachable is not None:
+            raise unreachable
         listing: asyncio.Future[ModelTable] = asyncio.get_running_loop().create_future()
-        self._call(lambda client: self._list_models(client, listing))
+        self._listings.append((client.refresh_models(), listing))
+        self._turn()
         return await listing
 
-    def observe(self, observer: Command) -> None:
-        """Run ``observer`` in the bridge thread on every turn of its loop (at least every POLL_SECONDS), so it can
-        ask the broker questions on the gateway's one connection; it must never wait. Call before ``start``."""
+    def observe(self, observer: Observer) -> None:
+        """Run ``observer`` on every turn (at least every POLL_SECONDS), so it can ask the broker questions on the
+        gateway's one connection; it must never wait. Call before ``start``."""
         self._observers.append(observer)
 
     def submit_embeddings(self, model: str, inputs: list[str]) -> BridgedRequest:
         """Send texts to embed (``QMeshClient.submit_embeddings``); one event arrives: the Result with the vectors."""
         bridged = BridgedRequest(model)
-        if self._stopping or not self._thread.is_alive():
-            error = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
-            bridged.events.put_nowait(Result(text="", model=model, error=error))
+        client = self._client
+        if client is None or self._stopping:
+            bridged.events.put_nowait(Result(text="", model=model, error=_shutting_down()))
             return bridged
-        self._call(lambda client: self._submit_embeddings(client, bridged, inputs))
+        unreachable = client.known_unreachable()
+        if unreachable is not None:
+            bridged.events.put_nowait(Result(text="", model=model, error=unreachable))
+            return bridged
+        bridged.batch = client.submit_embeddings(inputs, model=model)  # spread by the table kept fresh here
+        self._batches.append(bridged)
+        self._turn()
         return bridged
 
     def cancel(self, bridged: BridgedRequest) -> None:
         """Stop a generation: the broker tells the worker, which frees its llama-server slot."""
-        if not bridged.finished:
-            self._call(lambda client: self._cancel(client, bridged))
-
-    def _call(self, command: Command) -> None:
-        self._commands.put(command)
-        self._wake()
-
-    def _wake(self) -> None:
-        with self._wake_lock, contextlib.suppress(zmq.Again):  # a full pipe already means "wake up"
-            if not self._wake_tx.closed:
-                self._wake_tx.send(b"", zmq.NOBLOCK)
-
-    # ------------------------------------------------------------------------------------ bridge thread
-
-    def _run(self) -> None:
-        try:
-            client = QMeshClient(
-                self.broker,
-                timeout=self.timeout,
-                connect_timeout=self.connect_timeout,
-                curve=self.curve,
-                context=self._context,
-            )
-        except QMeshError as exc:
-            self._failure = exc
-            self._wake_rx.close(linger=0)
-            self._started.set()
+        client = self._client
+        if bridged.finished or client is None:
             return
-        client.wake_on(self._wake_rx)  # ``client.poll`` returns as soon as the event loop has work for us
-        self._started.set()
-        log.info("gateway sends its requests to the broker at %s", self.broker)
-        try:
-            while not self._stopping:
-                client.poll(POLL_SECONDS)
-                self._drain_wake()
-                self._run_commands(client)
-                self._refresh_models(client)
-                for observer in self._observers:
-                    observer(client)
-                self._pump()
-        except Exception:  # a bug: fail what is in flight rather than leave HTTP requests hanging
-            log.exception("gateway bridge crashed")
-        finally:
-            self._run_commands(client)  # requests submitted while we stopped end with a 499 below
-            for bridged in self._active.values():
-                if bridged.request is not None and not bridged.request.done:
-                    client.cancel(bridged.request)
-            for bridged in self._batches:
-                assert bridged.batch is not None
-                bridged.batch.cancel()
-            shutdown = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
-            self._listings = [(_failed_listing(shutdown), listing) for _, listing in self._listings]
-            self._pump()
-            client.close()
-            self._wake_rx.close(linger=0)
-
-    def _drain_wake(self) -> None:
-        # Most turns are a chunk's, with no wake-up byte: asking the socket costs less than the Again a recv raises.
-        while self._wake_rx.get(_EVENTS) & _POLLIN:
-            self._wake_rx.recv(_NOBLOCK)
-
-    def _run_commands(self, client: QMeshClient) -> None:
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            command(client)
-
-    def _submit(self, client: QMeshClient, bridged: BridgedRequest, options: dict[str, Any]) -> None:
-        unreachable = client.known_unreachable()
-        if unreachable is not None:
-            self._deliver([(bridged, None, Result(text="", model=bridged.model, error=unreachable))])
-            return
-        try:
-            bridged.request = client.submit(model=bridged.model, **options)
-        except QMeshError as exc:  # the one error submit raises: a body larger than any message the mesh takes
-            error = MeshError(p.TOO_LARGE, str(exc))
-            self._deliver([(bridged, None, Result(text="", model=bridged.model, error=error))])
-            return
-        self._active[bridged.request.id] = bridged
-
-    def _submit_embeddings(self, client: QMeshClient, bridged: BridgedRequest, inputs: list[str]) -> None:
-        unreachable = client.known_unreachable()
-        if unreachable is not None:
-            self._deliver([(bridged, None, Result(text="", model=bridged.model, error=unreachable))])
-            return
-        bridged.batch = client.submit_embeddings(inputs, model=bridged.model)  # spread by the table kept fresh here
-        self._batches.append(bridged)
-
-    def _cancel(self, client: QMeshClient, bridged: BridgedRequest) -> None:
         request = bridged.request
         if request is not None and self._active.pop(request.id, None) is not None:
             client.cancel(request)
         if bridged.batch is not None and bridged in self._batches:
             self._batches.remove(bridged)
             bridged.batch.cancel()
+        self._turn()
+
+    # ------------------------------------------------------------------------------------ turns
+
+    def _tick(self) -> None:
+        """A turn at least every POLL_SECONDS, whatever arrives."""
+        self._turn()
+        if self._client is not None and self._loop is not None:
+            self._timer = self._loop.call_later(POLL_SECONDS, self._tick)
+
+    def _turn(self) -> None:
+        """Read everything the client's sockets hold and hand it on. Their FDs signal edges only (a send may take
+        the signal of a message that arrived meanwhile), so a turn ends only once the sockets say nothing waits."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            while True:
+                client.poll(0)
+                self._refresh_models(client)
+                for observer in self._observers:
+                    observer(client)
+                self._pump()
+                if not any(socket.get(_EVENTS) & _POLLIN for socket in client.watched()):
+                    break
+            self._watch(client.watched())
+        except Exception:  # a bug: fail what is in flight rather than leave HTTP requests hanging
+            log.exception("gateway bridge crashed")
+            self.stop()
+
+    def _watch(self, sockets: list[zmq.Socket]) -> None:
+        """Watch these sockets' FDs (new ones after the client moved to the other broker of a pair)."""
+        if sockets == self._watched:
+            return
+        assert self._loop is not None
+        for fd in self._fds:
+            with contextlib.suppress(OSError, ValueError):  # closed with its connection already
+                self._loop.remove_reader(fd)
+        self._watched, self._fds = list(sockets), [socket.get(zmq.FD) for socket in sockets]
+        for fd in self._fds:
+            self._loop.add_reader(fd, self._turn)
 
     def _refresh_models(self, client: QMeshClient) -> None:
         """Ask for the model table again when it is due and the last question is settled; never waits. Not while
@@ -278,44 +256,34 @@ class Bridge:
             self._refresh = client.refresh_models()
             self._next_refresh = now + MODELS_REFRESH_SECONDS
 
-    def _list_models(self, client: QMeshClient, listing: asyncio.Future[ModelTable]) -> None:
-        unreachable = client.known_unreachable()
-        if unreachable is None:
-            self._listings.append((client.refresh_models(), listing))
-        else:
-            self._listings.append((_failed_listing(unreachable), listing))
-
     def _pump(self) -> None:
-        """Hand every settled model listing to the event loop, and every new chunk and result in one batch."""
-        settled = [(call, listing) for call, listing in self._listings if call.done]
-        if settled:
-            self._listings = [entry for entry in self._listings if not entry[0].done]
-            assert self._loop is not None
-            with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is waiting
-                self._loop.call_soon_threadsafe(_settle_all, settled)
-        batch: list[tuple[BridgedRequest, Delta | None, Result | None]] = []
+        """Settle every answered model listing; put every new chunk and result in its request's queue."""
+        if self._listings:
+            settled = [(call, listing) for call, listing in self._listings if call.done]
+            if settled:
+                self._listings = [entry for entry in self._listings if not entry[0].done]
+                _settle_all(settled)
         for request_id, bridged in list(self._active.items()):
             request = bridged.request
             assert request is not None
             chunks = request.new_chunks()
-            delta = Delta("".join(c.text for c in chunks), [e for c in chunks for e in c.logprobs]) if chunks else None
+            if chunks:
+                text, logprobs = "".join(c.text for c in chunks), [e for c in chunks for e in c.logprobs]
+                if text or logprobs:
+                    bridged.events.put_nowait(Delta(text, logprobs))
             if request.final is not None:
                 del self._active[request_id]
-            if delta is not None or request.final is not None:
-                batch.append((bridged, delta, request.final))
+                bridged.events.put_nowait(request.final)
         for bridged in list(self._batches):
             assert bridged.batch is not None
             outcome = bridged.batch.outcome()
             if outcome is not None:
                 self._batches.remove(bridged)
-                batch.append((bridged, None, outcome))
-        if batch:
-            self._deliver(batch)
+                bridged.events.put_nowait(outcome)
 
-    def _deliver(self, batch: list[tuple[BridgedRequest, Delta | None, Result | None]]) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is waiting
-            self._loop.call_soon_threadsafe(_put_all, batch)
+
+def _shutting_down() -> MeshError:
+    return MeshError(p.QUEUE_FULL, "the gateway is shutting down")
 
 
 def _failed_listing(error: MeshError) -> MMICall:
@@ -324,7 +292,6 @@ def _failed_listing(error: MeshError) -> MMICall:
 
 
 def _settle_all(settled: list[tuple[MMICall, asyncio.Future[ModelTable]]]) -> None:
-    """Runs in the event loop."""
     for call, listing in settled:
         if listing.done():  # the HTTP client went away
             continue
@@ -332,12 +299,3 @@ def _settle_all(settled: list[tuple[MMICall, asyncio.Future[ModelTable]]]) -> No
             listing.set_exception(call.error)
         else:
             listing.set_result(call.answer)
-
-
-def _put_all(batch: list[tuple[BridgedRequest, Delta | None, Result | None]]) -> None:
-    """Runs in the event loop."""
-    for bridged, delta, final in batch:
-        if delta is not None and (delta.text or delta.logprobs):
-            bridged.events.put_nowait(delta)
-        if final is not None:
-            bridged.events.put_nowait(final)

@@ -139,8 +139,8 @@ def sample_of(tables: dict[str, Any], now: float) -> Sample:
 class MeshSampler:
     """Asks the broker for the mesh's state every ``interval`` seconds; ``state`` is the last snapshot.
 
-    ``tick`` runs in the bridge thread only. ``state`` is replaced by a new dict each time and never changed
-    afterwards, so the event loop can read it from its own thread without a lock.
+    ``tick`` runs on the bridge's turns, in the gateway's event loop. ``state`` is replaced by a new dict each time
+    and never changed afterwards: a page handler reads a whole snapshot.
     """
 
     def __init__(self, interval: float = SAMPLE_SECONDS) -> None:
@@ -181,7 +181,7 @@ class MeshSampler:
         try:
             tables = mesh_tables(workers, services, requests, now)
             sample = sample_of(tables, now)
-        except Exception:  # an answer this code cannot read must not end the bridge thread, and the gateway with it
+        except Exception:  # an answer this code cannot read must not end the bridge, and the gateway with it
             if self.state["error"] != UNREADABLE:  # once, not every second
                 log.exception("the dashboard could not read the broker's answers")
             self.state = self._publish(UNREADABLE)
