@@ -19,8 +19,8 @@ holder of the same file; with none left the transfer ends in an error, and the p
 unacknowledged; the store's ACKs are the client's credit, and its ENDED says the file was verified and kept.
 
 **Fairness.** Every READ issued and every ACK passed on costs tokens of one bucket: ``rate`` bytes/s (0: no cap),
-or ``busy_rate`` while requests are in flight, so that a transfer never takes the broker loop (and the machines'
-CPUs) from token streams. Transfers are served round-robin, one chunk each in turn.
+or ``busy_rate`` while requests are in flight (and ``busy_hold`` seconds after), so that a transfer never takes the
+broker loop (and the machines' CPUs) from token streams. Transfers are served round-robin, one chunk each in turn.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class TransferConfig:
     busy_rate: float = 64e6  # bytes/s for all transfers while requests are in flight (0: no cap)
     per_peer: int = 2  # transfers one connection may have open at once
     holder_reads: int = 16  # reads in flight per holder
+    busy_hold: float = 2.0  # seconds after requests were last seen in flight that busy_rate still holds
     read_timeout: float = 15.0  # seconds a holder may take to answer a read before its ranges go elsewhere
     idle_timeout: float = 60.0  # seconds a transfer may see nothing from its client before it is dropped
 
@@ -92,18 +93,16 @@ class Transfer:
 
 
 class Pacer:
-    """A token bucket of bytes shared by all transfers: ``rate()`` bytes a second (0: no cap), at most ``burst``
-    saved up while nothing moves."""
+    """A token bucket of bytes shared by all transfers, filled at the rate each call gives (bytes/s; 0: no cap), with
+    at most ``burst`` saved up while nothing moves."""
 
-    def __init__(self, rate: Callable[[], float], burst: int) -> None:
-        self._rate = rate
+    def __init__(self, burst: int) -> None:
         self._burst = float(burst)
         self._tokens = float(burst)
         self._at = 0.0
         self._wanted = 0  # the grant last refused
 
-    def grant(self, size: int, now: float) -> bool:
-        rate = self._rate()
+    def grant(self, size: int, now: float, rate: float) -> bool:
         if rate <= 0:
             return True
         self._tokens = min(self._burst, self._tokens + max(0.0, now - self._at) * rate)
@@ -114,9 +113,8 @@ class Pacer:
         self._tokens -= size
         return True
 
-    def ready_at(self, now: float) -> float:
+    def ready_at(self, now: float, rate: float) -> float:
         """When the grant refused last would be made."""
-        rate = self._rate()
         return now if rate <= 0 else self._at + max(0.0, self._wanted - self._tokens) / rate
 
 
@@ -129,11 +127,10 @@ class Transfers:
         self.reads: dict[bytes, bytes] = {}  # read key -> transfer key
         self.bad: dict[tuple[str, str], str] = {}  # (copy, sha256) -> the holder's name when it was found bad
         self._busy = busy
-        cfg = self.config
+        self._busy_until = float("-inf")  # busy_rate holds until then
         # Two chunks saved up at most: after a pause, a transfer starts again at its pace, not with a burst that
-        # would hold up the token streams (scripts/bench pull on a loaded machine: ITL p99 x1.26 with a window saved
-        # up, x0.82 and x1.03 with two chunks).
-        self._pacer = Pacer(lambda: cfg.busy_rate if self._busy() else cfg.rate, 2 * cfg.chunk)
+        # would hold up the token streams.
+        self._pacer = Pacer(2 * self.config.chunk)
         self._keys = count(1)
         self._turn: deque[bytes] = deque()  # transfers with something to send, in round-robin order
         self._pace_at = float("inf")  # when the pacer lets the next chunk go
@@ -512,7 +509,7 @@ class Transfers:
         """Send what transfers may send now, one chunk at a time, as long as the pacer and the holders' read limits
         allow. The transfers with something to send wait in ``_turn``: the first that can step does, then goes to the
         back (round-robin); one whose holder has no read to spare keeps its place."""
-        turn = self._turn
+        turn, rate = self._turn, self._rate(now)
         while True:
             for key in list(turn):
                 transfer = self.transfers.get(key)
@@ -522,8 +519,8 @@ class Transfers:
                 step = self._next_step(transfer)
                 if step is None:
                     continue
-                if not self._pacer.grant(step, now):
-                    self._pace_at = self._pacer.ready_at(now)
+                if not self._pacer.grant(step, now, rate):
+                    self._pace_at = self._pacer.ready_at(now, rate)
                     return
                 turn.remove(key)
                 self._take_step(transfer, now, out)
@@ -532,6 +529,14 @@ class Transfers:
                 break
             else:
                 return
+
+    def _rate(self, now: float) -> float:
+        """What transfers may take now, in bytes/s: ``busy_rate`` while requests are in flight and for ``busy_hold``
+        seconds after (between two requests of a client, streams go on: that is no time for a burst), else ``rate``.
+        Looked at on every transfer event, so a transfer under way sees the mesh's requests come and go."""
+        if self._busy():
+            self._busy_until = now + self.config.busy_hold
+        return self.config.busy_rate if now < self._busy_until else self.config.rate
 
     def _next_step(self, transfer: Transfer) -> int | None:
         """The bytes the transfer's next step moves, or None while it has to wait for its holder."""

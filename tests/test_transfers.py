@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import replace
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
@@ -249,6 +250,24 @@ def test_while_requests_run_the_pacer_spreads_the_reads_over_time() -> None:
     assert reads(ask(busy, 8, 2), W1) == []
     assert 0.0 < busy.next_wakeup() <= 2.0
     assert reads(busy.tick(busy.next_wakeup()), W1)
+
+
+def test_the_busy_pace_holds_a_moment_after_the_last_request() -> None:
+    """Between two requests of a stream's client the mesh is not idle: no burst in that gap."""
+    for hold, paced in ((2.0, True), (0.0, False)):
+        config = TransferConfig(chunk=CHUNK, window=WINDOW, busy_rate=4.0, busy_hold=hold, idle_timeout=1e9)
+        requests_in_flight = [True]
+        machine = Transfers(config, busy=lambda flag=requests_in_flight: flag[0])
+        machine.add_holder(W1, "w1", "a:tiny.gguf", MODEL)
+        fetch(machine)
+        issued = reads(ask(machine, 0, 4) + ask(machine, 4, 4), W1)  # the two chunks saved up
+        for key, read in issued:
+            answer(machine, W1, key, read)
+        requests_in_flight[0] = False
+        assert bool(reads(ask(machine, 8, 2, now=0.1), W1)) is not paced
+        if paced:
+            assert machine.next_wakeup() == pytest.approx(0.5)
+            assert reads(machine.tick(0.5), W1)
 
 
 def test_transfers_take_turns_chunk_by_chunk() -> None:

@@ -146,7 +146,7 @@ def _itl_rounds(
     streams alone, the streams with pulls, and the bytes and seconds the pulls moved meanwhile."""
     alone, during = LoadResult(), LoadResult()
     moved, busy = 0, 0.0
-    load = MeshLoad(endpoint, rig.MODEL, 1)
+    load = MeshLoad(endpoint, rig.MODEL, 1, chat=True)
     offset = 0
     try:
         load.run(prompts(1, offset=50_000), 16)  # warm up
