@@ -195,7 +195,7 @@ class MeshLoad:
             while pending and len(flight) < self.concurrency:
                 text = pending.pop()
                 prompt = (
-                    {"messages": [{"role": "user", "content": text}]} if self.chat else {"prompt": text, "raw": True}
+                    {"messages": [{"role": "user", "content": text}]} if self.chat else {"prompt": text}
                 )
                 request = self.client.submit(
                     model=self.model, max_tokens=max_tokens, temperature=0.0, raw=not self.chat, **prompt
