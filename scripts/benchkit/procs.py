@@ -56,6 +56,22 @@ def cpu_seconds(pid: int) -> float:
         return times.user + times.system
 
 
+def zmq_io_seconds(pid: int) -> float:
+    """CPU time of a process's ZeroMQ background threads (libzmq names them ``ZMQbg/...``: the I/O thread that moves
+    the bytes of every socket of a context, and its reaper), from the scheduler's count of each live thread."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                if not f.read().startswith("ZMQbg"):
+                    continue
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def tree_rss(pid: int) -> tuple[int, int]:
     """RSS in bytes of a process and of its descendants."""
     process = psutil.Process(pid)
