@@ -53,7 +53,7 @@ class TransferConfig:
     chunk: int = 1024 * 1024  # the largest chunk a client may ask for or send
     window: int = 8  # chunks in flight per transfer
     rate: float = 0.0  # bytes/s for all transfers together; 0: no cap
-    busy_rate: float = 32e6  # bytes/s for all transfers while requests are in flight (0: no cap)
+    busy_rate: float = 16e6  # bytes/s for all transfers while requests are in flight (0: no cap)
     per_peer: int = 2  # transfers one connection may have open at once
     holder_reads: int = 16  # reads in flight per holder
     busy_hold: float = 2.0  # seconds after requests were last seen in flight that busy_rate still holds
