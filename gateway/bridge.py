@@ -65,6 +65,11 @@ class BridgedRequest:
         self.request: Request | None = None
         self.batch: EmbeddingBatch | None = None  # an embeddings request's (its one event: the end)
 
+    def ended(self, error: MeshError) -> BridgedRequest:
+        """This request, ended before it was sent: its one event is a Result with ``error``."""
+        self.events.put_nowait(Result(text="", model=self.model, error=error))
+        return self
+
     async def next(self) -> Event:
         event = await self.events.get()
         if isinstance(event, Result):
@@ -133,27 +138,21 @@ class Bridge:
         for bridged in self._batches:
             assert bridged.batch is not None
             bridged.batch.cancel()
-        shutdown = MeshError(p.QUEUE_FULL, "the gateway is shutting down")
-        self._listings = [(_failed_listing(shutdown), listing) for _, listing in self._listings]
+        self._listings = [(_failed_listing(_shutting_down()), listing) for _, listing in self._listings]
         self._pump()
         client.close()
 
     def submit(self, model: str, **options: Any) -> BridgedRequest:
         """Send a request (``QMeshClient.submit`` options); its events arrive in ``BridgedRequest.events``."""
         bridged = BridgedRequest(model)
-        client = self._client
-        if client is None or self._stopping:
-            bridged.events.put_nowait(Result(text="", model=model, error=_shutting_down()))
-            return bridged
-        unreachable = client.known_unreachable()
-        if unreachable is not None:
-            bridged.events.put_nowait(Result(text="", model=model, error=unreachable))
-            return bridged
+        try:
+            client = self._usable_client()
+        except MeshError as exc:
+            return bridged.ended(exc)
         try:
             bridged.request = client.submit(model=model, **options)
         except QMeshError as exc:  # the one error submit raises: a body larger than any message the mesh takes
-            bridged.events.put_nowait(Result(text="", model=model, error=MeshError(p.TOO_LARGE, str(exc))))
-            return bridged
+            return bridged.ended(MeshError(p.TOO_LARGE, str(exc)))
         self._active[bridged.request.id] = bridged
         self._turn()
         return bridged
@@ -161,12 +160,7 @@ class Bridge:
     async def models(self) -> ModelTable:
         """The broker's model table (``QMeshClient.models``), asked on the bridge's connection. Raises
         BrokerUnreachable, or the broker's MeshError (403: the gateway's key is not on the client list)."""
-        client = self._client
-        if client is None or self._stopping:
-            raise _shutting_down()
-        unreachable = client.known_unreachable()
-        if unreachable is not None:
-            raise unreachable
+        client = self._usable_client()
         listing: asyncio.Future[ModelTable] = asyncio.get_running_loop().create_future()
         self._listings.append((client.refresh_models(), listing))
         self._turn()
@@ -180,18 +174,25 @@ class Bridge:
     def submit_embeddings(self, model: str, inputs: list[str]) -> BridgedRequest:
         """Send texts to embed (``QMeshClient.submit_embeddings``); one event arrives: the Result with the vectors."""
         bridged = BridgedRequest(model)
-        client = self._client
-        if client is None or self._stopping:
-            bridged.events.put_nowait(Result(text="", model=model, error=_shutting_down()))
-            return bridged
-        unreachable = client.known_unreachable()
-        if unreachable is not None:
-            bridged.events.put_nowait(Result(text="", model=model, error=unreachable))
-            return bridged
+        try:
+            client = self._usable_client()
+        except MeshError as exc:
+            return bridged.ended(exc)
         bridged.batch = client.submit_embeddings(inputs, model=model)  # spread by the table kept fresh here
         self._batches.append(bridged)
         self._turn()
         return bridged
+
+    def _usable_client(self) -> QMeshClient:
+        """The client to send on; raises MeshError when nothing can be sent: the gateway is shutting down, or the
+        client already knows it has no broker (BrokerUnreachable)."""
+        client = self._client
+        if client is None or self._stopping:
+            raise _shutting_down()
+        unreachable = client.known_unreachable()
+        if unreachable is not None:
+            raise unreachable
+        return client
 
     def cancel(self, bridged: BridgedRequest) -> None:
         """Stop a generation: the broker tells the worker, which frees its llama-server slot."""
