@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from qmesh.common.errors import QMeshError, SidecarStartError
-from qmesh.worker.binary import LlamaServerBinary, find_llama_server
+from qmesh.worker.binary import BUNDLED_WHEEL, LlamaServerBinary, find_llama_server
 from qmesh.worker.http_client import LlamaHttpClient
 from qmesh.worker.models import resolve_model
 from qmesh.worker.process import LlamaProcessManager, describe_exit
@@ -21,7 +21,6 @@ from qmesh.worker.process import LlamaProcessManager, describe_exit
 # The /proc/cpuinfo flags the bundled wheel's llama-server was built for (its libggml-cpu.so holds AVX-512 F, BW,
 # DQ and VL instructions, and vpdpbusd, vdpbf16ps and {vex} vpdpbusd: AVX-512 VNNI, AVX-512 BF16 and AVX-VNNI).
 BUNDLED_NEEDS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni")
-BUNDLED = "bundled wheel"  # LlamaServerBinary.source of the wheel's build
 
 
 def missing_cpu_flags(cpuinfo: str) -> list[str] | None:
@@ -35,7 +34,7 @@ def missing_cpu_flags(cpuinfo: str) -> list[str] | None:
 
 def needs_other_cpu(binary: LlamaServerBinary) -> str:
     """The reason, in one sentence, that ``binary`` died of SIGILL (an instruction this CPU does not have)."""
-    if binary.source != BUNDLED:
+    if binary.source != BUNDLED_WHEEL:
         return f"llama-server {binary.path} (from {binary.source}) needs CPU features this CPU lacks"
     try:
         missing = missing_cpu_flags(Path("/proc/cpuinfo").read_text())
