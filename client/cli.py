@@ -27,6 +27,7 @@ from qmesh.common.config import (
     broker_option,
     client_keys_from_options,
     config_option,
+    connect_timeout_option,
     curve_secret_option,
     version_option,
 )
@@ -99,9 +100,7 @@ def run(
         "so answers stay aligned with the input).",
     ),
     timeout: float = typer.Option(300.0, "--timeout", envvar="QMESH_TIMEOUT", min=0.1, help="Seconds per prompt."),
-    connect_timeout: float = typer.Option(
-        10.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
-    ),
+    connect_timeout: float = connect_timeout_option(),
     broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),

@@ -23,6 +23,7 @@ from qmesh.common.config import (
     broker_option,
     client_keys_from_options,
     config_option,
+    connect_timeout_option,
     curve_secret_option,
     version_option,
 )
@@ -40,12 +41,6 @@ def options(version: bool = version_option()) -> None:
 
 
 COLUMNS = ("NAME", "SHA256", "SIZE", "HELD BY")
-
-
-def _connect_timeout() -> Any:
-    return typer.Option(
-        10.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
-    )
 
 
 def _json() -> Any:
@@ -77,7 +72,7 @@ def list_models(
     broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
-    connect_timeout: float = _connect_timeout(),
+    connect_timeout: float = connect_timeout_option(),
     config: Path = config_option("models"),
 ) -> None:
     """Each model in the mesh: name, sha256, size, and the workers and stores that hold it."""
@@ -97,7 +92,7 @@ def pull(
     broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
-    connect_timeout: float = _connect_timeout(),
+    connect_timeout: float = connect_timeout_option(),
     config: Path = config_option("models"),
 ) -> None:
     """Fetch a model through the broker into the first models folder ($QMESH_MODELS_DIR, else ./models), verified by
@@ -151,7 +146,7 @@ def push(
     broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
-    connect_timeout: float = _connect_timeout(),
+    connect_timeout: float = connect_timeout_option(),
     config: Path = config_option("models"),
 ) -> None:
     """Copy a model file into the broker's store (qmesh-broker --models-dir), from where workers pull it."""

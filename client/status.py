@@ -20,6 +20,7 @@ from qmesh.common.config import (
     broker_option,
     client_keys_from_options,
     config_option,
+    connect_timeout_option,
     curve_secret_option,
     version_option,
 )
@@ -160,9 +161,7 @@ def run(
     broker: str = broker_option(),
     curve_secret: Path = curve_secret_option(),
     broker_key: Path = broker_key_option(),
-    connect_timeout: float = typer.Option(
-        5.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
-    ),
+    connect_timeout: float = connect_timeout_option(5.0),
     config: Path = config_option("status"),
     version: bool = version_option(),
 ) -> None:

@@ -197,6 +197,13 @@ def broker_option() -> Any:
     )
 
 
+def connect_timeout_option(default: float = 10.0) -> Any:
+    """``--connect-timeout``: how long a command that talks to the broker waits to reach it."""
+    return typer.Option(
+        default, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
+    )
+
+
 def broker_key_option() -> Any:
     """``--broker-key FILE``: the broker's public key (NAME.key); a pair's, one per broker (A.key,B.key)."""
     return typer.Option(

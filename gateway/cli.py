@@ -13,6 +13,7 @@ from qmesh.common.config import (
     broker_option,
     client_keys_from_options,
     config_option,
+    connect_timeout_option,
     curve_secret_option,
     version_option,
 )
@@ -48,9 +49,7 @@ def run(
     timeout: float = typer.Option(
         300.0, "--timeout", envvar="QMESH_GATEWAY_TIMEOUT", min=0.1, help="Seconds a request may take in all."
     ),
-    connect_timeout: float = typer.Option(
-        10.0, "--connect-timeout", envvar="QMESH_CONNECT_TIMEOUT", min=0.1, help="Seconds to reach the broker."
-    ),
+    connect_timeout: float = connect_timeout_option(),
     log_level: LogLevel = log_level_option(),
     log_format: LogFormat = log_format_option(),
     config: Path = config_option("gateway"),
