@@ -32,7 +32,7 @@ from qmesh.common.modelfiles import GGUF_SUFFIX, default_digest_cache
 from qmesh.common.paths import models_dirs
 from qmesh.common.pull import ProgressReport, pull_model, push_model
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="The model files of the mesh: list, pull, push.")
+app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 
 @app.callback()
