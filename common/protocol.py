@@ -180,6 +180,21 @@ def error_body(code: int, message: str, param: str | None = None) -> bytes:
     return pack({"error": error})
 
 
+def _error(frame: bytes) -> tuple[int, str]:
+    """An error body, ``{"error": {"code": int, "message": str}}``, exactly."""
+    fields = unpack_map(frame)
+    error = fields.get("error")
+    if set(fields) != {"error"} or not isinstance(error, dict) or set(error) != {"code", "message"}:
+        raise ProtocolError("an error body is {'error': {'code', 'message'}}")
+    if not _count(error["code"], 100, 999) or not isinstance(error["message"], str):
+        raise ProtocolError("an error has a code from 100 to 999 and a message")
+    return error["code"], error["message"]
+
+
+def _count(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 # ------------------------------------------------------------------------------------------------ framings
 
 
@@ -811,15 +826,6 @@ def _curve_key(value: Any) -> str:
     return value
 
 
-def _error(frame: bytes) -> tuple[int, str]:
-    """The (code, message) of an error body as ``error_body`` makes it without ``param``."""
-    fields = unpack_map(frame)
-    error = fields.get("error")
-    if set(fields) != {"error"} or not isinstance(error, dict) or set(error) != {"code", "message"}:
-        raise ProtocolError("an error body holds a code and a message")
-    return _refusal(frame)
-
-
 def _fields(frame: bytes, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     fields = unpack_map(frame)
     if not required <= fields.keys() <= required | optional:
@@ -1235,21 +1241,6 @@ def _model_fields(fields: dict[str, Any]) -> ModelInfo:
     if not _count(size, 1, MAX_MODEL_BYTES):
         raise ProtocolError(f"a model's size is 1-{MAX_MODEL_BYTES} bytes")
     return ModelInfo(name, sha256, size)
-
-
-def _count(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _error(frame: bytes) -> tuple[int, str]:
-    """An error body, ``{"error": {"code": int, "message": str}}``, exactly."""
-    fields = unpack_map(frame)
-    error = fields.get("error")
-    if set(fields) != {"error"} or not isinstance(error, dict) or set(error) != {"code", "message"}:
-        raise ProtocolError("an error body is {'error': {'code', 'message'}}")
-    if not _count(error["code"], 100, 999) or not isinstance(error["message"], str):
-        raise ProtocolError("an error has a code from 100 to 999 and a message")
-    return error["code"], error["message"]
 
 
 def _model_map(model: ModelInfo) -> dict[str, Any]:
