@@ -297,8 +297,6 @@ class LlamaHttpClient:
                 if reused and attempt == 0 and isinstance(exc, (http.client.RemoteDisconnected, ConnectionError)):
                     continue
                 raise SidecarError(f"llama-server at {url} could not be reached: {exc}") from exc
-        if response.will_close:
-            connection.close()
         try:
             payload = json.loads(raw)
         except ValueError as exc:
