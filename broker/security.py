@@ -7,7 +7,6 @@ loses its rights at once, even on a connection that is already open.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from qmesh.broker.core import Peer
+from qmesh.common.endpoints import is_loopback_host
 from qmesh.common.keys import key_fingerprint, load_keypair, read_allow_list
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,4 @@ def is_loopback(endpoint: str) -> bool:
     """True for endpoints that never leave the machine: tcp on a loopback address, ipc://, inproc://."""
     if not endpoint.startswith("tcp://"):
         return endpoint.startswith(("ipc://", "inproc://"))
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name or a host name: may be reachable from elsewhere
-        return False
+    return is_loopback_host(endpoint[len("tcp://") :].rsplit(":", 1)[0])

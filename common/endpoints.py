@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 
 
@@ -12,3 +14,14 @@ def broker_endpoints(brokers: str) -> tuple[str, ...]:
     if not endpoints:
         raise ValueError(f"no broker endpoint in {brokers!r}")
     return endpoints
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a host only this machine reaches: localhost or a loopback address (IPv6 with or without brackets)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name or a host name: may be reachable from elsewhere
+        return False

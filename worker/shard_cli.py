@@ -3,7 +3,6 @@ broker) until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import sys
@@ -19,7 +18,7 @@ from qmesh.common.config import (
     curve_secret_option,
     version_option,
 )
-from qmesh.common.endpoints import broker_endpoints
+from qmesh.common.endpoints import broker_endpoints, is_loopback_host
 from qmesh.common.errors import ConfigError, QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.worker.binary import find_rpc_server
@@ -127,7 +126,7 @@ def check_exposure(curve: bool, rpc_host: str, insecure: bool) -> None:
     """llama.cpp's RPC protocol has no authentication and no encryption: rpc-server faces only loopback, unless
     the operator says ``--insecure`` (a private network they trust). With keys it is always on loopback, behind
     the CURVE bridge."""
-    if _is_loopback(rpc_host):
+    if is_loopback_host(rpc_host):
         return
     if curve:
         raise ConfigError(
@@ -139,15 +138,6 @@ def check_exposure(curve: bool, rpc_host: str, insecure: bool) -> None:
             "authentication or encryption: anyone who reaches it could use this machine's memory and read what "
             "workers compute there. Give --curve-secret and --broker-key (the CURVE bridge), or --insecure."
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name or a wildcard: may be reachable from elsewhere
-        return False
 
 
 def main() -> None:
