@@ -227,7 +227,7 @@ class Broker:
 
     def _drain(self) -> None:
         """Handle what is waiting, but give the timers (heartbeats, expiry) their turn under a flood."""
-        socket, core, security = self.socket, self.core, self.security
+        socket, core, security, pair = self.socket, self.core, self.security, self.pair
         wakeup = core.next_wakeup()
         peer = None
         for count in range(DRAIN_BATCH):
@@ -244,7 +244,6 @@ class Broker:
             if count % 64 == 63 and now >= wakeup:
                 self._send(core.tick(now), now)
                 wakeup = core.next_wakeup()
-            pair = self.pair
             if pair is None or pair.active:
                 out = core.on_message(identity, frames, now, peer)
             elif pair.on_vote(now):  # a client or worker asked, and the peer is gone: this broker takes over
