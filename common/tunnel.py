@@ -20,6 +20,7 @@ import contextlib
 import logging
 import socket
 import threading
+from typing import Generic, TypeVar
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -34,6 +35,9 @@ POLL_MS = 100  # how often a stop request is noticed when no data moves
 CONNECT_TIMEOUT = 5.0  # seconds the exit waits for its rpc-server to take a connection
 HEARTBEAT_MS = 1000  # ZMTP heartbeats on the bridge: a peer silent for HEARTBEAT_TIMEOUT_MS is gone
 HEARTBEAT_TIMEOUT_MS = 3000
+
+# How one end names a stream: the exit by (the worker's routing id, its number), the entrance by its number.
+StreamId = TypeVar("StreamId")
 
 
 def _stream_socket(sock: socket.socket) -> socket.socket:
@@ -53,17 +57,100 @@ def _bridge_socket(context: zmq.Context, kind: int) -> zmq.Socket:
     return sock
 
 
-class Exit(threading.Thread):
-    """The shard host's end: a CURVE ROUTER on ``bind`` whose streams become TCP connections to ``target``
-    (rpc-server on loopback). Admits no key until ``allow``."""
+class _End(threading.Thread, Generic[StreamId]):
+    """What both ends of the bridge do: one thread polling the ZeroMQ socket and the TCP sockets of the streams,
+    each TCP socket's bytes sent to the other end (``_send``), the other end's bytes written to it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stopping = threading.Event()
+        self._poller = zmq.Poller()
+        self._streams: dict[StreamId, socket.socket] = {}
+        self._ids: dict[int, StreamId] = {}  # TCP descriptor -> its stream
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _stop_streams(self) -> None:
+        """Stop the thread (if it runs) and close the streams' TCP sockets."""
+        self.stop()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5)
+        for sock in self._streams.values():
+            sock.close()
+        self._streams.clear()
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                for item, _ in self._poller.poll(POLL_MS):
+                    self._on_ready(item)
+        except Exception:  # a bug: say so, and end every stream rather than leave llama-server waiting forever
+            log.exception("%s failed", self.name)
+        finally:
+            for stream in list(self._streams):
+                self._end(stream, tell=False)
+
+    def _on_ready(self, item: zmq.Socket | int) -> None:
+        """Serve one socket the poller found readable (a TCP socket comes as its descriptor)."""
+        raise NotImplementedError
+
+    def _send(self, stream: StreamId, data: bytes) -> None:
+        """Send ``data`` of ``stream`` to the other end; empty data ends the stream there."""
+        raise NotImplementedError
+
+    def _add(self, stream: StreamId, sock: socket.socket) -> None:
+        self._streams[stream] = sock
+        self._ids[sock.fileno()] = stream
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _from_tcp(self, descriptor: int) -> None:
+        stream = self._ids.get(descriptor)
+        if stream is None:
+            return  # ended earlier in this turn
+        try:
+            data = self._streams[stream].recv(p.MAX_TUNNEL_CHUNK)
+        except OSError:
+            data = b""
+        if not data:
+            self._end(stream, tell=True)
+        else:
+            self._send(stream, data)
+
+    def _to_tcp(self, stream: StreamId, data: bytes) -> None:
+        """The other end's ``data`` of ``stream``; empty data ends it here. A stream that ended here first is
+        left alone."""
+        sock = self._streams.get(stream)
+        if sock is None:
+            return
+        if not data:
+            self._end(stream, tell=False)
+            return
+        try:
+            sock.sendall(data)
+        except OSError:
+            self._end(stream, tell=True)
+
+    def _end(self, stream: StreamId, tell: bool) -> None:
+        sock = self._streams.pop(stream, None)
+        if sock is None:
+            return
+        self._ids.pop(sock.fileno(), None)
+        self._poller.unregister(sock)
+        sock.close()
+        if tell:
+            self._send(stream, b"")
+
+
+class Exit(_End[tuple[bytes, int]]):
+    """The shard host's end: a CURVE ROUTER on ``bind`` whose streams (each named by the worker's routing id and
+    its number there) become TCP connections to ``target`` (rpc-server on loopback). Admits no key until
+    ``allow``."""
 
     def __init__(self, bind: str, keys: KeyPair, target: tuple[str, int]) -> None:
-        super().__init__(name="qmesh-bridge-exit", daemon=True)
+        super().__init__(name="qmesh-bridge-exit")
         self.target = target
         self._allowed: str | None = None
-        self._stopping = threading.Event()
-        self._streams: dict[tuple[bytes, int], socket.socket] = {}  # (worker's routing id, stream) -> rpc-server
-        self._owners: dict[int, tuple[bytes, int]] = {}  # TCP descriptor -> its stream
         self._context = zmq.Context()
         self._authenticator = ThreadAuthenticator(self._context, log=logging.getLogger("qmesh.bridge.zap"))
         self._authenticator.start()  # the ZAP handler must run before the socket binds
@@ -79,6 +166,7 @@ class Exit(threading.Thread):
             self.close()
             raise OSError(f"cannot bind the CURVE bridge to {bind}: {exc}") from exc
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._poller.register(self._router, zmq.POLLIN)
 
     def allow(self, key: str | None) -> None:
         """Admit only ``key`` from now on (None: nobody); the streams of any other key end at its next message."""
@@ -93,38 +181,20 @@ class Exit(threading.Thread):
             log.warning("bridge refused a connection from key %s", key_fingerprint(key))
         return allowed
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     def close(self) -> None:
         """Stop the thread (if it runs) and release the sockets."""
-        self.stop()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=5)
-        for sock in self._streams.values():
-            sock.close()
-        self._streams.clear()
+        self._stop_streams()
         self._router.close(linger=0)
         self._authenticator.stop()
         self._context.term()
 
-    def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        try:
-            while not self._stopping.is_set():
-                for item, _ in poller.poll(POLL_MS):
-                    if item is self._router:
-                        self._from_worker(poller)
-                    else:
-                        self._from_rpc_server(item, poller)
-        except Exception:  # a bug: say so, and end every stream rather than leave llama-server waiting forever
-            log.exception("the bridge's exit failed")
-        finally:
-            for stream in list(self._streams):
-                self._end(stream, poller, tell=False)
+    def _on_ready(self, item: zmq.Socket | int) -> None:
+        if item is self._router:
+            self._from_worker()
+        else:
+            self._from_tcp(item)
 
-    def _from_worker(self, poller: zmq.Poller) -> None:
+    def _from_worker(self) -> None:
         while True:
             try:
                 frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -139,71 +209,38 @@ class Exit(threading.Thread):
             stream = (peer, number)
             if key != self._allowed:  # a worker that no longer holds this host: its streams end, at both ends
                 for old in [s for s in self._streams if s[0] == peer and s != stream]:
-                    self._end(old, poller, tell=True)
+                    self._end(old, tell=True)
                 if stream in self._streams:
-                    self._end(stream, poller, tell=True)
+                    self._end(stream, tell=True)
                 elif data:
-                    self._send(p.tunnel_frames(number, b""), peer, poller)
+                    self._send(stream, b"")
                 continue
-            sock = self._streams.get(stream)
-            if not data:
-                if sock is not None:
-                    self._end(stream, poller, tell=False)
-                continue
-            if sock is None:
+            if data and stream not in self._streams:
                 try:
                     sock = _stream_socket(socket.create_connection(self.target, timeout=CONNECT_TIMEOUT))
                 except OSError as exc:
                     log.warning("bridge cannot reach rpc-server at %s:%d: %s", *self.target, exc)
-                    self._send(p.tunnel_frames(number, b""), peer, poller)
+                    self._send(stream, b"")
                     continue
-                self._streams[stream] = sock
-                self._owners[sock.fileno()] = stream
-                poller.register(sock, zmq.POLLIN)
-            try:
-                sock.sendall(data)
-            except OSError:
-                self._end(stream, poller, tell=True)
+                self._add(stream, sock)
+            self._to_tcp(stream, data)
 
-    def _from_rpc_server(self, descriptor: int, poller: zmq.Poller) -> None:
-        stream = self._owners.get(descriptor)
-        if stream is None:
-            return  # ended earlier in this turn
+    def _send(self, stream: tuple[bytes, int], data: bytes) -> None:
+        peer, number = stream
         try:
-            data = self._streams[stream].recv(p.MAX_TUNNEL_CHUNK)
-        except OSError:
-            data = b""
-        if not data:
-            self._end(stream, poller, tell=True)
-        else:
-            self._send(p.tunnel_frames(stream[1], data), stream[0], poller)
-
-    def _send(self, frames: list[bytes], peer: bytes, poller: zmq.Poller) -> None:
-        try:
-            self._router.send_multipart([peer, *frames])
+            self._router.send_multipart([peer, *p.tunnel_frames(number, data)])
         except zmq.ZMQError:  # the worker's end is gone: nobody reads these streams any more
-            for stream in [s for s in self._streams if s[0] == peer]:
-                self._end(stream, poller, tell=False)
-
-    def _end(self, stream: tuple[bytes, int], poller: zmq.Poller, tell: bool) -> None:
-        sock = self._streams.pop(stream, None)
-        if sock is None:
-            return
-        self._owners.pop(sock.fileno(), None)
-        poller.unregister(sock)
-        sock.close()
-        if tell:
-            self._send(p.tunnel_frames(stream[1], b""), stream[0], poller)
+            for gone in [s for s in self._streams if s[0] == peer]:
+                self._end(gone, tell=False)
 
 
-class Entrance(threading.Thread):
+class Entrance(_End[int]):
     """The split worker's end: a TCP listener on loopback (``port``: what llama-server's ``--rpc`` names) whose
-    connections travel as streams over a CURVE DEALER to the exit at ``endpoint`` (``tcp://host:port``)."""
+    connections travel as numbered streams over a CURVE DEALER to the exit at ``endpoint`` (``tcp://host:port``)."""
 
     def __init__(self, endpoint: str, keys: KeyPair, server_key: str) -> None:
-        super().__init__(name="qmesh-bridge-entrance", daemon=True)
+        super().__init__(name="qmesh-bridge-entrance")
         self.endpoint = endpoint
-        self._stopping = threading.Event()
         self.connected = threading.Event()  # the CURVE handshake with the exit succeeded (and holds)
         self.refused = threading.Event()  # the exit refused our key, or it is not the key we were given
         self._context = zmq.Context()
@@ -216,48 +253,29 @@ class Entrance(threading.Thread):
         self._dealer.connect(endpoint)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
-        self._streams: dict[int, socket.socket] = {}  # stream number -> llama-server's connection
-        self._numbers: dict[int, int] = {}  # TCP descriptor -> stream number
         self._next = 0
-
-    def stop(self) -> None:
-        self._stopping.set()
+        for item in (self._dealer, self._monitor, self._listener):
+            self._poller.register(item, zmq.POLLIN)
 
     def close(self) -> None:
-        self.stop()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=5)
+        self._stop_streams()
         self._listener.close()
-        for sock in self._streams.values():
-            sock.close()
-        self._streams.clear()
         self._dealer.disable_monitor()
         self._monitor.close(linger=0)
         self._dealer.close(linger=0)
         self._context.term()
 
-    def run(self) -> None:
-        poller = zmq.Poller()
-        for item in (self._dealer, self._monitor, self._listener):
-            poller.register(item, zmq.POLLIN)
-        try:
-            while not self._stopping.is_set():
-                for item, _ in poller.poll(POLL_MS):
-                    if item is self._dealer:
-                        self._from_exit(poller)
-                    elif item is self._monitor:
-                        self._on_event(poller)
-                    elif item == self._listener.fileno():
-                        self._accept(poller)
-                    else:
-                        self._from_llama_server(item, poller)
-        except Exception:
-            log.exception("the bridge's entrance failed")
-        finally:
-            for number in list(self._streams):
-                self._end(number, poller, tell=False)
+    def _on_ready(self, item: zmq.Socket | int) -> None:
+        if item is self._dealer:
+            self._from_exit()
+        elif item is self._monitor:
+            self._on_event()
+        elif item == self._listener.fileno():
+            self._accept()
+        else:
+            self._from_tcp(item)
 
-    def _on_event(self, poller: zmq.Poller) -> None:
+    def _on_event(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -271,32 +289,17 @@ class Entrance(threading.Thread):
                         "the bridge to %s went down; ending its %d stream(s)", self.endpoint, len(self._streams)
                     )
                 for number in list(self._streams):
-                    self._end(number, poller, tell=False)
+                    self._end(number, tell=False)
             else:
                 self.refused.set()
                 log.warning("the shard host at %s refused this worker's key (or has another key)", self.endpoint)
 
-    def _accept(self, poller: zmq.Poller) -> None:
+    def _accept(self) -> None:
         sock, _ = self._listener.accept()
         self._next += 1
-        self._streams[self._next] = _stream_socket(sock)
-        self._numbers[sock.fileno()] = self._next
-        poller.register(sock, zmq.POLLIN)
+        self._add(self._next, _stream_socket(sock))
 
-    def _from_llama_server(self, descriptor: int, poller: zmq.Poller) -> None:
-        number = self._numbers.get(descriptor)
-        if number is None:
-            return  # ended earlier in this turn
-        try:
-            data = self._streams[number].recv(p.MAX_TUNNEL_CHUNK)
-        except OSError:
-            data = b""
-        if not data:
-            self._end(number, poller, tell=True)
-        else:
-            self._dealer.send_multipart(p.tunnel_frames(number, data))
-
-    def _from_exit(self, poller: zmq.Poller) -> None:
+    def _from_exit(self) -> None:
         while True:
             try:
                 frames = self._dealer.recv_multipart(zmq.NOBLOCK)
@@ -307,24 +310,11 @@ class Entrance(threading.Thread):
             except p.ProtocolError as exc:
                 log.warning("bridge dropped a malformed message: %s", exc)
                 continue
-            sock = self._streams.get(number)
-            if sock is None:
-                continue  # a stream that ended here first
-            if not data:
-                self._end(number, poller, tell=False)
-                continue
-            try:
-                sock.sendall(data)
-            except OSError:
-                self._end(number, poller, tell=True)
+            self._to_tcp(number, data)
 
-    def _end(self, number: int, poller: zmq.Poller, tell: bool) -> None:
-        sock = self._streams.pop(number, None)
-        if sock is None:
-            return
-        self._numbers.pop(sock.fileno(), None)
-        poller.unregister(sock)
-        sock.close()
-        if tell:
+    def _send(self, number: int, data: bytes) -> None:
+        if data:
+            self._dealer.send_multipart(p.tunnel_frames(number, data))
+        else:  # an end need not arrive: the exit may be gone already
             with contextlib.suppress(zmq.ZMQError):
                 self._dealer.send_multipart(p.tunnel_frames(number, b""), zmq.NOBLOCK)
