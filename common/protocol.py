@@ -802,7 +802,7 @@ def _name(value: Any, what: str, limit: int = MAX_SHARD_NAME_LEN) -> str:
 
 
 def _mib(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**40:
+    if not _count(value, 1, 2**40 - 1):
         raise ProtocolError(f"{what} must be a positive number of MiB")
     return value
 
@@ -923,7 +923,7 @@ def parse_from_shard_peer(frames: list[bytes]) -> ShardOffer | ShardAsk | Worker
     if command == W_SHARD_REQUEST:
         fields = _fields(rest[0], {"name", "model", "memory", "count"}, frozenset({"exclude"}))
         count, model = fields["count"], fields["model"]
-        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_SHARDS:
+        if not _count(count, 0, MAX_SHARDS):
             raise ProtocolError(f"an ask's count is 0 (as few as fit) to {MAX_SHARDS}")
         if not isinstance(model, str):
             raise ProtocolError("an ask's model is a service name")
