@@ -695,10 +695,12 @@ class QMeshClient:
     def _not_from_the_active_broker(self, reply: p.BrokerToClient) -> bool:
         """A passive broker's 421, or a STATUS of an older epoch than one already seen: the other broker of the
         pair serves (the request stays, to be sent there)."""
-        fields: dict[str, Any] = {}
-        if reply.command in (p.C_FINAL, p.C_STATUS) and len(reply.body) == 1:
-            with contextlib.suppress(p.ProtocolError):
-                fields = p.unpack_map(reply.body[0])
+        if reply.command not in (p.C_FINAL, p.C_STATUS) or len(reply.body) != 1:
+            return False  # a PARTIAL (the per-token path) says nothing of the pair
+        try:
+            fields = p.unpack_map(reply.body[0])
+        except p.ProtocolError:
+            return False
         error = fields.get("error")
         epoch = error.get("epoch") if isinstance(error, dict) else fields.get("epoch")
         if isinstance(epoch, int) and epoch < self._max_epoch and reply.command == p.C_STATUS:
