@@ -104,7 +104,7 @@ class ShardHost:
 @dataclass(slots=True)
 class Lease:
     identity: bytes
-    ask: p.ShardAsk | None  # its last ask (None until it asks)
+    ask: p.ShardAsk  # its last ask
     key: str | None  # the split worker's CURVE key, which its hosts' bridges admit
     expires_at: float
     hosts: list[bytes]  # those it holds, in the order of its grant
@@ -255,7 +255,7 @@ class ShardRegistry:
         lease = self.leases.pop(identity, None)
         if lease is not None:
             if lease.hosts:
-                log.info("split worker %s let its shard hosts go: %s", lease.ask.name if lease.ask else "?", reason)
+                log.info("split worker %s let its shard hosts go: %s", lease.ask.name, reason)
             self._release(lease, out)
 
     def _release(self, lease: Lease, out: list[Outgoing]) -> None:
@@ -302,7 +302,6 @@ class ShardRegistry:
                 host = self.hosts[host_identity]
                 assert host.lease == identity, "a lease holds a host that names another"
             if lease.hosts:
-                assert lease.ask is not None
                 total = sum(self.hosts[h].used for h in lease.hosts)
                 assert total <= lease.ask.memory, "more placed than asked for"
         for identity, host in self.hosts.items():
