@@ -26,6 +26,15 @@ def _keys(tmp_path, *names: str) -> None:
         assert done.returncode == 0, done.stderr
 
 
+def _secure_broker(tmp_path, endpoint: str, heartbeat_ms: int) -> Child:
+    """qmesh-broker on ``endpoint`` with CURVE: tmp_path's broker key pair, and its workers/ and clients/ lists."""
+    return Child("qmesh-broker", qmesh_command(
+        "qmesh-broker", "--bind", endpoint, "--heartbeat-ms", str(heartbeat_ms),
+        "--curve-secret", str(tmp_path / "broker.key_secret"),
+        "--allow-workers", str(tmp_path / "workers"), "--allow-clients", str(tmp_path / "clients"),
+    ), tmp_path / "broker.log")  # fmt: skip
+
+
 def test_a_non_loopback_bind_needs_curve_or_insecure():
     done = run_cli("qmesh-broker", "--bind", "tcp://0.0.0.0:1", timeout=30)
     assert done.returncode == 2 and "without CURVE" in done.stderr and "--insecure" in done.stderr
@@ -40,11 +49,7 @@ def test_secure_mesh_from_the_command_line_and_key_removal_on_sighup(tmp_path):
     shutil.copy(tmp_path / "worker.key", tmp_path / "workers")
     shutil.copy(tmp_path / "client.key", tmp_path / "clients")
     endpoint = free_endpoint()
-    broker = Child("qmesh-broker", qmesh_command(
-        "qmesh-broker", "--bind", endpoint, "--heartbeat-ms", "300",
-        "--curve-secret", str(tmp_path / "broker.key_secret"),
-        "--allow-workers", str(tmp_path / "workers"), "--allow-clients", str(tmp_path / "clients"),
-    ), tmp_path / "broker.log")  # fmt: skip
+    broker = _secure_broker(tmp_path, endpoint, heartbeat_ms=300)
     worker = WorkerProcess(
         endpoint, "--slots", "1", "--cpu-threads", "1", "--heartbeat-ms", "300",
         "--curve-secret", str(tmp_path / "worker.key_secret"), "--broker-key", str(tmp_path / "broker.key"),
@@ -86,11 +91,7 @@ def test_sighup_admits_and_revokes_a_key_at_once(tmp_path):
     listed, unlisted = tmp_path / "clients" / "client.key", tmp_path / "client.key"
     shutil.copy(unlisted, listed)
     endpoint = free_endpoint()
-    broker = Child("qmesh-broker", qmesh_command(
-        "qmesh-broker", "--bind", endpoint, "--heartbeat-ms", "10000",
-        "--curve-secret", str(tmp_path / "broker.key_secret"),
-        "--allow-workers", str(tmp_path / "workers"), "--allow-clients", str(tmp_path / "clients"),
-    ), tmp_path / "broker.log")  # fmt: skip
+    broker = _secure_broker(tmp_path, endpoint, heartbeat_ms=10000)
     keys = CurveClientKeys.load(tmp_path / "client.key_secret", tmp_path / "broker.key")
 
     def allowed(client: QMeshClient) -> bool:
