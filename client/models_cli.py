@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -173,7 +173,7 @@ def push(
         sys.stdout.write(f"{model.name}: sha256 {model.sha256}, {model.size / 1e6:.1f} MB, in the broker's store\n")
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     typer.echo(f"qmesh-models: {message}", err=True)
     raise typer.Exit(code)
 

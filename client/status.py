@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import typer
 
@@ -197,7 +197,7 @@ def show(snap: dict[str, Any], json_output: bool, watching: bool, out: TextIO) -
     out.flush()
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     typer.echo(f"qmesh-status: {message}", err=True)
     raise typer.Exit(code)
 
