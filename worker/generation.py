@@ -26,10 +26,6 @@ SendChunk = Callable[[bytes, int], None]  # a PARTIAL body and how many tokens i
 Wait = Callable[[threading.Condition, Callable[[], bool], float], bool]
 
 
-def wait_on_condition(condition: threading.Condition, predicate: Callable[[], bool], timeout: float) -> bool:
-    return bool(condition.wait_for(predicate, timeout))
-
-
 class SidecarStream(Protocol):
     """What a generation reads: ``worker.http_client.CompletionStream``."""
 
@@ -68,7 +64,7 @@ class Job:
         route_key: bytes,
         request: GenerationRequest | EmbeddingRequest,
         connection: int,
-        wait: Wait = wait_on_condition,
+        wait: Wait = threading.Condition.wait_for,
     ) -> None:
         self.route_key = route_key
         self.request = request
@@ -111,7 +107,10 @@ class Job:
         if self.credit is None:
             return not self.cancelled.is_set()
         with self._credit_changed:
-            if not self._wait(self._credit_changed, lambda: bool(self.credit) or self.cancelled.is_set(), timeout):
+            # This runs for every token: while the client keeps up, credit is in hand and nothing waits.
+            if not self.credit and not self._wait(
+                self._credit_changed, lambda: bool(self.credit) or self.cancelled.is_set(), timeout
+            ):
                 return False
             if self.cancelled.is_set():
                 return False
