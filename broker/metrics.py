@@ -117,8 +117,6 @@ class BrokerMetrics:
     def update(self, core: BrokerCore, now: float, pair: PairCore | None = None) -> None:
         """Fold in what ended since the last call; refresh the gauges if they are due (a broker without a peer
         counts as active, at epoch 0)."""
-        self.active.set(1 if pair is None or pair.active else 0)
-        self.epoch.set(0 if pair is None else pair.epoch)
         finished, known = core.finished, core.known_services
         while finished:
             record = finished.popleft()
@@ -136,6 +134,8 @@ class BrokerMetrics:
             self.duration.labels(model).observe(record.duration)
         if now >= self._next_refresh:
             self._next_refresh = now + self.refresh
+            self.active.set(1 if pair is None or pair.active else 0)
+            self.epoch.set(0 if pair is None else pair.epoch)
             self._refresh_gauges(core)
 
     def _refresh_gauges(self, core: BrokerCore) -> None:
