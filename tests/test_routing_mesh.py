@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import zmq
 
 from meshkit import MODEL, BrokerThread, worker_threads
 from qmesh.client.sdk import QMeshClient
@@ -59,18 +60,21 @@ def test_chat_objects_carry_their_session(mesh):
 
 def test_plain_mdp_requests_still_work_with_cache_aware_routing(mesh):
     broker, _ = mesh
-    import zmq
-
-    context = zmq.Context.instance()
-    plain = context.socket(zmq.DEALER)
+    plain = zmq.Context.instance().socket(zmq.DEALER)
     plain.setsockopt(zmq.LINGER, 0)
+    chunks: list[dict] = []
     try:
         plain.connect(broker.endpoint)
         plain.send_multipart(p.client_request(MODEL, [b"Say hi."]))
-        assert plain.poll(60_000), "no answer to a plain MDP request"
-        frames = plain.recv_multipart()
-        while p.parse_for_client(frames, extended=False).command != p.C_FINAL:
-            assert plain.poll(60_000)
-            frames = plain.recv_multipart()
+        while True:
+            assert plain.poll(60_000), "no answer to a plain MDP request"
+            reply = p.parse_for_client(plain.recv_multipart(), extended=False)
+            if reply.command == p.C_FINAL:
+                break
+            assert reply.command == p.C_PARTIAL, reply
+            chunks.append(p.unpack_map(reply.body[0]))
     finally:
         plain.close()
+    summary = p.unpack_map(reply.body[0])
+    assert "error" not in summary, summary
+    assert summary["tokens"] == len(chunks) > 0 and "".join(chunk["text"] for chunk in chunks).strip()
