@@ -433,7 +433,7 @@ class QMeshClient:
             tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls,
         )
-        request_id = self._prefix + next(self._ids).to_bytes(8, "big")
+        request_id = self._new_id()
         generation.stream = request_id  # the generation's name: a worker that outlives its broker keeps it by it
         timeout = self.timeout if timeout is None else timeout
         request = Request(self, request_id, model, generation, timeout, routing_hint(generation, session))
@@ -500,7 +500,7 @@ class QMeshClient:
         hint = p.RoutingHint(capability=p.EMBEDDINGS)  # the broker places it only on an embeddings worker
         parts = []
         for part in split_texts(texts, self._free_slots(model, p.EMBEDDINGS)):
-            request_id = self._prefix + next(self._ids).to_bytes(8, "big")
+            request_id = self._new_id()
             parts.append(self._start(Request(self, request_id, model, EmbeddingRequest(part), timeout, hint)))
         return EmbeddingBatch(self, model, parts)
 
@@ -513,6 +513,10 @@ class QMeshClient:
         self._requests[request.id] = request
         self._send(p.client_request(request.model, [request.body], request.id, request.hint))
         return request
+
+    def _new_id(self) -> bytes:
+        """A request id no other request or MMI call of this client has: its random prefix, then a counter."""
+        return self._prefix + next(self._ids).to_bytes(8, "big")
 
     def _free_slots(self, model: str, capability: str) -> int:
         """Free slots of ``model``'s workers of ``capability`` in the last model table; 0 if it does not say."""
@@ -575,7 +579,7 @@ class QMeshClient:
 
     def _ask(self, service: str, *body: bytes) -> MMICall:
         """Send an MMI request and return at once; ``poll`` settles the call."""
-        request_id = self._prefix + next(self._ids).to_bytes(8, "big")
+        request_id = self._new_id()
         call = MMICall(service, time.monotonic(), body, request_id)
         refusal = self._refusal()
         if refusal is not None:
