@@ -113,9 +113,10 @@ def test_sigterm_lets_inflight_requests_finish(tmp_path):
             wait_for(lambda: client.has_model(MODEL), 60, "the worker to register")
             request = client.submit("Describe a cat in three sentences.", model=MODEL, max_tokens=48, temperature=0)
             wait_for(lambda: client.poll(0.05) or request.chunks, 60, "the request to stream")
+            worker.popen.terminate()  # while the answer streams
             result = request.result()
             assert result.ok, result.error
-            assert worker.terminate(timeout=30) == 0, worker.log()
+            assert worker.popen.wait(timeout=30) == 0, worker.log()
             wait_for(lambda: not client.has_model(MODEL), 5, "the worker to leave the broker")
         finally:
             worker.kill()
