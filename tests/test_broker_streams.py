@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from meshkit import BrokerThread
 from qmesh.client.sdk import QMeshClient
-from qmesh.testing import wait_for_workers
+from qmesh.testing import wait_for, wait_for_workers
 from qmesh.testing.fakeworker import FakePlan
 
 SERVICE = "fake-model"
@@ -38,8 +38,7 @@ def test_a_cancelled_stream_is_cancelled_at_the_worker(fake_workers) -> None:
         wait_for_workers(broker.endpoint, SERVICE, 1, 10)
         with QMeshClient(broker.endpoint, timeout=30) as client:
             request = client.submit("a long one", model=SERVICE, max_tokens=10_000)
-            while not request.chunks:
-                client.poll(0.05)
+            wait_for(lambda: client.poll(0.05) or request.chunks, 10, "the first chunk")
             request.cancel()
             result = request.result()
             after = client.submit("a short one", model=SERVICE, max_tokens=3).result()
