@@ -23,7 +23,7 @@ from qmesh.common import protocol as p
 from qmesh.common.bodies import EmbeddingRequest
 from qmesh.common.endpoints import broker_endpoints
 from qmesh.common.errors import QMeshError, SidecarError
-from qmesh.common.keys import CurveClientKeys
+from qmesh.common.keys import CurveClientKeys, key_fingerprint
 from qmesh.common.modelfiles import ModelReader
 from qmesh.worker.binary import LlamaServerBinary
 from qmesh.worker.core import (
@@ -324,7 +324,7 @@ class WorkerNode(threading.Thread):
 
     def _with_key(self, refusal: str) -> str:
         curve = self.settings.curve
-        key = "" if curve is None else f"this worker's key {curve.own.public.decode()[:8]}..., "
+        key = "" if curve is None else f"this worker's key {key_fingerprint(curve.own.public)}..., "
         return f"{refusal} ({key}model {self.settings.service!r})"
 
     # ------------------------------------------------------------------------------------------ slots
