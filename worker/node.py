@@ -139,6 +139,7 @@ class WorkerNode(threading.Thread):
         self.registered = threading.Event()
         self.manager: LlamaProcessManager | None = None
         self.watch: SidecarWatch | None = None
+        capability = p.EMBEDDINGS if settings.embeddings else p.CHAT
         info = {
             "slots": settings.slots,
             "name": self.worker_name,
@@ -146,7 +147,7 @@ class WorkerNode(threading.Thread):
             "model_file": settings.model.path.name,
             **_content(settings.model),
             "version": 1,
-            "capabilities": [p.EMBEDDINGS if settings.embeddings else p.CHAT],
+            "capabilities": [capability],
         }
         if settings.split is not None:
             info["split"] = settings.split
@@ -159,7 +160,7 @@ class WorkerNode(threading.Thread):
             liveness=settings.liveness,
             grace=settings.grace,
             max_reconnect_delay=settings.max_reconnect_delay,
-            capability=p.EMBEDDINGS if settings.embeddings else p.CHAT,
+            capability=capability,
         )
         if settings.curve is not None:
             settings.curve.check_brokers(len(config.brokers))
