@@ -15,7 +15,8 @@ import queue
 import select
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from qmesh.client.sdk import QMeshClient, Request
 from qmesh.common.keys import CurveClientKeys
@@ -25,12 +26,40 @@ from .stats import LoadResult, StreamRecord
 
 PROMPT = "Once upon a time, in a village by the sea, there lived an old fisherman named {name}. Every morning"
 JSON_HEADERS = {"Content-Type": "application/json"}
+Connection = TypeVar("Connection")  # what one thread of an HTTP load streams over
 NAMES = ("Tom", "Ada", "Lin", "Omar", "Eva", "Raj", "Mia", "Ivan", "Zoe", "Ken", "Ana", "Bo")
 
 
 def prompts(count: int, offset: int = 0) -> list[str]:
     """Distinct prompts (so a round never reuses the previous round's prompt cache), the same for both paths."""
     return [PROMPT.format(name=f"{NAMES[i % len(NAMES)]} the {i + offset}th") for i in range(count)]
+
+
+def _closed_loop(
+    stream: Callable[[Connection, str, int], StreamRecord], connections: list[Connection], texts: list[str], tokens: int
+) -> LoadResult:
+    """A thread per connection, each streaming the next of ``texts`` as soon as its last stream ended, until none is
+    left: ``concurrency`` requests in flight over HTTP."""
+    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for text in texts:
+        todo.put(text)
+    records: list[StreamRecord] = []
+
+    def serve(connection: Connection) -> None:
+        while True:
+            try:
+                text = todo.get_nowait()
+            except queue.Empty:
+                return
+            records.append(stream(connection, text, tokens))
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=serve, args=(connection,)) for connection in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return LoadResult(records, time.monotonic() - start)
 
 
 class DirectLoad:
@@ -40,36 +69,21 @@ class DirectLoad:
         self.clients = [LlamaHttpClient(base_url) for _ in range(concurrency)]
 
     def run(self, texts: list[str], max_tokens: int) -> LoadResult:
-        todo: queue.SimpleQueue[str] = queue.SimpleQueue()
-        for text in texts:
-            todo.put(text)
-        records: list[StreamRecord] = []
-        start = time.monotonic()
-        threads = [threading.Thread(target=self._stream, args=(c, todo, max_tokens, records)) for c in self.clients]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return LoadResult(records, time.monotonic() - start)
+        return _closed_loop(self._stream, self.clients, texts, max_tokens)
 
     @staticmethod
-    def _stream(client: LlamaHttpClient, todo: queue.SimpleQueue[str], tokens: int, out: list[StreamRecord]) -> None:
-        while True:
-            try:
-                text = todo.get_nowait()
-            except queue.Empty:
-                return
-            record = StreamRecord(time.monotonic())
-            try:
-                with client.generate_stream(text, max_tokens=tokens, temperature=0.0) as stream:
-                    for chunk in stream:
-                        record.chunk_times.append(time.monotonic())
-                        record.tokens += len(chunk.token_ids)
-                    if stream.result is not None:
-                        record.prompt_s = _prompt_seconds(stream.result.timings)
-            except Exception as exc:  # a benchmark reports failures instead of stopping
-                record.error = repr(exc)
-            out.append(record)
+    def _stream(client: LlamaHttpClient, text: str, tokens: int) -> StreamRecord:
+        record = StreamRecord(time.monotonic())
+        try:
+            with client.generate_stream(text, max_tokens=tokens, temperature=0.0) as stream:
+                for chunk in stream:
+                    record.chunk_times.append(time.monotonic())
+                    record.tokens += len(chunk.token_ids)
+                if stream.result is not None:
+                    record.prompt_s = _prompt_seconds(stream.result.timings)
+        except Exception as exc:  # a benchmark reports failures instead of stopping
+            record.error = repr(exc)
+        return record
 
     def close(self) -> None:
         for client in self.clients:
@@ -89,52 +103,35 @@ class ChatHttpLoad:
         self.model = model
 
     def run(self, texts: list[str], max_tokens: int) -> LoadResult:
-        todo: queue.SimpleQueue[str] = queue.SimpleQueue()
-        for text in texts:
-            todo.put(text)
-        records: list[StreamRecord] = []
-        start = time.monotonic()
-        threads = [threading.Thread(target=self._stream, args=(c, todo, max_tokens, records)) for c in self.connections]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return LoadResult(records, time.monotonic() - start)
+        return _closed_loop(self._stream, self.connections, texts, max_tokens)
 
-    def _stream(
-        self, connection: http.client.HTTPConnection, todo: queue.SimpleQueue[str], tokens: int, out: list[StreamRecord]
-    ) -> None:
-        while True:
+    def _stream(self, connection: http.client.HTTPConnection, text: str, tokens: int) -> StreamRecord:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        record = StreamRecord(0.0)
+        for attempt in range(2):  # a connection the server closed after its last answer is opened again
+            _reopen_if_closed(connection)
+            record.sent = time.monotonic()
             try:
-                text = todo.get_nowait()
-            except queue.Empty:
-                return
-            body = {
-                "model": self.model,
-                "messages": [{"role": "user", "content": text}],
-                "max_tokens": tokens,
-                "temperature": 0.0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            record = StreamRecord(0.0)
-            for attempt in range(2):  # a connection the server closed after its last answer is opened again
-                _reopen_if_closed(connection)
-                record.sent = time.monotonic()
-                try:
-                    connection.request("POST", "/v1/chat/completions", json.dumps(body), JSON_HEADERS)
-                    self._read(connection.getresponse(), record)
-                except (http.client.RemoteDisconnected, ConnectionError) as exc:
-                    connection.close()
-                    if attempt or record.chunk_times:
-                        record.error = repr(exc)
-                        break
-                    continue
-                except Exception as exc:  # a benchmark reports failures instead of stopping
-                    connection.close()
+                connection.request("POST", "/v1/chat/completions", json.dumps(body), JSON_HEADERS)
+                self._read(connection.getresponse(), record)
+            except (http.client.RemoteDisconnected, ConnectionError) as exc:
+                connection.close()
+                if attempt or record.chunk_times:
                     record.error = repr(exc)
-                break
-            out.append(record)
+                    break
+                continue
+            except Exception as exc:  # a benchmark reports failures instead of stopping
+                connection.close()
+                record.error = repr(exc)
+            break
+        return record
 
     @staticmethod
     def _read(response: http.client.HTTPResponse, record: StreamRecord) -> None:
@@ -194,9 +191,7 @@ class MeshLoad:
         while pending or flight:
             while pending and len(flight) < self.concurrency:
                 text = pending.pop()
-                prompt = (
-                    {"messages": [{"role": "user", "content": text}]} if self.chat else {"prompt": text}
-                )
+                prompt = {"messages": [{"role": "user", "content": text}]} if self.chat else {"prompt": text}
                 request = self.client.submit(
                     model=self.model, max_tokens=max_tokens, temperature=0.0, raw=not self.chat, **prompt
                 )
