@@ -185,8 +185,9 @@ class BrokerCore:
         self.requests: dict[bytes, RequestState] = {}
         self.services: dict[str, ServiceState] = {}
         self.client_requests: dict[bytes, dict[bytes | None, set[bytes]]] = {}
-        self.known_services: set[str] = set()
-        self.known_capabilities: dict[str, set[str]] = {}  # per service, what any of its workers ever served
+        # Every service a worker ever served -> the kinds of request its workers served: both stay known while
+        # the service has no worker (its metric label; a request of a kind it served waits rather than fails).
+        self.known_services: dict[str, set[str]] = {}
         self.sessions: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (model, session) -> worker
         self._routing = self.config.routing
         self._policy = POLICIES[self._routing.policy]
@@ -397,7 +398,7 @@ class BrokerCore:
             self._reject(client, service_name, request_id, p.UNKNOWN_MODEL, text, out, framing)
             return
         capability = (message.hint.capability if message.hint is not None else None) or p.CHAT
-        served = self.known_capabilities.get(service_name, set())
+        served = self.known_services.get(service_name, set())
         if service is not None and service.workers and capability not in served:
             # Like an unknown model: a kind of request the model never served ends now. One it served before
             # waits for such a worker to come back, as a model that lost its workers does.
@@ -563,8 +564,7 @@ class BrokerCore:
         )
         self.workers[identity] = worker
         self.services.setdefault(message.service, ServiceState()).workers[identity] = None
-        self.known_services.add(message.service)
-        self.known_capabilities.setdefault(message.service, set()).update(worker.capabilities)
+        self.known_services.setdefault(message.service, set()).update(worker.capabilities)
         log.info("worker %s ready for %s with %d slot(s)", worker.name, message.service, slots)
         if sha256 is not None and worker.extended and worker.framing == p.MDP02:  # it can serve its file's bytes
             copy = f"{info.get('worker_id') or identity.hex()}:{info.get('model_file', '')}"
@@ -753,7 +753,6 @@ class BrokerCore:
         for table in (self.workers, self.requests, self.services, self.client_requests, self.sessions, self.streams):
             table.clear()
         self.known_services.clear()
-        self.known_capabilities.clear()
         self._heartbeat_round.clear()
         out.extend(self.shards.forget_all())
         self._earliest_deadline = self._next_stream_check = float("inf")

@@ -136,7 +136,7 @@ def test_without_metrics_the_broker_keeps_no_records():
 
 def test_metrics_update_drains_records_and_bounds_labels():
     core = BrokerCore()
-    core.known_services.add(MODEL)
+    core.known_services[MODEL] = set()
     core.finished.extend(
         [
             FinishedRequest(MODEL, "ok", 0.01, 0.05, 0.5, 10),
