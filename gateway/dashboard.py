@@ -2,10 +2,10 @@
 ``static/`` folder, and ``/dashboard/data``, the JSON it reads every second (docs/DASHBOARD.md has its shape).
 
 Everything on it comes from the broker over the mesh, never from logs: a ``MeshSampler`` asks ``mmi.workers``,
-``mmi.services`` and ``mmi.requests`` once a second on the gateway's own broker connection. It runs in the bridge
-thread, which calls it on every turn of its loop, and never waits there: it sends the three questions, and builds
-the next snapshot on a later turn once all three are answered. It also keeps a few minutes of mesh-wide tokens/s,
-queue depth and busy slots for the charts. The event loop only reads the last snapshot it published.
+``mmi.services`` and ``mmi.requests`` once a second on the gateway's own broker connection. The bridge calls it on
+every turn, in the gateway's event loop, and it never waits there: it sends the three questions, and builds the
+next snapshot on a later turn once all three are answered. It also keeps a few minutes of mesh-wide tokens/s,
+queue depth and busy slots for the charts. A page request only reads the last snapshot it published.
 """
 
 from __future__ import annotations

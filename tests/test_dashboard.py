@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from test_gateway import GatewayThread
 
-from meshkit import BrokerThread
+from meshkit import BrokerThread, GatewayThread
 from qmesh.client.sdk import MMICall, QMeshClient
 from qmesh.gateway.bridge import Bridge
 from qmesh.gateway.dashboard import (
@@ -107,7 +106,7 @@ def test_a_sample_adds_up_the_mesh():
 
 
 def test_answers_the_sampler_cannot_read_become_an_error_not_a_crash(caplog):
-    """The sampler runs in the gateway's bridge thread: an exception there would end every request in flight."""
+    """The sampler runs in the bridge's turns: an exception there would end every request in flight."""
     sampler = MeshSampler()
     answers = [[{"name": "w", "busy": "many"}], {"m": {"slots": 1}}, []]  # "busy" is no number
     for _ in range(2):

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import requests
 from playwright.sync_api import Browser, Page, sync_playwright
-from test_gateway import GatewayThread
 
-from meshkit import MODEL, BrokerThread, run_cli, worker_threads
+from meshkit import MODEL, BrokerThread, GatewayThread, run_cli, worker_threads
 from qmesh.gateway.bridge import Bridge
 from qmesh.testing import ROOT, free_endpoint, qmesh_command
 
