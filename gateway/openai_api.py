@@ -229,9 +229,7 @@ def parse_text(body: Any, session: str | None = None) -> OpenAIRequest:
 
 
 def _openai_request(body: dict[str, Any], chat: bool, session: str | None, **prompt: Any) -> OpenAIRequest:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' must be a non-empty string", "model")
+    model = _model(body)
     for name in UNSUPPORTED:
         if body.get(name) is not None:
             raise bad_request(f"'{name}' is not supported by QMesh", name)
@@ -270,6 +268,13 @@ def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' must be a non-empty string", "model")
+    return model
 
 
 def _message(message: Any, index: int) -> dict[str, Any]:
@@ -439,9 +444,7 @@ class EmbeddingsRequest:
 
 def parse_embeddings(body: Any) -> EmbeddingsRequest:
     body = _object(body)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' must be a non-empty string", "model")
+    model = _model(body)
     value = body.get("input")
     inputs = [value] if isinstance(value, str) else value
     if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
