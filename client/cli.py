@@ -113,7 +113,7 @@ def run(
     schema = load_schema(json_schema)  # a bad file is a usage error before anything is read or sent
     whole_prompt = read_whole(sys.stdin) if whole else None
     try:
-        curve = client_keys_from_options(curve_secret, broker_key)
+        curve = client_keys_from_options(curve_secret, broker_key, broker)
         client = QMeshClient(broker, timeout=timeout, connect_timeout=connect_timeout, curve=curve)
     except QMeshError as exc:
         fail(str(exc), 2)

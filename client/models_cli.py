@@ -77,7 +77,7 @@ def list_models(
 ) -> None:
     """Each model in the mesh: name, sha256, size, and the workers and stores that hold it."""
     try:
-        curve = client_keys_from_options(curve_secret, broker_key)
+        curve = client_keys_from_options(curve_secret, broker_key, broker)
         with QMeshClient(broker, connect_timeout=connect_timeout, curve=curve) as client:
             models = client.model_files()
     except QMeshError as exc:
@@ -106,7 +106,7 @@ def pull(
         _fail(f"{target} exists already: remove it first to pull {name!r} again", 1)
     digests = default_digest_cache()
     try:
-        curve = client_keys_from_options(curve_secret, broker_key)
+        curve = client_keys_from_options(curve_secret, broker_key, broker)
         result = pull_model(
             name,
             folder,
@@ -155,7 +155,7 @@ def push(
     if problem is not None:
         _fail(f"{problem}; give --name", 2)
     try:
-        curve = client_keys_from_options(curve_secret, broker_key)
+        curve = client_keys_from_options(curve_secret, broker_key, broker)
         model = push_model(
             path,
             name,

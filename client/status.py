@@ -167,7 +167,7 @@ def run(
 ) -> None:
     try:
         client = QMeshClient(
-            broker, connect_timeout=connect_timeout, curve=client_keys_from_options(curve_secret, broker_key)
+            broker, connect_timeout=connect_timeout, curve=client_keys_from_options(curve_secret, broker_key, broker)
         )
     except QMeshError as exc:
         _fail(str(exc), 2)

@@ -30,7 +30,7 @@ from typing import Any
 
 import typer
 
-from qmesh.common.endpoints import DEFAULT_BROKER
+from qmesh.common.endpoints import DEFAULT_BROKER, broker_endpoints
 from qmesh.common.errors import ConfigError
 from qmesh.common.keys import CurveClientKeys
 from qmesh.common.paths import config_dir
@@ -214,10 +214,17 @@ def broker_key_option() -> Any:
     )
 
 
-def client_keys_from_options(curve_secret: Path | None, broker_key: Path | None) -> CurveClientKeys | None:
-    """The keys a worker or client uses, or None without CURVE; one option without the other is an error."""
+def client_keys_from_options(
+    curve_secret: Path | None, broker_key: Path | None, broker: str | None = None
+) -> CurveClientKeys | None:
+    """The keys a worker or client uses, or None without CURVE; one option without the other is an error, and so
+    is a number of broker keys that fits neither one key for all of ``broker``'s endpoints (--broker) nor one each:
+    said here, as a usage error, rather than when the worker or client first connects."""
     if curve_secret is None and broker_key is None:
         return None
     if curve_secret is None or broker_key is None:
         raise ConfigError("--curve-secret and --broker-key go together: give both to use CURVE, or neither")
-    return CurveClientKeys.load(curve_secret, broker_key)
+    keys = CurveClientKeys.load(curve_secret, broker_key)
+    if broker is not None:
+        keys.check_brokers(len(broker_endpoints(broker)))
+    return keys

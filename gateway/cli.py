@@ -57,7 +57,7 @@ def run(
 ) -> None:
     setup_logging(log_level, log_format)
     try:
-        curve = client_keys_from_options(curve_secret, broker_key)
+        curve = client_keys_from_options(curve_secret, broker_key, broker)
     except QMeshError as exc:
         typer.echo(f"qmesh-gateway: {exc}", err=True)
         raise typer.Exit(2) from exc

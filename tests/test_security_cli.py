@@ -42,6 +42,17 @@ def test_a_non_loopback_bind_needs_curve_or_insecure():
     assert done.returncode == 2 and "--broker-key" in done.stderr
 
 
+def test_broker_keys_that_fit_neither_one_broker_nor_each_are_a_usage_error(tmp_path):
+    _keys(tmp_path, "own", "a", "b", "c")
+    keys = ["--curve-secret", str(tmp_path / "own.key_secret"), "--broker-key", ",".join(
+        str(tmp_path / f"{name}.key") for name in "abc"
+    ), "--broker", "tcp://127.0.0.1:5555,tcp://127.0.0.1:5556"]  # fmt: skip
+    for command in (("qmesh-worker", "--model", MODEL, "--no-pull"), ("qmesh-gateway", "--port", "0")):
+        done = run_cli(*command, *keys, timeout=30)
+        assert done.returncode == 2 and "3 broker keys for 2 broker(s)" in done.stderr, (command, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_secure_mesh_from_the_command_line_and_key_removal_on_sighup(tmp_path):
     _keys(tmp_path, "broker", "worker", "client")
     (tmp_path / "workers").mkdir()

@@ -147,7 +147,7 @@ def run(
         raise typer.Exit(2)
     try:
         binary = find_llama_server(llama_server)
-        curve = client_keys_from_options(curve_secret, broker_key)
+        curve = client_keys_from_options(curve_secret, broker_key, broker)
         model_file = find_or_pull(model, broker, default_digest_cache(), curve=curve, pull=not no_pull)
     except QMeshError as exc:
         typer.echo(f"qmesh-worker: {exc}", err=True)

@@ -18,7 +18,7 @@ from qmesh.common.config import (
     curve_secret_option,
     version_option,
 )
-from qmesh.common.endpoints import broker_endpoints, is_loopback_host
+from qmesh.common.endpoints import is_loopback_host
 from qmesh.common.errors import ConfigError, QMeshError
 from qmesh.common.logs import LogFormat, LogLevel, log_format_option, log_level_option, setup_logging
 from qmesh.worker.binary import find_rpc_server
@@ -88,9 +88,7 @@ def run(
 ) -> None:
     setup_logging(log_level, log_format)
     try:
-        curve = client_keys_from_options(curve_secret, broker_key)
-        if curve is not None:
-            curve.check_brokers(len(broker_endpoints(broker)))
+        curve = client_keys_from_options(curve_secret, broker_key, broker)
         check_exposure(curve is not None, rpc_host, insecure)
         binary = find_rpc_server(rpc_server)
     except QMeshError as exc:
