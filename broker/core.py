@@ -959,7 +959,7 @@ class BrokerCore:
             table[name]["capabilities"] = sorted(by_capability)
             table[name]["by_capability"] = dict(sorted(by_capability.items()))
             contexts = [w.info.get("context") for w in workers]
-            if contexts and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in contexts):
+            if contexts and all(_positive(c) is not None for c in contexts):
                 table[name]["context"] = min(contexts)  # what fits on whichever worker a request lands on
         return table
 
