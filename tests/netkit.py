@@ -21,6 +21,8 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,12 +87,14 @@ class Link:
 
 
 class Network:
-    """Namespaces and veth links under one prefix (unique per test process), removed by ``close()``."""
+    """Namespaces and veth links under one prefix (unique per test process), and the processes started in them;
+    all removed by ``close()``."""
 
     def __init__(self) -> None:
         self.prefix = f"qmt-{os.getpid()}"
         self._dev_prefix = f"qmt{os.getpid()}"  # interface names are limited to 15 characters
         self.namespaces: list[Namespace] = []
+        self.processes: list[HostProcess] = []
         self._links = 0
 
     def add_host(self, suffix: str) -> Namespace:
@@ -133,8 +137,18 @@ class Network:
             links[host] = Link(switch, left_dev, "", host, right_dev, addr)
         return links
 
+    def start(self, host: Namespace, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> HostProcess:
+        """Run ``argv`` inside ``host`` until ``close()``."""
+        process = HostProcess(host, argv, log_path, env)
+        self.processes.append(process)
+        return process
+
     def close(self) -> None:
-        """Delete the namespaces (and with them their veths). Stop the processes inside them first."""
+        """Stop the processes started in it (the last first), then delete the namespaces (and with them their
+        veths)."""
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
         for namespace in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", namespace.name], capture_output=True)
         self.namespaces.clear()
@@ -173,6 +187,34 @@ class JsonLines(Child):
             self.popen.wait(timeout=5)
             raise AssertionError(f"the client ended (status {self.popen.returncode}) early:\n{self.log()}")
         return json.loads(line)
+
+
+@contextmanager
+def network(log_dir: Path) -> Iterator[Network]:
+    """The hosts of one test, which is skipped unless this machine can make namespaces. At the end the network is
+    closed and the tail of each log in ``log_dir`` printed (pytest shows that only when the test failed)."""
+    reason = netns_unavailable()
+    if reason is not None:
+        import pytest  # here, not at the top: this file also runs as the client program, which needs no pytest
+
+        pytest.skip(f"needs root and iproute2 to create network namespaces: {reason}")
+    remove_stale()
+    net = Network()
+    try:
+        yield net
+    finally:
+        net.close()
+        for path in sorted(log_dir.glob("*.log")):
+            print(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
+
+
+def listed(namespace: Namespace, endpoint: str) -> dict[str, Any]:
+    """The workers' names and the shard hosts the broker at ``endpoint`` lists, asked from ``namespace``; none of
+    either while the broker does not answer yet (a loaded machine): the caller waits and asks again."""
+    try:
+        return run_json(namespace, "workers", endpoint)
+    except AssertionError:
+        return {"workers": [], "shards": []}
 
 
 def run_json(namespace: Namespace, *args: str, timeout: float = 30) -> Any:

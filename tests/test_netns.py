@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from meshkit import MODEL
-from netkit import HostProcess, JsonLines, Link, Namespace, Network, netns_unavailable, remove_stale, run_json
+from netkit import HostProcess, JsonLines, Link, Namespace, Network, listed, network, run_json
 from qmesh.testing import qmesh_command, wait_for
 
 pytestmark = pytest.mark.sidecar
@@ -40,10 +40,7 @@ class Hosts:
 
     def registered(self) -> list[str]:
         """Worker names the broker lists (names are host/pid/thread); none while the broker is not answering yet."""
-        try:
-            return run_json(self.hub, "workers", self.endpoint)["workers"]
-        except AssertionError:  # the broker is still starting (a loaded machine): the caller waits and asks again
-            return []
+        return listed(self.hub, self.endpoint)["workers"]
 
     def which(self, worker_name: str | None) -> str:
         """Which of our workers a broker-side name belongs to."""
@@ -52,46 +49,26 @@ class Hosts:
 
 
 @pytest.fixture
-def net() -> Iterator[Network]:
-    reason = netns_unavailable()
-    if reason is not None:
-        pytest.skip(f"needs root and iproute2 to create network namespaces: {reason}")
-    remove_stale()
-    testnet = Network()
-    try:
-        yield testnet
-    finally:
-        testnet.close()
-
-
-@pytest.fixture
-def hosts(net: Network, tmp_path: Path) -> Iterator[Hosts]:
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
     """A broker on host "hub" and one worker on each of hosts "a" and "b", each behind its own link."""
-    started: list[HostProcess] = []
-    try:
+    with network(tmp_path) as net:
         hub = net.add_host("hub")
         # The test hosts' own private network: plain TCP on purpose (CURVE is tested in test_security*.py).
         broker = qmesh_command("qmesh-broker", "--bind", f"tcp://0.0.0.0:{PORT}", "--insecure")
-        started.append(HostProcess(hub, [*broker, "--heartbeat-ms", str(HEARTBEAT_MS)], tmp_path / "broker.log"))
+        net.start(hub, [*broker, "--heartbeat-ms", str(HEARTBEAT_MS)], tmp_path / "broker.log")
         workers, links = {}, {}
         for key in ("a", "b"):
             host = net.add_host(key)
             links[key] = net.connect(hub, host)
-            workers[key] = _start_worker(host, f"tcp://{links[key].left_addr}:{PORT}", tmp_path, key)
-            started.append(workers[key])
+            workers[key] = _start_worker(net, host, f"tcp://{links[key].left_addr}:{PORT}", tmp_path, key)
         yield Hosts(hub, tmp_path, workers, links)
-    finally:
-        for process in reversed(started):
-            process.stop()
-        for path in sorted(tmp_path.glob("*.log")):  # pytest shows this only when the test failed
-            print(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
 
 
-def _start_worker(host: Namespace, endpoint: str, tmp_path: Path, key: str) -> HostProcess:
+def _start_worker(net: Network, host: Namespace, endpoint: str, tmp_path: Path, key: str) -> HostProcess:
     options = ["--model", MODEL, "--broker", endpoint, "--heartbeat-ms", str(HEARTBEAT_MS), "--grace", "2"]
     argv = qmesh_command("qmesh-worker", *options, "--slots", "1", "--threads", "1", "--cpu-threads", "1")
     env = {"QMESH_HOME": str(tmp_path / f"home-{key}")}
-    return HostProcess(host, argv, tmp_path / f"worker-{key}.log", env)
+    return net.start(host, argv, tmp_path / f"worker-{key}.log", env)
 
 
 def test_cut_link_fails_over_mid_stream_then_the_worker_comes_back(hosts: Hosts) -> None:

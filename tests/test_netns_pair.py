@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from meshkit import MODEL
-from netkit import HostProcess, JsonLines, Link, Namespace, Network, netns_unavailable, remove_stale, run_json
+from netkit import HostProcess, JsonLines, Link, Namespace, listed, network, run_json
 from qmesh.testing import qmesh_command, wait_for
 from qmesh.testing.pair import ROLES, BrokerPair
 
@@ -38,10 +38,7 @@ class Lan:
 
     def registered(self) -> list[str]:
         """The workers the active broker lists, as the client's host sees it (none while no broker answers)."""
-        try:
-            return run_json(self.hosts["client"], "workers", self.pair.address)["workers"]
-        except AssertionError:  # no broker answers yet: the caller waits and asks again
-            return []
+        return listed(self.hosts["client"], self.pair.address)["workers"]
 
     def active(self) -> list[str]:
         """The roles of the brokers that say they are active, each asked on its own from the client's host."""
@@ -51,19 +48,11 @@ class Lan:
 
 @pytest.fixture
 def lan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lan]:
-    reason = netns_unavailable()
-    if reason is not None:
-        pytest.skip(f"needs root and iproute2 to create network namespaces: {reason}")
-    remove_stale()
-    net = Network()
-    started: list[HostProcess] = []
+    with network(tmp_path) as net:
 
-    def start(host: Namespace, name: str, argv: list[str], log_path: Path) -> HostProcess:
-        process = HostProcess(host, argv, log_path, {"QMESH_HOME": str(tmp_path / f"home-{name}")})
-        started.append(process)
-        return process
+        def start(host: Namespace, name: str, argv: list[str], log_path: Path) -> HostProcess:
+            return net.start(host, argv, log_path, {"QMESH_HOME": str(tmp_path / f"home-{name}")})
 
-    try:
         hosts = {key: net.add_host(key) for key in (*ROLES, "worker", "client")}
         by_host = net.lan(list(hosts.values()))
         links = {key: by_host[host] for key, host in hosts.items()}
@@ -85,12 +74,6 @@ def lan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lan]:
         worker = [*options, "--heartbeat-ms", str(HEARTBEAT_MS), "--threads", "1", "--slots", "1", "--grace", "2"]
         start(hosts["worker"], "worker", qmesh_command("qmesh-worker", *worker), tmp_path / "worker.log")
         yield Lan(hosts, links, pair, tmp_path)
-    finally:
-        for process in reversed(started):
-            process.stop()
-        net.close()
-        for path in sorted(tmp_path.glob("*.log")):  # pytest shows this only when the test failed
-            print(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
 
 
 def test_the_active_brokers_cable_pulled_mid_stream(lan: Lan) -> None:

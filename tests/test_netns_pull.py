@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from meshkit import MODEL
-from netkit import HostProcess, Network, netns_unavailable, remove_stale, run_json
+from netkit import HostProcess, listed, network, run_json
 from qmesh.testing import qmesh_command, wait_for
 from qmesh.worker.models import resolve_model
 
@@ -23,42 +22,23 @@ PORT = 5555  # free by construction: the broker's namespace is new
 HEARTBEAT_MS = "200"
 
 
-@pytest.fixture
-def net() -> Iterator[Network]:
-    reason = netns_unavailable()
-    if reason is not None:
-        pytest.skip(f"needs root and iproute2 to create network namespaces: {reason}")
-    remove_stale()
-    testnet = Network()
-    try:
-        yield testnet
-    finally:
-        testnet.close()
+def test_a_worker_on_its_own_host_pulls_its_model_through_the_broker_and_serves_it(tmp_path: Path):
+    with network(tmp_path) as net:
+        hub = net.add_host("hub")
+        endpoint = f"tcp://127.0.0.1:{PORT}"
 
+        def registered() -> list[str]:
+            return listed(hub, endpoint)["workers"]
 
-def test_a_worker_on_its_own_host_pulls_its_model_through_the_broker_and_serves_it(net: Network, tmp_path: Path):
-    hub = net.add_host("hub")
-    started: list[HostProcess] = []
-    endpoint = f"tcp://127.0.0.1:{PORT}"
+        def worker(key: str, env: dict[str, str]) -> HostProcess:
+            host = net.add_host(key)
+            link = net.connect(hub, host)
+            options = ["--model", MODEL, "--broker", f"tcp://{link.left_addr}:{PORT}", "--heartbeat-ms", HEARTBEAT_MS]
+            argv = qmesh_command("qmesh-worker", *options, "--threads", "1", "--cpu-threads", "1", "--grace", "2")
+            return net.start(host, argv, tmp_path / f"worker-{key}.log", {"QMESH_HOME": str(tmp_path / key), **env})
 
-    def registered() -> list[str]:
-        try:
-            return run_json(hub, "workers", endpoint)["workers"]
-        except AssertionError:  # the broker is still starting
-            return []
-
-    def worker(key: str, env: dict[str, str]) -> HostProcess:
-        host = net.add_host(key)
-        link = net.connect(hub, host)
-        options = ["--model", MODEL, "--broker", f"tcp://{link.left_addr}:{PORT}", "--heartbeat-ms", HEARTBEAT_MS]
-        argv = qmesh_command("qmesh-worker", *options, "--threads", "1", "--cpu-threads", "1", "--grace", "2")
-        process = HostProcess(host, argv, tmp_path / f"worker-{key}.log", {"QMESH_HOME": str(tmp_path / key), **env})
-        started.append(process)
-        return process
-
-    try:
         broker = qmesh_command("qmesh-broker", "--bind", f"tcp://0.0.0.0:{PORT}", "--insecure")
-        started.append(HostProcess(hub, [*broker, "--heartbeat-ms", HEARTBEAT_MS], tmp_path / "broker.log"))
+        net.start(hub, [*broker, "--heartbeat-ms", HEARTBEAT_MS], tmp_path / "broker.log")
         holder = worker("a", {})
         wait_for(lambda: len(registered()) == 1, 60, "the worker with the model to register")
         puller = worker("b", {"QMESH_MODELS_DIR": str(tmp_path / "empty-models")})
@@ -66,11 +46,6 @@ def test_a_worker_on_its_own_host_pulls_its_model_through_the_broker_and_serves_
         holder.stop()
         wait_for(lambda: [f"/{puller.pid}/" in name for name in registered()] == [True], 30, "b to serve alone")
         answer = run_json(hub, "stream", endpoint, "Say hi.", "8", timeout=60)
-    finally:
-        for process in reversed(started):
-            process.stop()
-        for path in sorted(tmp_path.glob("*.log")):  # pytest shows this only when the test failed
-            print(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
     assert answer["error"] is None and f"/{puller.pid}/" in answer["worker"]
     pulled = tmp_path / "empty-models" / f"{MODEL}.gguf"
     original = resolve_model(MODEL).path

@@ -16,7 +16,7 @@ import pytest
 from test_security import Keyring
 
 from meshkit import MODEL
-from netkit import HostProcess, JsonLines, Link, Namespace, Network, netns_unavailable, remove_stale, run_json
+from netkit import HostProcess, JsonLines, Link, Namespace, listed, network, run_json
 from qmesh.common.keys import generate_keys
 from qmesh.testing import qmesh_command, wait_for
 
@@ -43,10 +43,7 @@ class Lan:
         return f"tcp://{self.links['hub'].right_addr}:{PORT}"
 
     def state(self) -> dict:
-        try:
-            return run_json(self.hub, "workers", self.endpoint)
-        except AssertionError:  # the broker is busy or starting: ask again
-            return {"workers": [], "shards": []}
+        return listed(self.hub, self.endpoint)
 
     def split_names(self) -> list[str]:
         return [name for name in self.state()["workers"] if f"/{self.split.pid}/" in name]
@@ -59,26 +56,18 @@ class Lan:
 
 @pytest.fixture
 def lan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lan]:
-    reason = netns_unavailable()
-    if reason is not None:
-        pytest.skip(f"needs root and iproute2 to create network namespaces: {reason}")
-    remove_stale()
-    net = Network()
-    keyring = Keyring(tmp_path)
-    for key in SHARDS:
-        public, _ = generate_keys(tmp_path / f"shard-{key}")
-        shutil.copy(public, keyring.workers / public.name)
-    # The client programs (run_json, JsonLines) read their keys here; every QMesh process gets its own by flags.
-    monkeypatch.setenv("QMESH_CURVE_SECRET", str(tmp_path / "client.key_secret"))
-    monkeypatch.setenv("QMESH_BROKER_KEY", str(keyring.broker_public))
-    started: list[HostProcess] = []
+    with network(tmp_path) as net:
+        keyring = Keyring(tmp_path)
+        for key in SHARDS:
+            public, _ = generate_keys(tmp_path / f"shard-{key}")
+            shutil.copy(public, keyring.workers / public.name)
+        # The client programs (run_json, JsonLines) read their keys here; every QMesh process gets its own by flags.
+        monkeypatch.setenv("QMESH_CURVE_SECRET", str(tmp_path / "client.key_secret"))
+        monkeypatch.setenv("QMESH_BROKER_KEY", str(keyring.broker_public))
 
-    def start(host: Namespace, name: str, argv: list[str]) -> HostProcess:
-        process = HostProcess(host, argv, tmp_path / f"{name}.log", {"QMESH_HOME": str(tmp_path / f"home-{name}")})
-        started.append(process)
-        return process
+        def start(host: Namespace, name: str, argv: list[str]) -> HostProcess:
+            return net.start(host, argv, tmp_path / f"{name}.log", {"QMESH_HOME": str(tmp_path / f"home-{name}")})
 
-    try:
         hosts = {key: net.add_host(key) for key in ("hub", "w", *SHARDS)}
         by_host = net.lan(list(hosts.values()))
         links = {key: by_host[host] for key, host in hosts.items()}
@@ -114,12 +103,6 @@ def lan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lan]:
         split = start(hosts["w"], "split-worker", qmesh_command("qmesh-worker", *worker, "--shards", "auto"))
         start(hosts["hub"], "worker", qmesh_command("qmesh-worker", *worker, "--threads", "1"))
         yield Lan(hosts["hub"], links, split, shards, tmp_path)
-    finally:
-        for process in reversed(started):
-            process.stop()
-        net.close()
-        for path in sorted(tmp_path.glob("*.log")):  # pytest shows this only when the test failed
-            print(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
 
 
 def test_a_shard_hosts_cable_pulled_mid_stream(lan: Lan) -> None:
