@@ -34,9 +34,9 @@ class FileDigest:
     size: int
 
 
-def sha256_of(path: Path, hasher: Any = None, length: int | None = None) -> Any:
-    """``hasher`` (a new sha256 if None) fed with the first ``length`` bytes of ``path`` (all of it if None)."""
-    hasher = hasher if hasher is not None else hashlib.sha256()
+def sha256_of(path: Path, length: int | None = None) -> Any:
+    """A sha256 hasher fed with the first ``length`` bytes of ``path`` (all of it if None)."""
+    hasher = hashlib.sha256()
     buffer = memoryview(bytearray(HASH_BLOCK))
     remaining = length
     with open(path, "rb", buffering=0) as handle:
