@@ -36,10 +36,6 @@ class Download:
     def complete(self) -> bool:
         return self.written == self.size
 
-    @property
-    def in_flight(self) -> int:
-        return len(self.asked)
-
     def requests(self) -> list[tuple[int, int]]:
         """The chunks to ask for now: enough to have ``window`` asked for and not yet written (none once everything
         is asked for). Chunks that arrived early count: what waits in memory stays within the window."""
