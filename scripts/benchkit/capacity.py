@@ -56,7 +56,6 @@ class PlainRound:
     cpu: float
     io_cpu: float  # of ``cpu``, the broker's ZeroMQ I/O thread's
     wall: float
-    client_cpu: float
 
 
 @dataclass
@@ -189,7 +188,7 @@ def plain_round(
     stop.set()
     workers.get(timeout=30)
     bad = counts["requests"] - counts["ok"]
-    return PlainRound(counts["ok"], bad, cpu1 - cpu0, io1 - io0, counts["wall"], counts["cpu"])
+    return PlainRound(counts["ok"], bad, cpu1 - cpu0, io1 - io0, counts["wall"])
 
 
 def summarise_plain(section: Section, rounds: dict[str, list[PlainRound]], ref: str | None) -> None:

@@ -38,15 +38,9 @@ def majortomo_main(endpoint: str, results: Any) -> None:
 def workers_main(endpoint: str, service: str, count: int, stop: Any, results: Any) -> None:
     """Process entry point: ``count`` echo workers until ``stop`` is set; reports the requests each answered."""
     context = zmq.Context()
-    poller = zmq.Poller()
-    sockets = []
-    for _ in range(count):
-        socket = context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(endpoint)
+    sockets, poller = _dealers(context, endpoint, count)
+    for socket in sockets:
         send_frames(socket, [b"", WORKER, READY, service.encode()])
-        poller.register(socket, zmq.POLLIN)
-        sockets.append(socket)
     answered = dict.fromkeys(range(count), 0)
     next_beat = time.monotonic() + HEARTBEAT_S
     while not stop.is_set():
@@ -80,6 +74,22 @@ def clients_main(
     """Process entry point: ``count`` clients, each with one request in flight. First ``warmup`` requests (the
     workers are there), then "warm" on ``results``; after ``go``, ``total`` more, timed and checked."""
     context = zmq.Context()
+    sockets, poller = _dealers(context, endpoint, count)
+    name = service.encode()
+    _run(sockets, poller, name, warmup, time.monotonic() + timeout)
+    results.put("warm")
+    go.wait()
+    start = time.monotonic()
+    counts = _run(sockets, poller, name, total, start + timeout)
+    counts["wall"] = time.monotonic() - start
+    for socket in sockets:
+        socket.close(linger=0)
+    context.term()
+    results.put(counts)
+
+
+def _dealers(context: zmq.Context, endpoint: str, count: int) -> tuple[list[zmq.Socket], zmq.Poller]:
+    """``count`` DEALER sockets connected to ``endpoint``, each registered for input on one poller."""
     poller = zmq.Poller()
     sockets = []
     for _ in range(count):
@@ -88,17 +98,7 @@ def clients_main(
         socket.connect(endpoint)
         poller.register(socket, zmq.POLLIN)
         sockets.append(socket)
-    name = service.encode()
-    _run(sockets, poller, name, warmup, time.monotonic() + timeout)
-    results.put("warm")
-    go.wait()
-    cpu, start = time.process_time(), time.monotonic()
-    counts = _run(sockets, poller, name, total, start + timeout)
-    counts.update(wall=time.monotonic() - start, cpu=time.process_time() - cpu)
-    for socket in sockets:
-        socket.close(linger=0)
-    context.term()
-    results.put(counts)
+    return sockets, poller
 
 
 def _run(sockets: list[zmq.Socket], poller: zmq.Poller, service: bytes, total: int, deadline: float) -> dict[str, Any]:
