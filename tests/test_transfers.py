@@ -33,6 +33,17 @@ def transfers(config: TransferConfig = CONFIG, busy: bool = False) -> Transfers:
     return machine
 
 
+def two_holders(config: TransferConfig = CONFIG) -> Transfers:
+    """``transfers()`` with a second worker holding the same file."""
+    machine = transfers(config)
+    machine.add_holder(W2, "host-b/1/0", "b:tiny.gguf", MODEL)
+    return machine
+
+
+def other_holder(holder: bytes) -> bytes:
+    return W2 if holder == W1 else W1
+
+
 def to(out: list[tuple[bytes, list[bytes]]], peer: bytes) -> list[list[bytes]]:
     return [frames for identity, frames in out if identity == peer]
 
@@ -85,8 +96,7 @@ def test_a_pull_is_offered_then_each_chunk_asked_for_is_read_from_the_holder_and
 
 
 def test_the_store_serves_before_workers_and_the_least_busy_worker_before_others() -> None:
-    machine = transfers()
-    machine.add_holder(W2, "host-b/1/0", "b:tiny.gguf", MODEL)
+    machine = two_holders()
     fetch(machine, tid=b"a")
     assert machine.transfers[next(iter(machine.transfers))].holder == W1
     fetch(machine, tid=b"b")
@@ -125,11 +135,10 @@ def test_a_connection_may_have_only_so_many_transfers_at_once() -> None:
 
 
 def test_a_holder_that_leaves_hands_its_ranges_in_order_to_another() -> None:
-    machine = transfers()
-    machine.add_holder(W2, "host-b/1/0", "b:tiny.gguf", MODEL)
+    machine = two_holders()
     fetch(machine)
     holder = machine.by_peer[PULLER][b"t1"].holder
-    other = W2 if holder == W1 else W1
+    other = other_holder(holder)
     ask(machine, 0, 4)
     ask(machine, 4, 4)
     out = machine.remove_holder(holder, 1.0)
@@ -148,11 +157,10 @@ def test_a_pull_whose_last_holder_leaves_ends_in_502() -> None:
 
 
 def test_a_truncated_copy_is_marked_bad_its_range_read_elsewhere_and_it_is_never_asked_again() -> None:
-    machine = transfers()
-    machine.add_holder(W2, "host-b/1/0", "b:tiny.gguf", MODEL)
+    machine = two_holders()
     fetch(machine)
     bad = machine.by_peer[PULLER][b"t1"].holder
-    good = W2 if bad == W1 else W1
+    good = other_holder(bad)
     ((key, read),) = reads(ask(machine, 8, 2), bad)
     failed = p.parse_inbound(p.holder_read_failed(key, p.RANGE_NOT_SATISFIABLE, "the file holds 9 bytes"))
     out = machine.on_message(bad, failed, 0.0)
@@ -194,8 +202,7 @@ def test_a_cancelled_pull_blames_nobody() -> None:
 
 def test_a_holder_that_does_not_answer_in_time_hands_its_ranges_on() -> None:
     config = TransferConfig(chunk=CHUNK, window=WINDOW, read_timeout=5.0, idle_timeout=100.0)
-    machine = transfers(config)
-    machine.add_holder(W2, "host-b/1/0", "b:tiny.gguf", MODEL)
+    machine = two_holders(config)
     fetch(machine)
     slow = machine.by_peer[PULLER][b"t1"].holder
     ask(machine, 0, 4)
@@ -203,7 +210,7 @@ def test_a_holder_that_does_not_answer_in_time_hands_its_ranges_on() -> None:
     assert machine.tick(1.0) == []
     out = machine.tick(6.0)
     machine.check_invariants()
-    other = W2 if slow == W1 else W1
+    other = other_holder(slow)
     assert [(r.offset, r.length) for _, r in reads(out, other)] == [(0, 4)]
 
 
