@@ -85,9 +85,10 @@ class RpcServerManager(LlamaProcessManager):
             cmd += ["-t", str(self.threads)]
         return cmd + (["-d", self.device] if self.device else [])
 
-    def probe(self, client: LlamaHttpClient) -> bool:
-        """rpc-server has no health endpoint: it is up when it takes a connection (which it closes at once) and has
-        listed its devices (its output reaches us once it serves its first connection: the probe's)."""
+    def probe(self, client: LlamaHttpClient | None = None) -> bool:
+        """rpc-server has no health endpoint (``client`` goes unused): it is up when it takes a connection (which it
+        closes at once) and has listed its devices (its output reaches us once it serves its first connection: the
+        probe's)."""
         try:
             socket.create_connection((self.host, self.port), timeout=0.5).close()
         except OSError:
@@ -100,7 +101,7 @@ class RpcServerManager(LlamaProcessManager):
         return f"{self.host}:{self.port}"
 
     def is_healthy(self) -> bool:
-        return self.state == READY and self.pid is not None and self.probe(LlamaHttpClient(self.base_url))
+        return self.state == READY and self.pid is not None and self.probe()
 
     def devices(self) -> list[Device]:
         """The devices rpc-server said it serves, as it started this time."""
@@ -319,7 +320,7 @@ class ShardHost(threading.Thread):
             self.bridge.target = self._rpc_address()  # a restart may have moved rpc-server to another port
             bound = self.bridge.endpoint[len("tcp://") :]
         else:
-            bound = f"{self.manager.host}:{self.manager.port}"
+            bound = self.manager.base_url
         endpoint = s.advertise or bound
         if endpoint.split(":")[0] in ("0.0.0.0", "*", "[::]"):
             raise QMeshError(f"a split worker cannot reach {endpoint}: name an address with --advertise HOST:PORT")
