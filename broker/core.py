@@ -803,7 +803,7 @@ class BrokerCore:
             Candidate(
                 w.identity,
                 w.slots,
-                len(w.active),
+                len(w.active) + len(w.attached),  # a kept stream runs there too, and holds its slot
                 waiting.get(w.identity, 0),
                 w.health,
                 w.prefixes.match(request.prefix) if request.prefix else 0,

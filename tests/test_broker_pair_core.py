@@ -117,6 +117,14 @@ def test_a_kept_stream_goes_back_to_its_keeper_when_its_client_asks_again() -> N
     assert core.workers[W2].attached == {} and core.workers[W2].active == {request.route_key}
 
 
+def test_a_kept_stream_holds_its_slot_against_other_requests() -> None:
+    core = make_core()
+    ready(core, W1)
+    ready(core, W2)
+    step(core, W1, p.attach(STREAM))  # W1's one slot runs the generation it kept
+    assert requests_to(ask(core, C2, stream=b"another"), W2), "a new request goes to the free worker"
+
+
 def test_a_resent_stream_waits_for_its_keeper_a_moment_and_then_runs_anywhere() -> None:
     core = make_core()
     ready(core, W1)
