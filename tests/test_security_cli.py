@@ -95,14 +95,15 @@ def test_secure_mesh_from_the_command_line_and_key_removal_on_sighup(tmp_path):
 
 
 def test_sighup_admits_and_revokes_a_key_at_once(tmp_path):
-    """The broker's timers are 10 s apart here: a reload that waited for them would take seconds, not at once."""
+    """The broker's timers are 10 minutes apart here: a reload that waited for them would miss the 5 s each change
+    is given, however busy the machine; one on SIGHUP comes at once."""
     _keys(tmp_path, "broker", "client")
     (tmp_path / "workers").mkdir()
     (tmp_path / "clients").mkdir()
     listed, unlisted = tmp_path / "clients" / "client.key", tmp_path / "client.key"
     shutil.copy(unlisted, listed)
     endpoint = free_endpoint()
-    broker = _secure_broker(tmp_path, endpoint, heartbeat_ms=10000)
+    broker = _secure_broker(tmp_path, endpoint, heartbeat_ms=600_000)
     keys = CurveClientKeys.load(tmp_path / "client.key_secret", tmp_path / "broker.key")
 
     def allowed(client: QMeshClient) -> bool:
@@ -122,11 +123,8 @@ def test_sighup_admits_and_revokes_a_key_at_once(tmp_path):
                 else:
                     listed.unlink()
                 broker.popen.send_signal(signal.SIGHUP)
-                signalled = time.monotonic()
                 change = "admitted" if admit else "revoked"
-                wait_for(lambda admit=admit: allowed(client) is admit, 5, f"the key to be {change}")
-                took = time.monotonic() - signalled
-                assert took < 0.5, f"{change} {took:.2f} s after SIGHUP"
+                wait_for(lambda admit=admit: allowed(client) is admit, 5, f"the key to be {change} after SIGHUP")
     finally:
         broker.stop()
     assert broker.popen.returncode == 0, broker.log_tail()
