@@ -1063,8 +1063,9 @@ def parse_for_worker(frames: list[bytes], framing: Framing = MDP02) -> BrokerToW
         return BrokerToWorker(command, frames[2], credit=_credit(frames[3]))
     if command == W_HEARTBEAT:
         if len(frames) == 3:  # the broker of a pair says its epoch
-            epoch = unpack_map(frames[2]).get("epoch")
-            if set(unpack_map(frames[2])) != {"epoch"} or not isinstance(epoch, int) or isinstance(epoch, bool):
+            fields = unpack_map(frames[2])
+            epoch = fields.get("epoch")
+            if fields.keys() != {"epoch"} or not isinstance(epoch, int) or isinstance(epoch, bool):
                 raise ProtocolError("a HEARTBEAT from the broker carries at most {'epoch': int}")
             return BrokerToWorker(command, epoch=epoch)
         if len(frames) != 2:
@@ -1392,9 +1393,10 @@ def parse_transfer_reply(frames: list[bytes]) -> TransferReply:
     if command == C_ACK:
         return TransferReply(command, transfer_id, offset=_offset(frames[3]))
     if command == C_ENDED:
-        if unpack_map(frames[3]).keys() == {"error"}:
+        fields = unpack_map(frames[3])
+        if fields.keys() == {"error"}:
             return TransferReply(command, transfer_id, error=_error(frames[3]))
-        return TransferReply(command, transfer_id, model=_model_fields(unpack_map(frames[3])))
+        return TransferReply(command, transfer_id, model=_model_fields(fields))
     fields = unpack_map(frames[3])
     offset, chunk, window = (fields.pop(key, None) for key in ("offset", "chunk", "window"))
     model = _model_fields(fields)
