@@ -153,7 +153,7 @@ class Transfers:
         if holder is None:
             return out
         for transfer in [t for t in self.transfers.values() if t.holder == identity]:
-            self._move(transfer, f"{holder.name} left the mesh", now, out)
+            self._move(transfer, f"{holder.name} left the mesh", out)
         self._pump(now, out)
         return out
 
@@ -178,7 +178,7 @@ class Transfers:
         out: list[Outgoing] = []
         if isinstance(message, (p.HolderData, p.HolderReadFailed)):
             if peer is None or peer.worker:
-                self._on_holder(identity, message, now, out)
+                self._on_holder(identity, message, out)
             else:
                 log.warning("dropped a holder's answer from key %s, which is not on the worker list", peer.name)
         elif isinstance(message, (p.ModelFetch, p.ModelPush)):
@@ -192,9 +192,9 @@ class Transfers:
                 return out
             transfer.last_heard = now
             if isinstance(message, p.ChunkRequest):
-                self._on_chunk_request(transfer, message, now, out)
+                self._on_chunk_request(transfer, message, out)
             elif isinstance(message, p.PushChunk):
-                self._on_push_chunk(transfer, message, now, out)
+                self._on_push_chunk(transfer, message, out)
             else:
                 self._on_end(transfer, message.outcome, now, out)
         self._pump(now, out)
@@ -209,9 +209,9 @@ class Transfers:
             log.error("the store answered something malformed: %s", exc)
             return out
         if isinstance(reply, (p.HolderData, p.HolderReadFailed)):
-            self._on_holder(STORE, reply, now, out)
+            self._on_holder(STORE, reply, out)
         else:
-            self._on_store_push_reply(reply, now, out)
+            self._on_store_push_reply(reply, out)
         self._pump(now, out)
         return out
 
@@ -219,7 +219,7 @@ class Transfers:
         """A client is unreachable: its transfers end (the store drops the file of a push: a push starts over)."""
         out: list[Outgoing] = []
         for transfer in list(self.by_peer.get(identity, {}).values()):
-            self._close(transfer, None, now, out, why="its client is gone")
+            self._close(transfer, None, out, why="its client is gone")
         self._pump(now, out)
         return out
 
@@ -241,7 +241,7 @@ class Transfers:
         out: list[Outgoing] = []
         text = "this broker stepped down: the other broker of the pair serves"
         for transfer in list(self.transfers.values()):
-            self._close(transfer, (p.NOT_ACTIVE, text), 0.0, out)
+            self._close(transfer, (p.NOT_ACTIVE, text), out)
         for identity in [i for i in self.holders if i != STORE]:
             del self.holders[identity]
         return out
@@ -295,7 +295,7 @@ class Transfers:
         transfer = self._new(identity, message.transfer_id, model, False, now)
         holder = self._pick_holder(transfer)
         if holder is None:
-            self._close(transfer, self._no_holder(model, ""), now, out)
+            self._close(transfer, self._no_holder(model, ""), out)
             return
         self._attach(transfer, holder)
         log.info("pull of %s (%s, %.1f MB) from %s", model.name, model.sha256[:12], model.size / 1e6, holder.name)
@@ -359,7 +359,7 @@ class Transfers:
         text += f" ({', '.join(bad)} served bytes that did not match it)" if bad else ""
         return p.WORKER_FAILED, text
 
-    def _on_chunk_request(self, transfer: Transfer, message: p.ChunkRequest, now: float, out: list[Outgoing]) -> None:
+    def _on_chunk_request(self, transfer: Transfer, message: p.ChunkRequest, out: list[Outgoing]) -> None:
         cfg, model = self.config, transfer.model
         problem = None
         if transfer.push:
@@ -369,14 +369,12 @@ class Transfers:
         elif len(transfer.pending) + len(transfer.reads) >= cfg.window:
             problem = f"more than the window of {cfg.window} chunks asked for at once"
         if problem is not None:
-            self._close(transfer, (p.BAD_REQUEST, problem), now, out)
+            self._close(transfer, (p.BAD_REQUEST, problem), out)
             return
         transfer.pending.append((message.offset, message.length))
         self._want_turn(transfer)
 
-    def _on_holder(
-        self, identity: bytes, message: p.HolderData | p.HolderReadFailed, now: float, out: list[Outgoing]
-    ) -> None:
+    def _on_holder(self, identity: bytes, message: p.HolderData | p.HolderReadFailed, out: list[Outgoing]) -> None:
         key = self.reads.get(message.read_key)
         transfer = self.transfers.get(key) if key is not None else None
         if transfer is None or transfer.holder != identity or message.read_key not in transfer.reads:
@@ -398,9 +396,9 @@ class Transfers:
         transfer.pending.appendleft((offset, length))
         if code == p.RANGE_NOT_SATISFIABLE:  # a copy that cannot serve its whole file is a bad copy
             self._mark_bad(holder.copy, holder.name, transfer.model, why)
-        self._move(transfer, f"{holder.name} failed a read ({why})", now, out)
+        self._move(transfer, f"{holder.name} failed a read ({why})", out)
 
-    def _move(self, transfer: Transfer, why: str, now: float, out: list[Outgoing]) -> None:
+    def _move(self, transfer: Transfer, why: str, out: list[Outgoing]) -> None:
         """The transfer's holder cannot go on: its outstanding ranges go to another holder of the file."""
         old = self.holders.get(transfer.holder) if transfer.holder is not None else None
         if transfer.holder is not None:
@@ -410,7 +408,7 @@ class Transfers:
         transfer.pending = deque(ranges)
         holder = self._pick_holder(transfer)
         if holder is None:
-            self._close(transfer, self._no_holder(transfer.model, why), now, out)
+            self._close(transfer, self._no_holder(transfer.model, why), out)
             return
         self._attach(transfer, holder)
         was = old.name if old is not None else "a holder that left"
@@ -441,7 +439,7 @@ class Transfers:
     def _on_end(self, transfer: Transfer, outcome: str, now: float, out: list[Outgoing]) -> None:
         model = transfer.model
         if transfer.push:
-            self._close(transfer, None, now, out, why="its client stopped it")
+            self._close(transfer, None, out, why="its client stopped it")
             return
         if outcome == p.OUTCOME_MISMATCH:
             for copy, name in transfer.served_by.items():
@@ -455,11 +453,11 @@ class Transfers:
             elapsed,
             megabytes / elapsed,
         )
-        self._close(transfer, None, now, out)
+        self._close(transfer, None, out)
 
     # ------------------------------------------------------------------------------------------ pushes
 
-    def _on_push_chunk(self, transfer: Transfer, message: p.PushChunk, now: float, out: list[Outgoing]) -> None:
+    def _on_push_chunk(self, transfer: Transfer, message: p.PushChunk, out: list[Outgoing]) -> None:
         cfg, model = self.config, transfer.model
         problem = None
         if not transfer.push or not transfer.offered:
@@ -471,13 +469,13 @@ class Transfers:
         elif message.offset + len(message.data) - transfer.acked > cfg.chunk * cfg.window:
             problem = f"more than the window of {cfg.window} chunks sent ahead of the store's acknowledgements"
         if problem is not None:
-            self._close(transfer, (p.BAD_REQUEST, problem), now, out)
+            self._close(transfer, (p.BAD_REQUEST, problem), out)
             return
         transfer.next_offset += len(message.data)
         transfer.bytes += len(message.data)
         out.append((STORE, p.push_chunk(transfer.key, message.offset, message.data)))
 
-    def _on_store_push_reply(self, reply: p.TransferReply, now: float, out: list[Outgoing]) -> None:
+    def _on_store_push_reply(self, reply: p.TransferReply, out: list[Outgoing]) -> None:
         transfer = self.transfers.get(reply.transfer_id)
         if transfer is None or not transfer.push:
             return  # the push ended while the store wrote
@@ -486,9 +484,9 @@ class Transfers:
                 self.holders[STORE].models[reply.model.name] = reply.model
                 log.info("model %s (%s) is in the store now", reply.model.name, reply.model.sha256[:12])
                 out.append((transfer.peer, p.transfer_ended(transfer.transfer_id, None, reply.model)))
-                self._close(transfer, None, now, out, store_done=True)
+                self._close(transfer, None, out, store_done=True)
             else:
-                self._close(transfer, reply.error, now, out, store_done=True)
+                self._close(transfer, reply.error, out, store_done=True)
         elif not transfer.offered:  # the store's first ACK: where its copy stands, so where the client starts
             transfer.offered = True
             transfer.next_offset = transfer.acked = reply.offset
@@ -567,11 +565,11 @@ class Transfers:
         for transfer in list(self.transfers.values()):
             if now - transfer.last_heard >= cfg.idle_timeout:
                 stalled = (p.CLIENT_STALLED, f"nothing from the client for {cfg.idle_timeout:g} s")
-                self._close(transfer, stalled, now, out)
+                self._close(transfer, stalled, out)
             elif any(now - sent >= cfg.read_timeout for _, _, sent in transfer.reads.values()):
                 holder = self.holders.get(transfer.holder) if transfer.holder is not None else None
                 name = holder.name if holder is not None else "its holder"
-                self._move(transfer, f"{name} did not answer a read within {cfg.read_timeout:g} s", now, out)
+                self._move(transfer, f"{name} did not answer a read within {cfg.read_timeout:g} s", out)
         self._sweep_at = now + SWEEP_INTERVAL if self.transfers else float("inf")
         self._pump(now, out)
 
@@ -579,7 +577,6 @@ class Transfers:
         self,
         transfer: Transfer,
         error: tuple[int, str] | None,
-        now: float,
         out: list[Outgoing],
         why: str = "",
         store_done: bool = False,
