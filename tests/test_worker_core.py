@@ -551,7 +551,7 @@ def test_after_its_broker_died_the_worker_asks_the_passive_one_again_until_it_ta
     core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
     assert of_type(core.on_broker_gone(1.0), Connect) == [Connect(2, PAIR[1])]
     out = core.on_broker_message(p.disconnect((p.NOT_ACTIVE, "passive")), 1.01)
-    assert not of_type(out, Connect) and core.reconnect_at == 1.01 + core.config.passive_retry
+    assert not of_type(out, Connect) and core.reconnect_at == 1.01 + p.PASSIVE_RETRY
     assert of_type(core.tick(core.reconnect_at), Connect) == [Connect(3, PAIR[1])], "the same broker, not the dead one"
     core.on_broker_message(p.heartbeat({"epoch": 2}), 1.3)
     assert core.registered and core.fled is None and core.failed_attempts == 0

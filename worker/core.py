@@ -56,7 +56,6 @@ class WorkerConfig:
     max_reconnect_delay: float = 30.0
     capability: str = p.CHAT  # the kind of request it serves: CHAT (generations) or EMBEDDINGS
     hold_streams: float = 30.0  # seconds a generation kept running without a broker waits for its client
-    passive_retry: float = p.PASSIVE_RETRY
 
     @property
     def broker_ttl(self) -> float:
@@ -463,9 +462,9 @@ class WorkerCore:
                     "%s: the broker at %s is not active yet (the other is gone): asking again in %g s",
                     self._name,
                     self._endpoint,
-                    self.config.passive_retry,
+                    p.PASSIVE_RETRY,
                 )
-                self._drop_connection(out, again_in=self.config.passive_retry)
+                self._drop_connection(out, again_in=p.PASSIVE_RETRY)
                 return
             log.info("%s: the broker at %s is not the active one of its pair", self._name, self._endpoint)
         elif self.phase is Phase.CONNECTING:
