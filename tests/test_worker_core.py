@@ -41,9 +41,10 @@ SERVICE = "smollm2-135m"
 ENDPOINT = "tcp://broker:5555"
 
 
-def make_core(seed: int = 0, now: float = 0.0) -> WorkerCore:
+def make_core(seed: int = 0, brokers: tuple[str, ...] = (ENDPOINT,), **fields: Any) -> WorkerCore:
+    """A worker of SERVICE with 2 slots; ``fields``: more of its WorkerConfig."""
     config = WorkerConfig(
-        brokers=("tcp://broker:5555",),
+        brokers=brokers,
         service=SERVICE,
         slots=2,
         info={"slots": 2, "name": "host/1/0", "version": 1},
@@ -51,8 +52,9 @@ def make_core(seed: int = 0, now: float = 0.0) -> WorkerCore:
         liveness=LIVENESS,
         grace=GRACE,
         max_reconnect_delay=MAX_DELAY,
+        **fields,
     )
-    return WorkerCore(config, now, rng=random.Random(seed))
+    return WorkerCore(config, 0.0, rng=random.Random(seed))
 
 
 def registered_core() -> WorkerCore:
@@ -514,17 +516,7 @@ PAIR = ("tcp://a:5555", "tcp://b:5556")
 
 
 def pair_core() -> WorkerCore:
-    config = WorkerConfig(
-        brokers=PAIR,
-        service=SERVICE,
-        slots=2,
-        info={"slots": 2, "name": "host/1/0", "version": 1},
-        heartbeat_interval=INTERVAL,
-        liveness=LIVENESS,
-        max_reconnect_delay=MAX_DELAY,
-        hold_streams=20.0,
-    )
-    core = WorkerCore(config, 0.0, rng=random.Random(0))
+    core = make_core(brokers=PAIR, hold_streams=20.0)
     core.on_sidecar(True, 0.0)
     return core
 
