@@ -444,23 +444,22 @@ _shard_valid = st.one_of(
 )
 
 
-def _map_edit(frames: list[bytes], key: str, value: Any) -> list[bytes]:
-    """A near miss inside a msgpack frame: one field set to another value (or added)."""
-    if len(frames) < 3:
-        return frames
+def _field_edit(frames: list[bytes], index: int, key: str, value: Any) -> list[bytes]:
+    """A near miss inside a msgpack frame (``frames[index]``): one field set to another value (or added)."""
     try:
-        fields = p.unpack_map(frames[2])
-    except p.ProtocolError:
+        fields = p.unpack_map(frames[index])
+    except (IndexError, p.ProtocolError):
         return frames
-    return [*frames[:2], p.pack({**fields, key: value}), *frames[3:]]
+    return [*frames[:index], p.pack({**fields, key: value}), *frames[index + 1 :]]
 
 
 _shard_anything = st.one_of(
     _shard_valid,
     st.builds(_edit, _shard_valid, _frame_edits),
     st.builds(
-        _map_edit,
+        _field_edit,
         _shard_valid,
+        st.just(2),  # a shard command's one msgpack frame
         st.sampled_from(["name", "memory", "count", "endpoint", "bridged", "key", "exclude", "shards", "error", "x"]),
         st.one_of(plain_values, st.lists(plain_values, max_size=2), maps),
     ),
@@ -632,21 +631,13 @@ _transfer_valid = st.one_of(
 )
 
 
-def _field_edit(frames: list[bytes], key: str, value: Any) -> list[bytes]:
-    """A near miss inside a transfer's msgpack frame (the fourth): one field set to another value (or added)."""
-    try:
-        fields = p.unpack_map(frames[3])
-    except (IndexError, p.ProtocolError):
-        return frames
-    return [*frames[:3], p.pack({**fields, key: value}), *frames[4:]]
-
-
 _transfer_anything = st.one_of(
     _transfer_valid,
     st.builds(_edit, _transfer_valid, _frame_edits),
     st.builds(
         _field_edit,
         _transfer_valid,
+        st.just(3),  # a transfer command's msgpack frame
         st.sampled_from(["name", "sha256", "size", "offset", "chunk", "window", "outcome", "error", "x"]),
         st.one_of(plain_values, digests, maps),
     ),
