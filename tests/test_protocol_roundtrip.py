@@ -8,7 +8,7 @@ majortomo's client framing and 7/MDP, each with and without a leading empty fram
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmesh.common import protocol as p
+
+Parse = Callable[[list[bytes]], Any]  # a parser of common/protocol.py
+Rebuild = Callable[[Any], list[bytes]]  # the builder of what it parsed, called on its message
 
 services = st.text(st.characters(codec="utf-8", categories=["L", "N", "P", "S", "Zs"]), min_size=1, max_size=40).filter(
     lambda s: s.isprintable() and 0 < len(s.encode()) <= p.MAX_SERVICE_LEN
@@ -314,9 +317,7 @@ _ALL_WORKER_FRAMINGS = [f for f in _ALL_CLIENT_FRAMINGS if f.dialect is not p.Di
 @settings(max_examples=3000)
 @given(frames=_anything, extended=st.booleans())
 def test_parsers_accept_only_what_builders_make(frames: list[bytes], extended: bool) -> None:
-    parsers: list[tuple[Callable[[list[bytes]], Any], Callable[[Any], list[bytes]]]] = [
-        (p.parse_inbound, _rebuild_inbound)
-    ]
+    parsers: list[tuple[Parse, Rebuild]] = [(p.parse_inbound, _rebuild_inbound)]
     for framing in _ALL_WORKER_FRAMINGS:
         parsers.append(
             (lambda f, framing=framing: p.parse_for_worker(f, framing), lambda m, g=framing: _rebuild_for_worker(m, g))
@@ -328,13 +329,17 @@ def test_parsers_accept_only_what_builders_make(frames: list[bytes], extended: b
                 lambda m, g=framing: _rebuild_for_client(m, g),
             )
         )
+    _assert_only_builders_make(frames, parsers)
+
+
+def _assert_only_builders_make(frames: list[bytes], parsers: Iterable[tuple[Parse, Rebuild]]) -> None:
+    """Each parser refuses ``frames`` with ProtocolError, or parses them to a message that builds them again."""
     for parse, rebuild in parsers:
         try:
             message = parse(frames)
         except p.ProtocolError:
             continue  # the one way a parser says no
-        rebuilt = rebuild(message)
-        assert _same_frames(rebuilt, frames), f"{frames!r} parsed to {message!r}, which no builder makes"
+        assert _same_frames(rebuild(message), frames), f"{frames!r} parsed to {message!r}, which no builder makes"
 
 
 def _same_frames(built: list[bytes], received: list[bytes]) -> bool:
@@ -469,16 +474,12 @@ _shard_anything = st.one_of(
 @settings(max_examples=2000)
 @given(frames=_shard_anything)
 def test_shard_parsers_accept_only_what_builders_make(frames: list[bytes]) -> None:
-    for parse, rebuild in (
+    parsers: list[tuple[Parse, Rebuild]] = [
         (p.parse_from_shard_peer, _rebuild_from_shard_peer),
         (p.parse_for_shard_peer, _rebuild_for_shard_peer),
         (p.parse_tunnel, lambda message: p.tunnel_frames(*message)),
-    ):
-        try:
-            message = parse(frames)
-        except p.ProtocolError:
-            continue
-        assert _same_frames(rebuild(message), frames), f"{frames!r} parsed to {message!r}, which no builder makes"
+    ]
+    _assert_only_builders_make(frames, parsers)
 
 
 # ------------------------------------------------------------------------------------------------ model transfers
@@ -647,15 +648,11 @@ _transfer_anything = st.one_of(
 @settings(max_examples=3000)
 @given(frames=_transfer_anything)
 def test_transfer_parsers_accept_only_what_builders_make(frames: list[bytes]) -> None:
-    for parse, rebuild in (
+    parsers: list[tuple[Parse, Rebuild]] = [
         (p.parse_inbound, _rebuild_inbound),
         (p.parse_for_worker, lambda message: _rebuild_for_worker(message, p.MDP02)),
         (p.parse_transfer_reply, _rebuild_transfer_reply),
         (p.parse_for_store, _rebuild_for_store),
         (p.parse_store_reply, _rebuild_store_reply),
-    ):
-        try:
-            message = parse(frames)
-        except p.ProtocolError:
-            continue
-        assert _same_frames(rebuild(message), frames), f"{frames!r} parsed to {message!r}, which no builder makes"
+    ]
+    _assert_only_builders_make(frames, parsers)
