@@ -49,7 +49,6 @@ ROLES = (
     LLAMA,
 )  # a path's own processes; LLAMA is the direct one or the worker's
 IDLE = "the other paths' processes (idle)"
-QUIET = 0.25  # cores used by other programs below which a round counts as run alone
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ class Series:
         return [ratio(legs[path].result.tokens_per_s(), legs[DIRECT].result.tokens_per_s()) for legs in self.rounds]
 
     def quiet_ratios(self, path: int) -> list[float]:
-        quiet = [max(leg.other for leg in legs) < QUIET for legs in self.rounds]
+        quiet = [procs.ran_alone(leg.other for leg in legs) for legs in self.rounds]
         return [r for r, alone in zip(self.round_ratios(path), quiet, strict=True) if alone]
 
     def paired_ms(self, path: int, measure: Callable[[StreamRecord], float | None]) -> list[float]:
@@ -336,7 +335,7 @@ def goals(all_series: list[Series], slots: int) -> tuple[list[str], dict[str, An
         f"goal: tokens/s through QMesh >= {GOAL_TOKENS_RATIO:g}x direct at saturation (concurrency {slots}): "
         f"{pooled:.3f}x pooled, {verdict}; median of the rounds {median(ratios):.3f}x "
         f"(range {min(ratios):.3f}-{max(ratios):.3f}); median of the {data['quiet_rounds_saturation']} quiet "
-        f"round(s) (other programs < {QUIET:g} cores) {fmt(data['tokens_ratio_saturation_quiet_median'], 3)}x"
+        f"round(s) (other programs < {procs.QUIET:g} cores) {fmt(data['tokens_ratio_saturation_quiet_median'], 3)}x"
     )
     return lines, data
 

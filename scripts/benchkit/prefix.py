@@ -57,7 +57,6 @@ WORKLOADS = {
 }
 FIRST, FOLLOW_UP, WARM_UP, ONE_SHOT = "first turn", "follow-up", "warm-up", "one-shot"  # kinds of request
 TOKENS_PER_SENTENCE = 20  # what the model's tokenizer makes of one generated sentence (measured: ~4 chars/token)
-QUIET = 0.25  # cores used by other programs below which a round counts as run alone
 
 GOAL_FOLLOW_UP_VS_FIRST = 0.15
 GOAL_FOLLOW_UP_VS_BASELINE = 4.0
@@ -730,6 +729,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
     section.table("broker memory per cached prefix entry", memory)
     lines, data = goals(pools, servers[CACHE_AWARE])
     section.notes += lines
+    quiet = [procs.ran_alone(leg.other for leg in legs) for legs in rounds[CHAT]]
     section.data = {
         "goals": data,
         "index_bytes_per_block": per_block,
@@ -740,7 +740,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
             workload: {POLICIES[i]: figures(pools[workload][i], servers[i]) for i in range(len(POLICIES))}
             for workload in WORKLOADS
         },
-        "quiet_rounds": sum(1 for legs in rounds[CHAT] if max(leg.other for leg in legs) < QUIET),
+        "quiet_rounds": sum(quiet),
     }
     section.notes.append(
         "every llama-server of both meshes runs with the same command line but the port: "
@@ -753,10 +753,9 @@ def run(args: argparse.Namespace, command: str) -> Section:
         "from each FINAL; a request is queued if the broker's STATUS ever said so (cache-aware places a request to "
         "wait for a busy llama-server that holds its prefix unless load is imbalanced)"
     )
-    quiet = [max(leg.other for leg in legs) < QUIET for legs in rounds[CHAT]]
     section.notes.append(
-        f"{sum(quiet)} of {len(quiet)} chat rounds ran with other programs below {QUIET:g} cores (round table, last "
-        "column); every figure is a ratio within the run, but other load lengthens TTFTs of both policies"
+        f"{sum(quiet)} of {len(quiet)} chat rounds ran with other programs below {procs.QUIET:g} cores (round table, "
+        "last column); every figure is a ratio within the run, but other load lengthens TTFTs of both policies"
     )
     if warnings:
         section.notes.append(f"brokers and workers logged {warnings} warning(s)")

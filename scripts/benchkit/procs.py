@@ -79,6 +79,14 @@ def tree_rss(pid: int) -> tuple[int, int]:
     return process.memory_info().rss, children
 
 
+QUIET = 0.25  # cores other programs used (OtherLoad), on average, below which a round counts as run alone
+
+
+def ran_alone(others: Iterable[float]) -> bool:
+    """Whether a round ran alone: other programs used under QUIET cores during each of its loads."""
+    return max(others) < QUIET
+
+
 class OtherLoad:
     """CPU that programs outside this benchmark used since it was made, in cores on average.
 
