@@ -1,5 +1,5 @@
-"""The benchmark harness works end to end: ``scripts/bench capacity`` and ``prefix`` with tiny counts. Behaviour, not
-timings."""
+"""The benchmark harness works end to end: ``scripts/bench capacity``, ``prefix`` and ``split`` with tiny counts.
+Behaviour, not timings."""
 
 from __future__ import annotations
 
@@ -7,20 +7,27 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qmesh.testing import ROOT
 
 
-def test_capacity_benchmark_routes_every_chunk_and_records_a_section(tmp_path: Path) -> None:
+def bench(tmp_path: Path, name: str, *options: str, timeout: float) -> tuple[dict[str, Any], str]:
+    """Run ``scripts/bench name options``; return its figures (--json) and the section it recorded (--record)."""
     record, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
-    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "capacity", "--workers", "1", "--slots", "2"]
-    command += ["--requests", "6", "--chunks", "20", "--rounds", "1", "--record", str(record), "--json", str(figures)]
-    command += ["--mdp-requests", "50", "--mdp-rounds", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), name, *options]
+    command += ["--record", str(record), "--json", str(figures)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    data = json.loads(figures.read_text())["capacity"]
+    return json.loads(figures.read_text())[name], record.read_text()
+
+
+def test_capacity_benchmark_routes_every_chunk_and_records_a_section(tmp_path: Path) -> None:
+    options = ["--workers", "1", "--slots", "2", "--requests", "6", "--chunks", "20", "--rounds", "1"]
+    options += ["--mdp-requests", "50", "--mdp-rounds", "2"]
+    data, section = bench(tmp_path, "capacity", *options, timeout=300)
     assert data["requests_ok"] == 6
     assert data["chunks"] == 6 * 20
     assert data["lost_chunks"] == 0 and data["failed_requests"] == 0
@@ -35,7 +42,6 @@ def test_capacity_benchmark_routes_every_chunk_and_records_a_section(tmp_path: P
     assert data["plain_mdp_requests"] == dict.fromkeys(brokers, 2 * 50)
     assert 0 < data["plain_mdp_io_us_per_request"]["qmesh-broker"] < data["plain_mdp_us_per_request"]["qmesh-broker"]
     assert data["plain_mdp_failed"] == 0
-    section = record.read_text()
     assert "### capacity: " in section
     assert "- command: `scripts/bench capacity --workers 1" in section
     assert "| CPU us per routed message" in section
@@ -44,12 +50,7 @@ def test_capacity_benchmark_routes_every_chunk_and_records_a_section(tmp_path: P
 
 @pytest.mark.sidecar  # the benchmark's workers start real llama-servers, out of sight of conftest's rule
 def test_prefix_benchmark_runs_both_policies_and_keeps_chats_on_their_cache(tmp_path: Path) -> None:
-    record, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
-    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "prefix", "--quick"]
-    command += ["--record", str(record), "--json", str(figures)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    data = json.loads(figures.read_text())["prefix"]
+    data, section = bench(tmp_path, "prefix", "--quick", timeout=600)
     for workload, requests in (("chat", 3 * 2), ("shared", 4), ("control", 3)):  # --quick's counts, one round
         for policy in ("least-loaded", "cache-aware"):
             leg = data[workload][policy]
@@ -62,7 +63,6 @@ def test_prefix_benchmark_runs_both_policies_and_keeps_chats_on_their_cache(tmp_
     assert data["index_bytes_per_block"] > 8
     goals = {"follow_up_vs_first", "follow_up_vs_least_loaded", "hit_ratio", "tokens_per_s", "fair_share"}
     assert set(data["goals"]["met"]) == goals
-    section = record.read_text()
     assert "### prefix: " in section
     assert "- command: `scripts/bench prefix --quick" in section
     assert "goal 1a: " in section and "broker memory per cached prefix entry" in section
@@ -70,12 +70,7 @@ def test_prefix_benchmark_runs_both_policies_and_keeps_chats_on_their_cache(tmp_
 
 @pytest.mark.sidecar  # its workers and shard hosts start llama-server and rpc-server
 def test_split_benchmark_measures_the_model_unsplit_and_over_shard_hosts(tmp_path: Path) -> None:
-    record, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
-    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "split", "--quick"]
-    command += ["--record", str(record), "--json", str(figures)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    data = json.loads(figures.read_text())["split"]
+    data, section = bench(tmp_path, "split", "--quick", timeout=600)
     for service in ("bench-whole", "bench-split-rpc", "bench-split-curve"):
         assert data[service]["errors"] == 0 and data[service]["tokens_per_s"] > 0, service
-    assert "| split over 2 hosts, CURVE bridge |" in record.read_text()
+    assert "| split over 2 hosts, CURVE bridge |" in section
