@@ -658,6 +658,17 @@ def test_a_kept_generation_nobody_claims_is_cancelled() -> None:
     assert again.on_broker_message(p.worker_cancel(b"s1"), 0.4) == [CancelJob(kept)]  # it runs elsewhere already
 
 
+def test_a_kept_generation_expires_while_no_broker_is_reachable() -> None:
+    core = pair_core()
+    core.on_broker_message(p.heartbeat(), 0.0)
+    kept = started(core.on_broker_message(streamed(b"k1", b"s1"), 0.1))
+    core.on_broker_gone(0.2)
+    core.on_sidecar(False, 0.3)  # llama-server down too: no connection until it is back
+    deadline = core.next_wakeup()
+    assert CancelJob(kept) in core.tick(deadline) and core.held == {}
+    assert core.next_wakeup() > deadline, "an expired stream must not keep the loop waking at once"
+
+
 def test_a_stopping_worker_drops_what_it_kept() -> None:
     core = pair_core()
     core.on_broker_message(p.heartbeat(), 0.0)

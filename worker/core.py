@@ -313,6 +313,12 @@ class WorkerCore:
         out: list[Effect] = []
         if self.phase is Phase.BACKING_OFF and now >= self.reconnect_at:
             self._connect(out)
+        # Before the connection check: a stream kept while no broker is reachable expires all the same (its deadline
+        # is in next_wakeup, which would otherwise come round again at once, forever).
+        for stream, kept in list(self.held.items()):
+            if now >= kept.until:  # its client never asked for it again
+                del self.held[stream]
+                out.append(CancelJob(kept.job))
         if not self._connected:
             return out
         if self.drain_deadline is not None and now >= self.drain_deadline:
@@ -320,10 +326,6 @@ class WorkerCore:
                 log.warning("%s: %d request(s) handed back to the broker", self._name, len(self.jobs))
             self._stop(out, None)
             return out
-        for stream, kept in list(self.held.items()):
-            if now >= kept.until:  # its client never asked for it again
-                del self.held[stream]
-                out.append(CancelJob(kept.job))
         if now >= self.broker_expires:
             if self.phase is Phase.CONNECTING:
                 log.warning(
