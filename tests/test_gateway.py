@@ -300,8 +300,12 @@ def test_queue_timeout_is_504():
     assert caught.value.status_code == 504 and caught.value.body["code"] == "queue_timeout"
 
 
+# Long enough that an answer which waited for it is told apart from one at once on any machine, however busy.
+UNREACHABLE_CONNECT_TIMEOUT = 30.0
+
+
 def _broker_unreachable_everywhere(front: GatewayThread, reason: str = "cannot reach the broker") -> None:
-    """Each endpoint answers 503 broker_unreachable within a second or two, never after the connect timeout."""
+    """Each endpoint answers 503 broker_unreachable at once, not after the bridge's connect timeout."""
     api = front.client()
     calls = {
         "chat": lambda: api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4),
@@ -316,18 +320,18 @@ def _broker_unreachable_everywhere(front: GatewayThread, reason: str = "cannot r
         took = time.monotonic() - start
         assert caught.value.status_code == 503 and caught.value.body["code"] == "broker_unreachable", name
         assert caught.value.body["type"] == "server_error" and reason in caught.value.message, name
-        assert took < 2, f"{name}: {took:.1f} s; the gateway knew it had no broker"
+        assert took < UNREACHABLE_CONNECT_TIMEOUT / 2, f"{name}: {took:.1f} s; the gateway knew it had no broker"
 
 
 def test_no_broker_is_503_broker_unreachable_at_once():
-    with GatewayThread(Bridge(free_endpoint(), connect_timeout=10)) as front:
+    with GatewayThread(Bridge(free_endpoint(), connect_timeout=UNREACHABLE_CONNECT_TIMEOUT)) as front:
         _broker_unreachable_everywhere(front)
 
 
 def test_a_lost_broker_is_503_broker_unreachable_at_once():
     broker = BrokerThread().start()
     try:
-        with GatewayThread(Bridge(broker.endpoint, connect_timeout=10)) as front:
+        with GatewayThread(Bridge(broker.endpoint, connect_timeout=UNREACHABLE_CONNECT_TIMEOUT)) as front:
             assert front.client().models.list().data == []  # connected: a mesh without workers
             broker.stop()
             _broker_unreachable_everywhere(front)
@@ -344,7 +348,7 @@ def test_a_key_the_broker_refuses_at_the_handshake_is_503_at_once(tmp_path):
     keys = CurveClientKeys.load(tmp_path / "gateway.key_secret", broker_public)
     with (
         BrokerThread(security=security) as broker,
-        GatewayThread(Bridge(broker.endpoint, connect_timeout=10, curve=keys)) as front,
+        GatewayThread(Bridge(broker.endpoint, connect_timeout=UNREACHABLE_CONNECT_TIMEOUT, curve=keys)) as front,
     ):
         _broker_unreachable_everywhere(front, "refused this key: it is not on the broker's allow-list")
 
