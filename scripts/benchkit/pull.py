@@ -87,20 +87,19 @@ def run(args: argparse.Namespace, command: str) -> Section:
         with QMeshClient(store_endpoint, connect_timeout=30) as client:
             wait_for(lambda: client.model_files(), 60, "the store broker to list its model")
         holders = {"the broker's store": store_endpoint, "a worker (idle)": worker_endpoint}
-        pulls: dict[str, list[dict[str, Any]]] = {}
+        pull_rates: dict[str, list[float]] = {}  # MB/s of each timed pull, by holder
         for label, endpoint in holders.items():
-            pulls[label] = _pulls(ps, endpoint, args.pulls + 1)[1:]  # the first warms the page cache
-            rates = [size / p["seconds"] / 1e6 for p in pulls[label]]
-            print(f"pull: from {label}: {', '.join(f'{r:.0f}' for r in rates)} MB/s", flush=True)
+            runs = _pulls(ps, endpoint, args.pulls + 1)[1:]  # the first warms the page cache
+            pull_rates[label] = [size / run["seconds"] / 1e6 for run in runs]
+            print(f"pull: from {label}: {', '.join(f'{r:.0f}' for r in pull_rates[label])} MB/s", flush=True)
         alone, during = _itl_rounds(ps, worker_endpoint, args)
 
     table = Table(["path", "MB/s (median)", "MB/s (best)", "runs"])
     for label, rate in raw.items():
         table.add(label, fmt(rate, 0), "", "best of 3")
-    for label, runs in pulls.items():
-        rates = [size / run["seconds"] / 1e6 for run in runs]
+    for label, rates in pull_rates.items():
         label = f"pull through the broker from {label}, verified"
-        table.add(label, fmt(median(rates), 0), fmt(max(rates), 0), len(runs))
+        table.add(label, fmt(median(rates), 0), fmt(max(rates), 0), len(rates))
     section.table("Throughput (end to end: FETCH to a verified file renamed into place)", table)
 
     columns = ["condition", "streams", "tokens", "ITL p50 ms", "ITL p99 ms", "tokens/s", "pulled MB", "pull MB/s"]
@@ -120,8 +119,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
         )
     section.table("A token stream while pulls run from the worker that streams (rounds in ABBA order)", itl)
 
-    worker_rates = [size / run["seconds"] / 1e6 for run in pulls["a worker (idle)"]]
-    store_rates = [size / run["seconds"] / 1e6 for run in pulls["the broker's store"]]
+    worker_rates, store_rates = pull_rates["a worker (idle)"], pull_rates["the broker's store"]
     ratio = percentile(during.result.itls_ms(), 99) / percentile(alone.result.itls_ms(), 99)
     # Rounds side by side in ABBA order, compared pair by pair: what other programs did to one round they did to the
     # round next to it, so the median of these ratios is the steadier figure on a shared machine.
@@ -138,7 +136,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
     )
     section.data = {
         "raw_mb_s": raw,
-        "pull_mb_s": {label: [size / r["seconds"] / 1e6 for r in runs] for label, runs in pulls.items()},
+        "pull_mb_s": pull_rates,
         "itl_p99_ms": {"alone": alone.round_p99s, "with_pulls": during.round_p99s},
         "itl_p99_ratio": ratio,
         "itl_p99_paired_ratio": paired,
