@@ -203,6 +203,16 @@ def test_penalties_bias_and_sampling_fields_are_carried(api):
         extra_body={"top_k": 20, "min_p": 0.05},
     )
     assert answer.choices[0].message.content
+    # Two of them with an effect to see, against the greedy answer: a token biased to +100 is every token; a stop
+    # sequence taken from the answer cuts it there.
+    greedy = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "temperature": 0}
+    plain = api.chat.completions.create(**greedy, max_tokens=8).choices[0].message.content
+    biased = api.chat.completions.create(**greedy, max_tokens=6, logit_bias={"5000": 100}).choices[0].message.content
+    piece = biased[: len(biased) // 6]
+    assert piece.strip() and biased == piece * 6 and biased != plain[: len(biased)], biased
+    word = plain.split()[1]
+    cut = api.chat.completions.create(**greedy, max_tokens=8, stop=[word]).choices[0]
+    assert cut.message.content == plain[: plain.index(word)] and cut.finish_reason == "stop", (plain, word)
 
 
 def test_a_repeated_long_prompt_reports_cached_tokens(api):
