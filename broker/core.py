@@ -236,12 +236,8 @@ class BrokerCore:
                 out: list[Outgoing] = []
                 self._forward_partial(request, frames[lead + 4 :], now, out)
                 return out
-        shards = self.shards  # a shard peer's messages go to its registry (about 50 ns for any other message)
-        if (
-            identity in shards.hosts
-            or identity in shards.leases
-            or (len(frames) > 1 and frames[1] in p.SHARD_HELLOS and frames[0] == p.WORKER)
-        ):
+        shards = self.shards  # a shard peer's messages go to its registry (two lookups and a frame check for others)
+        if identity in shards.hosts or identity in shards.leases or p.is_shard_hello(frames):
             return shards.on_message(identity, frames, now, peer)
         try:
             message = p.parse_inbound(frames)
@@ -715,7 +711,7 @@ class BrokerCore:
         """What a passive broker of a pair says to a client or worker: "not active, the other broker serves"
         (a 421, with the newest epoch it knows); nothing to what needs no answer."""
         text = "this broker is the passive one of a pair: use the other"
-        if len(frames) > 1 and frames[0] == p.WORKER and frames[1] in p.SHARD_HELLOS:  # a shard host or split worker
+        if p.is_shard_hello(frames):  # a shard host or split worker
             return [(identity, p.disconnect((p.NOT_ACTIVE, text)))]
         try:
             message = p.parse_inbound(frames)

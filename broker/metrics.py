@@ -173,7 +173,7 @@ class BrokerMetrics:
         self.shard_memory.labels("free").set(sum(host.memory - host.used for host in hosts) * 2**20)
         splits: dict[str, int] = dict.fromkeys(self._split_labels, 0)  # a model seen once keeps reporting 0
         for lease in core.shards.leases.values():
-            if lease.hosts and lease.ask is not None:
+            if lease.hosts:
                 splits[lease.ask.model] = splits.get(lease.ask.model, 0) + 1
         self._split_labels = set(splits)
         for model, count in splits.items():

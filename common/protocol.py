@@ -726,7 +726,6 @@ W_SHARD_GRANT = b"\x23"  # broker -> split worker: msgpack grant, or an error bo
 W_SHARD_LOST = b"\x24"  # broker -> split worker: msgpack {"name"}: a host of its grant is gone
 W_SHARD_ASSIGN = b"\x25"  # broker -> shard host: msgpack {"worker", "key"}: who may use it now
 W_SHARD_RELEASE = b"\x26"  # broker -> shard host: its worker let it go (it restarts rpc-server, registers again)
-SHARD_HELLOS = (W_SHARD_READY, W_SHARD_REQUEST)  # how a shard peer's first message starts, after the header
 MAX_SHARD_NAME_LEN = 255
 MAX_SHARDS = 64  # hosts in one grant, and names in an ask's exclude
 CURVE_KEY_LEN = 40  # a z85 CURVE public key
@@ -734,6 +733,11 @@ _ALNUM = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _HOST_CHARS = frozenset(_ALNUM + ".-")  # a host name or an IPv4 address
 _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 _Z85_CHARS = frozenset(_ALNUM + ".-:+=^!/*?&<>()[]{}@%$#")
+
+
+def is_shard_hello(frames: list[bytes]) -> bool:
+    """Whether a message is a shard peer's first (a shard host's offer, a split worker's ask): its registry's."""
+    return len(frames) > 1 and frames[0] == WORKER and frames[1] in (W_SHARD_READY, W_SHARD_REQUEST)
 
 
 @dataclass(slots=True, frozen=True)

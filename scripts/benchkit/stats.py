@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -95,7 +95,3 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
-
-
-def flatten(chunks: Iterable[Iterable[float]]) -> list[float]:
-    return [x for chunk in chunks for x in chunk]
