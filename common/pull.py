@@ -179,18 +179,17 @@ def pull_model(
                 continue
             except _Retry as exc:
                 attempt, turn, last = attempt + 1, 0, str(exc)
-                received += pull.received
-                resumed_at = pull.resumed_at if resumed_at is None else resumed_at
                 if attempt < attempts:
                     delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS)) - 1]
                     log.warning("pull of %s: %s; trying again in %.1f s", name, last, delay)
                     time.sleep(delay)
                 continue
+            finally:  # whatever ended it, what this pull received counts, from a broker of a pair that left too
+                received += pull.received
+                resumed_at = pull.resumed_at if resumed_at is None else resumed_at
             assert pull.model is not None
             if digests is not None:
                 digests.remember(path, pull.model.sha256)
-            received += pull.received
-            resumed_at = pull.resumed_at if resumed_at is None else resumed_at
             return PullResult(pull.model, path, received, resumed_at, time.monotonic() - started, attempt + 1)
     finally:
         link.close()
