@@ -206,6 +206,16 @@ def test_an_unlisted_worker_never_gets_a_request(keyring):
             assert client.models() == {}
 
 
+def test_a_worker_without_keys_is_told_the_broker_requires_them(keyring):
+    """The worker stops with what the SDK says of the same mistake: which side lacks CURVE, not a guess."""
+    with BrokerThread(security=keyring.security()) as broker:
+        node = WorkerNode(worker_settings(broker.endpoint, slots=1))
+        node.start()
+        node.join(timeout=60)
+        assert not node.is_alive() and node.failure is not None
+        assert re.search(REFUSALS["no key"], node.failure), node.failure
+
+
 def test_a_worker_key_limited_to_other_models_stops_with_the_reason_instead_of_retrying(keyring):
     limited, _ = generate_keys(keyring.root / "limited", models=["another-model"])
     shutil.copy(limited, keyring.workers / limited.name)

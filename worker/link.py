@@ -63,9 +63,7 @@ class Wakeup:
 
 
 class BrokerLink:
-    def __init__(
-        self, context: zmq.Context, wakeup: Wakeup, curve: CurveClientKeys | None = None
-    ) -> None:
+    def __init__(self, context: zmq.Context, wakeup: Wakeup, curve: CurveClientKeys | None = None) -> None:
         self.context = context
         self.endpoint = ""  # of the open (or last) connection
         self.curve = curve
@@ -94,7 +92,7 @@ class BrokerLink:
                 HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
             )
             self.endpoint = endpoint
-            self._handshakes = HandshakeWatch(endpoint)
+            self._handshakes = HandshakeWatch(endpoint, self.curve is not None)
             dealer.connect(endpoint)
             self._dealer, self.connection, self.broken = dealer, connection, False
 
@@ -140,8 +138,9 @@ class BrokerLink:
         gone = False
         with self._lock:
             while self._handshake_events is not None and self._handshake_events.poll(0):
-                event = recv_monitor_message(self._handshake_events)["event"]
-                failure = self._handshakes.refusal(event)
+                message = recv_monitor_message(self._handshake_events)
+                event = message["event"]
+                failure = self._handshakes.refusal(event, message["value"])  # the value tells a mechanism mismatch
                 if failure is not None:
                     return failure, gone
                 gone |= event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED)
