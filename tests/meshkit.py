@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -22,7 +25,7 @@ from qmesh.broker.core import BrokerConfig
 from qmesh.broker.loop import Broker
 from qmesh.broker.models_store import ModelStore
 from qmesh.broker.security import BrokerSecurity
-from qmesh.common.keys import CurveClientKeys
+from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.common.modelfiles import DigestCache
 from qmesh.gateway.app import create_app
 from qmesh.testing import ROOT, Child, free_endpoint, qmesh_command, wait_for, wait_for_workers
@@ -167,3 +170,65 @@ class GatewayThread:
 
     def client(self, api_key: str = "unused") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=60)
+
+
+class Keyring:
+    """A broker key, worker and client allow-lists, and keys on and off them, in a temporary directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.workers, self.clients = root / "allow-workers", root / "allow-clients"
+        self.workers.mkdir()
+        self.clients.mkdir()
+        self.broker_public, self.broker_secret = generate_keys(root / "broker")
+        for name, allow in (("worker", self.workers), ("client", self.clients)):
+            public, _ = generate_keys(root / name)
+            shutil.copy(public, allow / public.name)
+        generate_keys(root / "stranger")
+
+    def keys(self, name: str, broker_key: Path | None = None) -> CurveClientKeys:
+        return CurveClientKeys.load(self.root / f"{name}.key_secret", broker_key or self.broker_public)
+
+    def security(self) -> BrokerSecurity:
+        return BrokerSecurity(self.broker_secret, self.workers, self.clients)
+
+
+class RecordingProxy:
+    """A TCP forwarder between a client and the broker that keeps every byte it carries: the eavesdropper."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.recorded = bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                inbound, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by close()
+                return
+            outbound = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(inbound, outbound), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        peers = {a: b, b: a}
+        while not self._stop.is_set():
+            readable, _, _ = select.select(list(peers), [], [], 0.2)
+            for source in readable:
+                data = source.recv(65536)
+                if not data:
+                    a.close()
+                    b.close()
+                    return
+                self.recorded += data
+                peers[source].sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_security import Keyring
 
-from meshkit import MODEL
+from meshkit import MODEL, Keyring
 from netkit import HostProcess, JsonLines, Link, Namespace, listed, network, run_json
 from qmesh.common.keys import generate_keys
 from qmesh.testing import qmesh_command, wait_for

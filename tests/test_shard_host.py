@@ -15,9 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 import zmq
-from test_security import Keyring
 
-from meshkit import BrokerThread, run_cli
+from meshkit import BrokerThread, Keyring, run_cli
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
 from qmesh.common.keys import generate_keys

@@ -10,9 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_security import Keyring, RecordingProxy
 
-from meshkit import MODEL, BrokerThread, worker_settings, worker_threads
+from meshkit import MODEL, BrokerThread, Keyring, RecordingProxy, worker_settings, worker_threads
 from qmesh.client.sdk import QMeshClient
 from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.testing import Child, free_endpoint, qmesh_command, wait_for, wait_for_workers

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_security import RecordingProxy
 
+from meshkit import RecordingProxy
 from qmesh.common.keys import KeyPair, generate_keys, load_keypair
 from qmesh.common.tunnel import Entrance, Exit
 from qmesh.testing import wait_for
