@@ -45,25 +45,25 @@ def cpu_seconds(pid: int) -> float:
     if pid == os.getpid():
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
-    try:
-        total = 0
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        return total / 1e9
-    except (OSError, ValueError, IndexError):
-        times = psutil.Process(pid).cpu_times()
-        return times.user + times.system
+    if os.path.exists(f"/proc/{pid}/schedstat"):
+        return _thread_seconds(pid, "")
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def zmq_io_seconds(pid: int) -> float:
     """CPU time of a process's ZeroMQ background threads (libzmq names them ``ZMQbg/...``: the I/O thread that moves
-    the bytes of every socket of a context, and its reaper), from the scheduler's count of each live thread."""
+    the bytes of every socket of a context, and its reaper)."""
+    return _thread_seconds(pid, "ZMQbg")
+
+
+def _thread_seconds(pid: int, named: str) -> float:
+    """The scheduler's count of CPU time of the live threads of ``pid`` whose name starts with ``named``."""
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/comm") as f:
-                if not f.read().startswith("ZMQbg"):
+                if not f.read().startswith(named):
                     continue
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
                 total += int(f.read().split()[0])
