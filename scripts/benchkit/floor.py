@@ -1,6 +1,6 @@
-"""The latency floor under ``overhead``'s added TTFT: what the mesh's hops cost with no llama-server at all.
+"""The floors under ``overhead``'s figures: what the mesh's hops cost at the least.
 
-Two measures, taken on the same machine in the same run:
+The latency floor under the added TTFT, with no llama-server at all, two measures taken in the same run:
 
 - the mesh round trip: SDK -> broker -> a fake worker that answers at once (``FakeStreamingWorker``, named as
   the fake backend it is) -> broker -> SDK, one request at a time: the time to the first chunk;
@@ -9,11 +9,20 @@ Two measures, taken on the same machine in the same run:
 
 Requests are spaced a millisecond apart, as single requests are in ``overhead``: every hop then wakes a
 sleeping thread, which is what a first token pays.
+
+The CPU floor under the tokens/s ratio (``relay_cpu``): the CPU per message of a process that does nothing but
+take a ZeroMQ message in and send it on, at the token rate of the run's saturated load and while that load keeps
+llama-server on every core (as the gateway, the broker and the worker each take a token in and send it on, on a
+machine whose cores llama-server fills). Two such relays, alternated: the plainest pyzmq loop (``recv_multipart``,
+``send_multipart``) and libzmq's own C loop (``zmq.proxy``), whose cost is the I/O threads' and the wake-ups' alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -27,6 +36,8 @@ from .stats import percentile
 
 SERVICE = "latency-floor"
 SPACING_S = 0.001
+PYTHON_RELAY, C_RELAY = "pyzmq loop (recv_multipart, send_multipart)", "libzmq's C loop (zmq.proxy)"
+RELAY_FRAMES = [b"MDPW02", b"\x04", b"route-key", b"x" * 96]  # a PARTIAL of one token, give or take
 
 
 def mesh_round_trip(ps: procs.Processes, endpoint: str, requests: int = 300) -> list[float]:
@@ -93,3 +104,83 @@ def zmq_round_trip(ps: procs.Processes, count: int = 1000) -> list[float]:
 
 def summary(times: list[float]) -> str:
     return " / ".join(f"{percentile(times, q):.3f}" for q in (50, 90, 99))
+
+
+def _relay_main(kind: str, front: str, back: str, results: Any) -> None:
+    """A process that passes every message from ``front`` (PULL) to ``back`` (PUSH) until it is killed."""
+    context = zmq.Context()
+    inbound, outbound = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    inbound.bind(front)
+    outbound.bind(back)
+    results.put("ready")
+    if kind == C_RELAY:
+        with contextlib.suppress(zmq.ContextTerminated):
+            zmq.proxy(inbound, outbound)
+        return
+    while True:
+        outbound.send_multipart(inbound.recv_multipart())
+
+
+def relay_cpu(
+    ps: procs.Processes, rate: float, burst: int, busy: Callable[[], None], rounds: int = 3, seconds: float = 6.0
+) -> dict[str, list[float]]:
+    """ms of CPU per message of each relay (PYTHON_RELAY, C_RELAY), ``rounds`` of each alternated, every round
+    ``seconds`` of messages at ``rate`` per second in bursts of ``burst`` (a decode step of llama-server's makes a
+    token for each busy slot at once), while ``busy()`` runs again and again in a thread."""
+    stop = threading.Event()
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            busy()
+
+    loader = threading.Thread(target=keep_busy, name="relay-floor-load", daemon=True)
+    loader.start()
+    out: dict[str, list[float]] = {PYTHON_RELAY: [], C_RELAY: []}
+    try:
+        time.sleep(1.0)  # the load reaches its stride
+        for kind in [PYTHON_RELAY, C_RELAY] * rounds:
+            out[kind].append(_relay_round(ps, kind, rate, burst, seconds))
+    finally:
+        stop.set()
+        loader.join()
+    return out
+
+
+def _relay_round(ps: procs.Processes, kind: str, rate: float, burst: int, seconds: float) -> float:
+    front, back = free_endpoint(), free_endpoint()
+    process, results = ps.function(_relay_main, kind, front, back)
+    results.get(timeout=30)
+    context = zmq.Context()
+    sender, receiver = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    for socket in (sender, receiver):
+        socket.setsockopt(zmq.LINGER, 0)
+    sender.connect(front)
+    receiver.connect(back)
+    try:
+        for _ in range(20):  # connections up and warm before the count starts
+            sender.send_multipart(RELAY_FRAMES)
+            _receive(receiver)
+        assert process.pid is not None
+        bursts = max(1, round(rate * seconds / burst))
+        before, start = procs.cpu_seconds(process.pid), time.monotonic()
+        for index in range(bursts):
+            wait = start + index * burst / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            for _ in range(burst):
+                sender.send_multipart(RELAY_FRAMES)
+            for _ in range(burst):  # passed on before the next burst comes: the relay wakes for each, as for tokens
+                _receive(receiver)
+        return (procs.cpu_seconds(process.pid) - before) * 1000 / (bursts * burst)
+    finally:
+        sender.close()
+        receiver.close()
+        context.term()
+        process.kill()
+        process.join(5)
+
+
+def _receive(receiver: zmq.Socket) -> None:
+    if not receiver.poll(5000):
+        raise RuntimeError("the relay passed nothing on within 5 s")
+    receiver.recv_multipart()

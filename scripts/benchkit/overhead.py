@@ -402,6 +402,46 @@ def gateway_goals(all_series: list[Series], slots: int) -> tuple[Table, list[str
     return table, lines, data
 
 
+def _relay_floor(ps: procs.Processes, all_series: list[Series], args: argparse.Namespace) -> dict[str, list[float]]:
+    """The relays' CPU per message (floor.relay_cpu) at the direct path's saturated token rate, while the direct
+    path's saturating load runs."""
+    saturated = next(s for s in all_series if s.concurrency == args.slots)
+    rate = saturated.pooled(DIRECT).result.tokens_per_s()
+    load = saturated.paths[DIRECT].load(args.slots)
+    batches = iter(range(1_000_000, 2_000_000, 2 * args.slots))
+    try:
+        return floor.relay_cpu(
+            ps, rate, args.slots, lambda: load.run(prompts(2 * args.slots, next(batches)), args.max_tokens)
+        )
+    finally:
+        load.close()
+
+
+def relay_floor_report(
+    relays: dict[str, list[float]], gateway: dict[str, Any], args: argparse.Namespace
+) -> tuple[Table, list[str], dict[str, Any]]:
+    """The relays' CPU per message, and what the gateway's tokens/s goal leaves the three processes a token crosses:
+    this run's tokens/s lost per ms of CPU they add to a token, at saturation, turned into the CPU per token the
+    goal allows."""
+    added = sum(gateway["ms_per_token_saturation"].get(role, 0.0) for role in (GATEWAY_PROCESS, BROKER, WORKER))
+    lost_per_ms = (1 - gateway["tokens_ratio_saturation"]) / added
+    budget = (1 - GOAL_GATEWAY_TOKENS_RATIO) / lost_per_ms
+    table = Table(["relay process", "ms CPU per message, median (range)", "three of them, ms per token"])
+    data: dict[str, Any] = {"budget_ms_per_token": budget, "lost_per_ms": lost_per_ms}
+    for kind, values in relays.items():
+        table.add(kind, _spread(values), fmt(3 * median(values), 3))
+        data[kind] = values
+    python = 3 * median(relays[floor.PYTHON_RELAY])
+    lines = [
+        f"tokens/s lost per ms of CPU that gateway, broker and worker add to a token, at saturation: "
+        f"{lost_per_ms:.1%} ({1 - gateway['tokens_ratio_saturation']:.1%} lost for {added:.3f} ms); the goal of "
+        f">= {GOAL_GATEWAY_TOKENS_RATIO:g}x leaves the three processes {budget:.3f} ms of CPU per token together; "
+        f"three pyzmq processes that only pass each token on would use {python:.3f} ms "
+        f"({python / budget:.2f}x that budget)"
+    ]
+    return table, lines, data
+
+
 def path_roles(series: Series, path: int) -> list[str]:
     return [role for role in ROLES if role in series.paths[path].pids]
 
@@ -480,6 +520,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
         all_series = interleave(r, args)
         warnings = sum(procs.warnings_in(child)[0] for child in r.children())
         mesh_floor, zmq_floor = floor.mesh_round_trip(ps, r.mesh.endpoint), floor.zmq_round_trip(ps)
+        relays = _relay_floor(ps, all_series, args) if args.gateway else None
     for series in all_series:
         c = series.concurrency
         label = "concurrency 1" if c == 1 else f"saturation: concurrency {c} = slots"
@@ -508,6 +549,12 @@ def run(args: argparse.Namespace, command: str) -> Section:
     section.table("latency floor of the added TTFT, no llama-server (see benchkit/floor.py)", table)
     section.data["mesh_round_trip_p50_ms"] = percentile(mesh_floor, 50)
     section.data["zmq_round_trip_p50_ms"] = percentile(zmq_floor, 50)
+    if relays is not None:
+        table, relay_lines, section.data["relay_floor"] = relay_floor_report(relays, section.data["gateway"], args)
+        section.table(
+            "CPU floor of the tokens/s ratio: a process that only passes messages on (see benchkit/floor.py)", table
+        )
+        lines += relay_lines
     section.notes += lines
     section.notes.append(
         "every llama-server runs with the same command line but the port: "
