@@ -74,3 +74,20 @@ def test_split_benchmark_measures_the_model_unsplit_and_over_shard_hosts(tmp_pat
     for service in ("bench-whole", "bench-split-rpc", "bench-split-curve"):
         assert data[service]["errors"] == 0 and data[service]["tokens_per_s"] > 0, service
     assert "| split over 2 hosts, CURVE bridge |" in section
+
+
+@pytest.mark.sidecar  # the rig's llama-servers and worker are real, out of sight of conftest's rule
+def test_overhead_benchmark_runs_the_three_chat_paths_and_measures_the_relay_floor(tmp_path: Path) -> None:
+    options = ["--gateway", "--rounds", "1", "--requests", "2", "--max-tokens", "16"]
+    data, section = bench(tmp_path, "overhead", *options, timeout=600)
+    for path in ("sdk", "gateway"):
+        assert len(data[path]["added_ttft_ms"]) == 2  # each prompt went every way, paired with the direct one
+        assert data[path]["tokens_ratio_saturation"] > 0
+        assert data[path]["ms_per_token_saturation"]["broker"] > 0
+    assert data["gateway"]["ms_per_token_saturation"]["gateway"] > 0
+    rows = [line for line in section.splitlines() if line.startswith("| requests (errors)")]
+    assert len(rows) == 2 and all(line.count("(0)") == 3 for line in rows), rows  # c=1 and saturation, no errors
+    floor = data["relay_floor"]
+    for kind in ("pyzmq loop (recv_multipart, send_multipart)", "libzmq's C loop (zmq.proxy)"):
+        assert len(floor[kind]) == 1 and floor[kind][0] > 0, kind
+    assert "CPU floor of the tokens/s ratio" in section

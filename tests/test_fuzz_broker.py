@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import subprocess
 import sys
@@ -16,14 +17,20 @@ from qmesh.common import protocol as p
 from qmesh.testing import ROOT, free_endpoint, wait_for
 
 MESSAGES = 30_000
+PEERS = 20  # many, so some of the flood comes from "workers" that registered
 
 
-def _hostile_messages(rng: random.Random):
-    """Garbage, truncated and well-formed-but-wrong messages of every kind the broker parses."""
+def _hostile_messages(rng: random.Random, peers: int):
+    """Garbage, truncated and well-formed-but-wrong messages of every kind the broker parses; the i-th is sent by
+    peer i % ``peers``, so that a stream one fake worker offers (ATTACH) is asked for, under that fake's service, by
+    a client that lost its broker, as after a takeover: the broker joins them."""
     headers = [p.CLIENT, p.WORKER, b"", b"MDPC01", b"\x00" * 6]
     commands = [bytes([c]) for c in range(0, 0x20)]
-    while True:
-        kind = rng.randrange(12)
+    services: dict[int, str] = {}  # the service each peer last registered as
+    offered: list[tuple[bytes, str]] = [(b"stream", "fake-0")]  # streams offered lately, and the offerer's service
+    for index in itertools.count():
+        peer = index % peers
+        kind = rng.randrange(14)
         if kind == 9 and rng.random() > 0.02:
             kind = 0  # large bodies are few: the point is the limit, not pushing gigabytes
         if kind == 0:
@@ -31,7 +38,8 @@ def _hostile_messages(rng: random.Random):
         elif kind == 1:
             yield [p.WORKER, p.W_READY, rng.choice([b"mmi.evil", b"", b"\xff\xfe", b"x" * 300]), b"\xc1"]
         elif kind == 2:
-            yield p.ready(f"fake-{rng.randrange(50)}", {"slots": rng.choice([0, -1, 5000, "many", None, 3])})
+            services[peer] = f"fake-{rng.randrange(50)}"
+            yield p.ready(services[peer], {"slots": rng.choice([0, -1, 5000, "many", None, 3])})
         elif kind == 3:
             yield p.worker_reply(rng.random() < 0.5, rng.randbytes(8), [rng.randbytes(20)])
         elif kind == 4:
@@ -48,6 +56,16 @@ def _hostile_messages(rng: random.Random):
             yield [p.CLIENT, p.C_REQUEST, MODEL.encode(), b"x" * (2 * 1024 * 1024)]  # over the request size limit
         elif kind == 10:
             yield [p.WORKER, p.W_DISCONNECT]
+        elif kind == 12:  # a kept stream offered by a registered fake or a stranger; a new one, or one offered before
+            stream = rng.choice([rng.randbytes(8), rng.choice(offered)[0], b"", b"s" * 300])
+            offered = [*offered[-15:], (stream, services.get(peer, "fake-0"))]
+            yield p.attach(stream)
+        elif kind == 13:  # a client back after losing its broker, for a stream offered lately (or not)
+            stream, service = rng.choice(offered)
+            if rng.random() < 0.2:
+                stream = rng.randbytes(8)
+            hint = p.RoutingHint(stream=stream or b"x", attach=True)
+            yield p.client_request(service, [rng.randbytes(30)], stream or b"x", hint)
         else:
             yield [rng.randbytes(rng.randrange(1, 10))]
 
@@ -64,8 +82,8 @@ def test_hostile_flood_leaves_the_broker_serving_with_bounded_memory():
             assert client.generate("Say hi.", model=MODEL, max_tokens=4).text.strip()
             baseline = psutil.Process(broker.pid).memory_info().rss
             rng = random.Random(20261126)
-            messages = _hostile_messages(rng)
-            for _ in range(20):  # many peers, so some of the flood comes from "workers" that registered
+            messages = _hostile_messages(rng, PEERS)
+            for _ in range(PEERS):
                 attacker = context.socket(zmq.DEALER)
                 attacker.linger = 0
                 attacker.sndhwm = 0

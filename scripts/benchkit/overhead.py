@@ -411,35 +411,40 @@ def _relay_floor(ps: procs.Processes, all_series: list[Series], args: argparse.N
     batches = iter(range(1_000_000, 2_000_000, 2 * args.slots))
     try:
         return floor.relay_cpu(
-            ps, rate, args.slots, lambda: load.run(prompts(2 * args.slots, next(batches)), args.max_tokens)
+            ps,
+            rate,
+            args.slots,
+            lambda: load.run(prompts(2 * args.slots, next(batches)), args.max_tokens),
+            rounds=min(3, args.rounds),
         )
     finally:
         load.close()
 
 
 def relay_floor_report(
-    relays: dict[str, list[float]], gateway: dict[str, Any], args: argparse.Namespace
+    relays: dict[str, list[float]], gateway: dict[str, Any]
 ) -> tuple[Table, list[str], dict[str, Any]]:
     """The relays' CPU per message, and what the gateway's tokens/s goal leaves the three processes a token crosses:
     this run's tokens/s lost per ms of CPU they add to a token, at saturation, turned into the CPU per token the
     goal allows."""
-    added = sum(gateway["ms_per_token_saturation"].get(role, 0.0) for role in (GATEWAY_PROCESS, BROKER, WORKER))
-    lost_per_ms = (1 - gateway["tokens_ratio_saturation"]) / added
-    budget = (1 - GOAL_GATEWAY_TOKENS_RATIO) / lost_per_ms
     table = Table(["relay process", "ms CPU per message, median (range)", "three of them, ms per token"])
-    data: dict[str, Any] = {"budget_ms_per_token": budget, "lost_per_ms": lost_per_ms}
+    data: dict[str, Any] = dict(relays)
     for kind, values in relays.items():
         table.add(kind, _spread(values), fmt(3 * median(values), 3))
-        data[kind] = values
     python = 3 * median(relays[floor.PYTHON_RELAY])
-    lines = [
+    added = sum(gateway["ms_per_token_saturation"].get(role, 0.0) for role in (GATEWAY_PROCESS, BROKER, WORKER))
+    lost = 1 - gateway["tokens_ratio_saturation"]
+    if lost <= 0 or added <= 0:
+        return table, ["the gateway path lost no tokens/s in this run: no CPU budget to weigh the floor against"], data
+    data["lost_per_ms"] = lost / added
+    data["budget_ms_per_token"] = budget = (1 - GOAL_GATEWAY_TOKENS_RATIO) / data["lost_per_ms"]
+    line = (
         f"tokens/s lost per ms of CPU that gateway, broker and worker add to a token, at saturation: "
-        f"{lost_per_ms:.1%} ({1 - gateway['tokens_ratio_saturation']:.1%} lost for {added:.3f} ms); the goal of "
-        f">= {GOAL_GATEWAY_TOKENS_RATIO:g}x leaves the three processes {budget:.3f} ms of CPU per token together; "
-        f"three pyzmq processes that only pass each token on would use {python:.3f} ms "
-        f"({python / budget:.2f}x that budget)"
-    ]
-    return table, lines, data
+        f"{data['lost_per_ms']:.1%} ({lost:.1%} lost for {added:.3f} ms); the goal of >= "
+        f"{GOAL_GATEWAY_TOKENS_RATIO:g}x leaves the three processes {budget:.3f} ms of CPU per token together; three "
+        f"pyzmq processes that only pass each token on would use {python:.3f} ms ({python / budget:.2f}x that budget)"
+    )
+    return table, [line], data
 
 
 def path_roles(series: Series, path: int) -> list[str]:
@@ -550,7 +555,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
     section.data["mesh_round_trip_p50_ms"] = percentile(mesh_floor, 50)
     section.data["zmq_round_trip_p50_ms"] = percentile(zmq_floor, 50)
     if relays is not None:
-        table, relay_lines, section.data["relay_floor"] = relay_floor_report(relays, section.data["gateway"], args)
+        table, relay_lines, section.data["relay_floor"] = relay_floor_report(relays, section.data["gateway"])
         section.table(
             "CPU floor of the tokens/s ratio: a process that only passes messages on (see benchkit/floor.py)", table
         )
