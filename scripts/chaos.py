@@ -38,7 +38,15 @@ import psutil
 
 from qmesh.client.sdk import QMeshClient, Request
 from qmesh.common.errors import QMeshError
-from qmesh.testing import Child, WaitTimeout, free_endpoint, qmesh_command, start_broker, wait_for_workers
+from qmesh.testing import (
+    Child,
+    WaitTimeout,
+    free_endpoint,
+    llama_servers,
+    qmesh_command,
+    start_broker,
+    wait_for_workers,
+)
 from qmesh.testing.pair import ROLES, BrokerPair
 
 MODEL = "smollm2-135m"
@@ -53,21 +61,6 @@ TASKS = [
 
 
 # ---------------------------------------------------------------------------------------------- processes
-
-
-def sidecars(child: Child) -> list[psutil.Process]:
-    """The llama-server children of a worker process (none while it restarts one)."""
-    try:
-        children = psutil.Process(child.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [c for c in children if _is_llama(c)]
-
-
-def _is_llama(process: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return "llama" in process.name()
-    return False
 
 
 class Mesh:
@@ -126,7 +119,7 @@ class Mesh:
 
     def remember_sidecars(self) -> None:
         for _, worker in self.live_workers():
-            for sidecar in sidecars(worker):
+            for sidecar in llama_servers(worker.pid):
                 self._spawned.setdefault(sidecar.pid, sidecar)
 
     def _remember(self, pid: int) -> None:
@@ -358,12 +351,12 @@ class Chaos:
         return True
 
     def _fire_sidecar(self, streaming: set[int]) -> bool:
-        with_sidecar = [(i, w) for i, w in self.mesh.live_workers() if sidecars(w)]
+        with_sidecar = [(i, w) for i, w in self.mesh.live_workers() if llama_servers(w.pid)]
         victim = self._pick(with_sidecar, streaming)
         if victim is None:
             return False
         index, worker = victim
-        running = sidecars(worker)
+        running = llama_servers(worker.pid)
         if not running:
             return False
         with contextlib.suppress(psutil.Error):

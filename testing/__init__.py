@@ -66,6 +66,21 @@ def qmesh_command(program: str, *args: str) -> list[str]:
     return [sys.executable, "-m", PROGRAMS[program], *args]
 
 
+def llama_servers(pid: int) -> list[psutil.Process]:
+    """The llama-server processes a worker process (``pid``) runs: none while it restarts one, or once it is gone."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [child for child in children if _is_llama_server(child)]
+
+
+def _is_llama_server(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "llama" in process.name()
+    return False  # gone meanwhile
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie waiting for a reaper no longer counts."""
     try:

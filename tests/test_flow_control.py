@@ -11,7 +11,7 @@ import requests
 from meshkit import MODEL, WorkerProcess
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
-from qmesh.testing import Child, free_endpoint, qmesh_command, wait_for
+from qmesh.testing import Child, free_endpoint, llama_servers, qmesh_command, wait_for
 
 WINDOW = 8
 STREAMS = 20
@@ -34,7 +34,7 @@ def _rss_mb(process: psutil.Process) -> float:
 
 def _sidecar_ports(worker: WorkerProcess) -> list[int]:
     ports = []
-    for child in psutil.Process(worker.pid).children(recursive=True):
+    for child in llama_servers(worker.pid):
         command = child.cmdline()
         if "--port" in command:
             ports.append(int(command[command.index("--port") + 1]))
@@ -66,7 +66,7 @@ def test_a_client_that_stops_reading_pauses_generation_and_memory_stays_flat(bro
             # The client now reads nothing.
             time.sleep(5)
             processes = [psutil.Process(broker.pid), psutil.Process(worker.pid)]
-            processes += psutil.Process(worker.pid).children(recursive=True)
+            processes += llama_servers(worker.pid)
             early = [_rss_mb(proc) for proc in processes]
             assert _busy_slots(ports) == 0, "llama-server must pause while the client reads nothing"
             time.sleep(STALL_SECONDS - 5)

@@ -6,11 +6,9 @@ import json
 import logging
 import re
 
-import psutil
-
 from meshkit import MODEL, BrokerThread, WorkerProcess, worker_settings
 from qmesh.client.sdk import QMeshClient
-from qmesh.testing import free_endpoint, pid_alive, wait_for
+from qmesh.testing import free_endpoint, llama_servers, pid_alive, wait_for
 from qmesh.worker.node import WorkerNode
 
 HEARTBEAT_MS = 200  # with liveness 3: a dead worker is noticed within 0.6 s of silence
@@ -42,7 +40,7 @@ def test_sigkilled_worker_streams_continue_on_another_worker(tmp_path):
             prefilling = client.submit(LONG_PROMPT, model=MODEL, max_tokens=8, temperature=0)
             wait_for(lambda: client.poll(0.05) or prefilling.status.get("state") == "dispatched", 10, "dispatch")
             assert not prefilling.chunks, "the long prompt should still be in prompt evaluation"
-            sidecars = [c.pid for c in psutil.Process(first.pid).children(recursive=True)]
+            sidecars = [c.pid for c in llama_servers(first.pid)]
             first.kill()
             seen_at_kill = len(_tokens(streaming))
 

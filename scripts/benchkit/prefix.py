@@ -33,12 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import psutil
-
 from qmesh.broker.routing import MAX_INDEX_BLOCKS, TOKENS_PER_BLOCK, PrefixIndex, RoutingConfig
 from qmesh.client.sdk import QMeshClient, Request, Result
 from qmesh.common.prefix import split_hashes
-from qmesh.testing import Child, free_endpoint, wait_for_workers
+from qmesh.testing import Child, free_endpoint, llama_servers, wait_for_workers
 
 from . import procs, rig
 from .overhead import order
@@ -347,11 +345,7 @@ class Mesh:
         return sorted(self.servers, key=self.servers.__getitem__)
 
     def llama_commands(self) -> list[list[str]]:
-        return [
-            rig.without_port(sidecar.cmdline())
-            for worker in self.workers
-            for sidecar in psutil.Process(worker.pid).children(recursive=True)
-        ]
+        return [rig.without_port(sidecar.cmdline()) for worker in self.workers for sidecar in llama_servers(worker.pid)]
 
 
 def start_meshes(ps: procs.Processes, args: argparse.Namespace) -> list[Mesh]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from qmesh.testing import Child, ChildExited, free_endpoint, qmesh_command, wait_for, wait_for_workers
+from qmesh.testing import Child, ChildExited, free_endpoint, llama_servers, qmesh_command, wait_for, wait_for_workers
 from qmesh.worker.binary import find_llama_server
 from qmesh.worker.models import resolve_model
 from qmesh.worker.process import LlamaProcessManager
@@ -79,7 +79,7 @@ class Mesh:
     worker: Child
 
     def sidecar(self) -> psutil.Process:
-        children = psutil.Process(self.worker.pid).children(recursive=True)
+        children = llama_servers(self.worker.pid)
         assert children, f"the worker of {self.label} has no llama-server"
         return children[0]
 
