@@ -25,7 +25,7 @@ from . import fakeclient, plainmdp, procs, proxybase
 from .overhead import order
 from .profiling import PySpy, hot_spots
 from .report import Section, Table
-from .stats import fmt, ratio
+from .stats import fmt, ratio, verdict
 
 SERVICE = "fake-model"
 GOAL_CHUNKS_PER_CORE = 30_000
@@ -223,8 +223,8 @@ def summarise_plain(section: Section, rounds: dict[str, list[PlainRound]], ref: 
     section.notes.append(
         f"goal >= {GOAL_MAJORTOMO_RATIO:g}x less broker CPU per plain MDP request than majortomo's broker: "
         f"{fmt(command)}x less than its command as it runs by default: "
-        f"{_verdict(command >= GOAL_MAJORTOMO_RATIO)}; {fmt(quiet)}x less than its Broker with no logging: "
-        f"{_verdict(quiet >= GOAL_MAJORTOMO_RATIO)}"
+        f"{verdict(command >= GOAL_MAJORTOMO_RATIO)}; {fmt(quiet)}x less than its Broker with no logging: "
+        f"{verdict(quiet >= GOAL_MAJORTOMO_RATIO)}"
     )
     section.notes.append(
         f"ZeroMQ's I/O thread (the same libzmq under both brokers) alone takes {fmt(io_per_request[QMESH], 1)} us of "
@@ -337,14 +337,14 @@ def summarise(section: Section, brokers: list[BrokerRound], proxies: list[ProxyR
         fmt(us_broker),
         fmt(us_proxy),
         f"{fmt(cpu_ratio)}x",
-        f"<= {GOAL_CPU_RATIO:g}x: {_verdict(cpu_ratio <= GOAL_CPU_RATIO)}",
+        f"<= {GOAL_CPU_RATIO:g}x: {verdict(cpu_ratio <= GOAL_CPU_RATIO)}",
     )
     table.add(
         "chunks per CPU-second (one core)",
         fmt(per_core, 0),
         fmt(1e6 * ratio(1, us_proxy), 0),
         "-",
-        f">= {GOAL_CHUNKS_PER_CORE:,}: {_verdict(per_core >= GOAL_CHUNKS_PER_CORE)}",
+        f">= {GOAL_CHUNKS_PER_CORE:,}: {verdict(per_core >= GOAL_CHUNKS_PER_CORE)}",
     )
     table.add("chunks/s measured (wall, load generators on the same cores)", fmt(chunks / wall, 0), "-", "-", "-")
     table.add("lost or extra chunks / failed requests", f"{lost} / {errors}", "-", "-", "0 / 0")
@@ -393,7 +393,3 @@ def compare(section: Section, ref: str, before: list[BrokerRound], after: list[B
     table.add("lost chunks + failed requests", lost, section.data["lost_chunks"] + section.data["failed_requests"], "-")
     section.table(f"before/after: the broker of {ref} against the working tree's", table)
     section.data["ref"] = {"ref": ref, "us_per_message": us[0], "chunks_per_cpu_second": per_core[0]}
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"

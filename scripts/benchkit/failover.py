@@ -24,7 +24,7 @@ from qmesh.testing.pair import ROLES, BrokerPair
 
 from . import procs, rig
 from .report import Section, Table
-from .stats import fmt, median, percentile
+from .stats import fmt, median, percentile, verdict
 
 DEFAULT_HEARTBEAT_MS = BrokerConfig().heartbeat_interval * 1000
 LIVENESS = BrokerConfig().liveness
@@ -107,9 +107,9 @@ def run(args: argparse.Namespace, command: str) -> Section:
             )
     section.table(f"{args.fault} the active broker mid-stream, {args.kills} times", table)
     if args.fault == "kill":
-        verdict = "met" if resumes and max(resumes) <= GOAL_RESUME_S else "NOT met"
+        met = verdict(bool(resumes) and max(resumes) <= GOAL_RESUME_S)
         section.notes.append(
-            f"goal (the stream resumes within {GOAL_RESUME_S:g} s of the active broker's death, p50 and max): {verdict}"
+            f"goal (the stream resumes within {GOAL_RESUME_S:g} s of the active broker's death, p50 and max): {met}"
         )
     else:  # nothing closes: the worker, the client and the backup each wait out the heartbeats they miss
         section.notes.append(

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import floor, procs, rig
 from .report import Section, Table
-from .stats import LoadResult, StreamRecord, fmt, median, percentile, ratio
+from .stats import LoadResult, StreamRecord, fmt, median, percentile, ratio, verdict
 from .streamload import ChatHttpLoad, DirectLoad, MeshLoad, prompts
 
 GOAL_ADDED_TTFT_MS = 1.0
@@ -320,9 +320,9 @@ def goals(all_series: list[Series], slots: int) -> tuple[list[str], dict[str, An
     data = figures(all_series, MESH, slots)
     net, raw = data["added_ttft_ms"], data["added_ttft_ms_with_prompt_time"]
     added = data["added_ttft_p50_ms"]
-    verdict = "met" if added <= GOAL_ADDED_TTFT_MS else "NOT met"
+    met = verdict(added <= GOAL_ADDED_TTFT_MS)
     lines = [
-        f"goal: added TTFT p50 at concurrency 1 <= {GOAL_ADDED_TTFT_MS:g} ms: {added:.2f} ms, {verdict}. That is the "
+        f"goal: added TTFT p50 at concurrency 1 <= {GOAL_ADDED_TTFT_MS:g} ms: {added:.2f} ms, {met}. That is the "
         f"median of {len(net)} per-request differences (each prompt sent every way back to back) of TTFT less "
         f"llama-server's own prompt time (its timings.prompt_ms), which varies by several ms from request to "
         f"request on either path; p25-p75 {fmt(percentile(net, 25))} to {fmt(percentile(net, 75))} ms. "
@@ -330,10 +330,10 @@ def goals(all_series: list[Series], slots: int) -> tuple[list[str], dict[str, An
         f"to {fmt(percentile(raw, 75))}); difference of the pooled TTFT p50s {data['added_ttft_p50_ms_pooled']:.2f} ms"
     ]
     pooled, ratios = data["tokens_ratio_saturation"], data["tokens_ratios_saturation"]
-    verdict = "met" if pooled >= GOAL_TOKENS_RATIO else "NOT met"
+    met = verdict(pooled >= GOAL_TOKENS_RATIO)
     lines.append(
         f"goal: tokens/s through QMesh >= {GOAL_TOKENS_RATIO:g}x direct at saturation (concurrency {slots}): "
-        f"{pooled:.3f}x pooled, {verdict}; median of the rounds {median(ratios):.3f}x "
+        f"{pooled:.3f}x pooled, {met}; median of the rounds {median(ratios):.3f}x "
         f"(range {min(ratios):.3f}-{max(ratios):.3f}); median of the {data['quiet_rounds_saturation']} quiet "
         f"round(s) (other programs < {procs.QUIET:g} cores) {fmt(data['tokens_ratio_saturation_quiet_median'], 3)}x"
     )
@@ -365,7 +365,7 @@ def gateway_goals(all_series: list[Series], slots: int) -> tuple[Table, list[str
         "added TTFT p50 ms at concurrency 1 (p25-p75), paired per prompt",
         _added_cell(sdk["added_ttft_ms"]),
         _added_cell(gateway["added_ttft_ms"]),
-        f"<= {GOAL_GATEWAY_TTFT_MS:g} ms: {'met' if ttft_ok else 'NOT met'}",
+        f"<= {GOAL_GATEWAY_TTFT_MS:g} ms: {verdict(ttft_ok)}",
     )
     net = by_path[MESH]["added_ttft_ms"]
     sdk["added_ttft_net_p50_ms"] = by_path[MESH]["added_ttft_p50_ms"]
@@ -374,7 +374,7 @@ def gateway_goals(all_series: list[Series], slots: int) -> tuple[Table, list[str
         f"tokens/s / direct at saturation (concurrency {slots}), pooled (range of rounds)",
         _ratio_cell(sdk),
         _ratio_cell(gateway),
-        f">= {GOAL_GATEWAY_TOKENS_RATIO:g}x: {'met' if rate_ok else 'NOT met'}",
+        f">= {GOAL_GATEWAY_TOKENS_RATIO:g}x: {verdict(rate_ok)}",
     )
     table.add(
         "the same, median of the quiet rounds",
@@ -393,11 +393,11 @@ def gateway_goals(all_series: list[Series], slots: int) -> tuple[Table, list[str
         table.add(f"gateway + broker + worker ms CPU per output token, {name}", *(fmt(cell, 3) for cell in added), "-")
     lines = [
         f"goal: added TTFT p50 through the gateway <= {GOAL_GATEWAY_TTFT_MS:g} ms: "
-        f"{gateway['added_ttft_p50_ms']:.2f} ms, {'met' if ttft_ok else 'NOT met'} (median of "
+        f"{gateway['added_ttft_p50_ms']:.2f} ms, {verdict(ttft_ok)} (median of "
         f"{len(gateway['added_ttft_ms'])} per-prompt differences, each prompt sent every way back to back; "
         "llama-server's prompt time is in it, as the gateway does not report it)",
         f"goal: tokens/s through the gateway >= {GOAL_GATEWAY_TOKENS_RATIO:g}x direct at saturation: "
-        f"{gateway['tokens_ratio_saturation']:.3f}x pooled, {'met' if rate_ok else 'NOT met'}",
+        f"{gateway['tokens_ratio_saturation']:.3f}x pooled, {verdict(rate_ok)}",
     ]
     return table, lines, data
 

@@ -41,7 +41,7 @@ from qmesh.testing import Child, free_endpoint, llama_servers, wait_for_workers
 from . import procs, rig
 from .overhead import order
 from .report import Section, Table
-from .stats import fmt, percentile, ratio
+from .stats import fmt, percentile, ratio, verdict
 
 POLICIES = ("least-loaded", "cache-aware")  # the baseline first
 BASELINE, CACHE_AWARE = 0, 1
@@ -600,24 +600,22 @@ def goals(pools: dict[str, Legs], servers: list[str]) -> tuple[list[str], dict[s
         "fair_share": share <= GOAL_MAX_SHARE,
     }
 
-    def verdict(key: str) -> str:
-        return "met" if met[key] else "NOT met"
-
     lines = [
         f"goal 1a: chat follow-up TTFT p50 <= {GOAL_FOLLOW_UP_VS_FIRST:g}x the first-turn p50 with cache-aware: "
-        f"{fmt(follow[CACHE_AWARE], 0)} ms / {fmt(first, 0)} ms = {fmt(vs_first, 3)}x, {verdict('follow_up_vs_first')}",
+        f"{fmt(follow[CACHE_AWARE], 0)} ms / {fmt(first, 0)} ms = {fmt(vs_first, 3)}x, "
+        f"{verdict(met['follow_up_vs_first'])}",
         f"goal 1b: chat follow-up TTFT p50 >= {GOAL_FOLLOW_UP_VS_BASELINE:g}x lower than least-loaded's: "
         f"{fmt(follow[BASELINE], 0)} ms / {fmt(follow[CACHE_AWARE], 0)} ms = {fmt(vs_baseline, 2)}x, "
-        f"{verdict('follow_up_vs_least_loaded')}",
+        f"{verdict(met['follow_up_vs_least_loaded'])}",
         f"goal 2: hit ratio after warm-up >= {GOAL_HIT_RATIO:.0%} with cache-aware (chat follow-ups, and shared-prefix "
-        f"requests after each llama-server's first of the round): {hit:.1%}, {verdict('hit_ratio')}; chat follow-ups "
-        f"alone {pools[CHAT][CACHE_AWARE].hit_ratio(FOLLOW_UP):.1%}, shared alone "
+        f"requests after each llama-server's first of the round): {hit:.1%}, {verdict(met['hit_ratio'])}; chat "
+        f"follow-ups alone {pools[CHAT][CACHE_AWARE].hit_ratio(FOLLOW_UP):.1%}, shared alone "
         f"{pools[SHARED][CACHE_AWARE].hit_ratio(ONE_SHOT):.1%}",
         f"goal 3a: output tokens/s with cache-aware >= {GOAL_TOKENS_RATIO:g}x least-loaded, each workload pooled: "
         + ", ".join(f"{w} {fmt(r, 3)}x" for w, r in tokens.items())
-        + f", {verdict('tokens_per_s')}",
+        + f", {verdict(met['tokens_per_s'])}",
         f"goal 3b: no llama-server above {GOAL_MAX_SHARE:g}x its fair share of requests (chat, cache-aware, pooled): "
-        f"busiest {fmt(share, 2)}x, {verdict('fair_share')}",
+        f"busiest {fmt(share, 2)}x, {verdict(met['fair_share'])}",
     ]
     data = {
         "first_turn_ttft_p50_ms": first,

@@ -29,7 +29,7 @@ from qmesh.worker.models import resolve_model
 
 from . import procs, rig
 from .report import Section, Table
-from .stats import LoadResult, fmt, median, percentile
+from .stats import LoadResult, fmt, median, percentile, verdict
 from .streamload import MeshLoad, prompts
 
 GOAL_MB_S = 200.0
@@ -127,12 +127,12 @@ def run(args: argparse.Namespace, command: str) -> Section:
     section.notes.append(
         f"goal >= {GOAL_MB_S:.0f} MB/s end to end: from a worker {median(worker_rates):.0f} MB/s, from the store "
         f"{median(store_rates):.0f} MB/s (medians): "
-        + ("met" if min(median(worker_rates), median(store_rates)) >= GOAL_MB_S else "NOT met")
+        + verdict(min(median(worker_rates), median(store_rates)) >= GOAL_MB_S)
     )
     section.notes.append(
         f"goal ITL p99 x <= {GOAL_ITL_RATIO}: x {ratio:.2f} with pulls running (pooled), x {paired:.2f} round by "
         f"round (median of {len(alone.round_p99s)} neighbouring pairs): "
-        + ("met" if max(ratio, paired) <= GOAL_ITL_RATIO else "NOT met")
+        + verdict(max(ratio, paired) <= GOAL_ITL_RATIO)
     )
     section.data = {
         "raw_mb_s": raw,

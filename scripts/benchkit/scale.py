@@ -21,7 +21,7 @@ from qmesh.testing.fakeworker import FakePlan
 
 from . import fakeclient, procs
 from .report import Section, Table
-from .stats import fmt, percentile, ratio
+from .stats import fmt, percentile, ratio, verdict
 
 SERVICE = "fake-model"
 GOAL_ADDED_ITL_P99_MS = 5.0
@@ -204,8 +204,8 @@ def summarise(section: Section, args: argparse.Namespace, chunks: int, baseline:
         "chunks received / expected; lost; failed streams",
         "fake worker send lateness p99 ms, per process",
     ]
-    verdict = "met" if p99 <= GOAL_ADDED_ITL_P99_MS else "NOT met"
-    goals = [f"p99 <= {GOAL_ADDED_ITL_P99_MS:g} ms (broker): {verdict}", "-", "-", "-", "0; 0", "small"]
+    met = verdict(p99 <= GOAL_ADDED_ITL_P99_MS)
+    goals = [f"p99 <= {GOAL_ADDED_ITL_P99_MS:g} ms (broker): {met}", "-", "-", "-", "0; 0", "small"]
     rows = zip(names, _column(baseline, args, chunks), _column(mesh, args, chunks), goals, strict=True)
     for row in rows:
         table.add(*row)

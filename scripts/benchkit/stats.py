@@ -93,5 +93,10 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def verdict(ok: bool) -> str:
+    """How a benchmark reports a goal: "met", or loud enough to see in a long section, "NOT met"."""
+    return "met" if ok else "NOT met"
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
