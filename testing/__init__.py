@@ -47,6 +47,9 @@ PROGRAMS = {
     "qmesh-client": "qmesh.client.cli",
     "qmesh-gateway": "qmesh.gateway.cli",
     "qmesh-shard": "qmesh.worker.shard_cli",
+    "qmesh-status": "qmesh.client.status",
+    "qmesh-models": "qmesh.client.models_cli",
+    "qmesh-keys": "qmesh.common.keys_cli",
 }
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from qmesh.common import protocol as p
 from qmesh.common.errors import MeshError
 from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.gateway.bridge import Bridge
-from qmesh.testing import free_endpoint, wait_for
+from qmesh.testing import free_endpoint, qmesh_command, wait_for
 from qmesh.testing.pair import BrokerPair
 
 HEARTBEAT_MS = 200
@@ -184,7 +183,7 @@ def test_the_gateway_keeps_serving_across_a_takeover(pair, worker):
 
 def status(pair: BrokerPair, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "qmesh.client.status", "--broker", pair.address, *args],
+        qmesh_command("qmesh-status", "--broker", pair.address, *args),
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,7 +9,6 @@ import pty
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import IO
@@ -194,7 +193,7 @@ def test_unknown_model_exits_1_and_names_the_failure(endpoint):
 
 def test_ctrl_c_cancels_in_flight_and_exits_130(mesh):
     endpoint, node = mesh
-    command = [sys.executable, "-m", "qmesh.client.cli", "--broker", endpoint, "--max-tokens", "2000"]
+    command = qmesh_command("qmesh-client", "--broker", endpoint, "--max-tokens", "2000")
     process = subprocess.Popen(
         command,
         stdin=subprocess.PIPE,

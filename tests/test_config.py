@@ -10,7 +10,6 @@ import logging
 import signal
 import socket
 import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -28,17 +27,17 @@ from qmesh.common.config import config_option, section_defaults
 from qmesh.common.errors import ConfigError
 from qmesh.common.logs import setup_logging
 from qmesh.gateway.cli import run as gateway_run
-from qmesh.testing import ROOT, Child, free_endpoint, wait_for
+from qmesh.testing import ROOT, Child, free_endpoint, qmesh_command, wait_for
 from qmesh.worker.cli import run as worker_run
 from qmesh.worker.shard_cli import run as shard_run
 
 COMMANDS = {
-    "qmesh-broker": ("qmesh.broker.cli", broker_run),
-    "qmesh-worker": ("qmesh.worker.cli", worker_run),
-    "qmesh-client": ("qmesh.client.cli", client_run),
-    "qmesh-gateway": ("qmesh.gateway.cli", gateway_run),
-    "qmesh-status": ("qmesh.client.status", status_run),
-    "qmesh-shard": ("qmesh.worker.shard_cli", shard_run),
+    "qmesh-broker": broker_run,
+    "qmesh-worker": worker_run,
+    "qmesh-client": client_run,
+    "qmesh-gateway": gateway_run,
+    "qmesh-status": status_run,
+    "qmesh-shard": shard_run,
 }
 
 demo = typer.Typer()
@@ -90,7 +89,7 @@ def test_config_file_is_found_by_flag_or_env_before_the_default_place(home, tmp_
 
 def test_a_real_command_takes_its_table_and_env_and_flags_override_it(home):
     def unreachable(*args: str, env: dict[str, str] | None = None) -> str:
-        command = [sys.executable, "-m", "qmesh.client.status", *args]
+        command = qmesh_command("qmesh-status", *args)
         environment = {"QMESH_HOME": str(home.parent.parent), "PATH": "/usr/bin:/bin", **(env or {})}
         done = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=ROOT, env=environment)
         assert done.returncode == 1, done.stderr
@@ -135,7 +134,7 @@ def test_a_missing_explicit_config_file_is_an_error(tmp_path):
 
 
 def test_every_option_has_an_environment_variable_shown_in_help():
-    for name, (_, function) in COMMANDS.items():
+    for name, function in COMMANDS.items():
         options = inspect.signature(function).parameters
         missing = [o for o, p in options.items() if o != "version" and not getattr(p.default, "envvar", None)]
         assert not missing, f"{name}: options without an env var: {missing}"
@@ -156,7 +155,7 @@ def test_help_names_the_default_config_file_the_code_reads(tmp_path):
     places = ("$QMESH_HOME/config/qmesh.toml", "$XDG_CONFIG_HOME/qmesh/qmesh.toml", "~/.config/qmesh/qmesh.toml")
     readme = (ROOT / "README.md").read_text()
     assert all(f"`{place}`" in readme for place in places), "the README tells the same story"
-    for name, (_, function) in COMMANDS.items():
+    for name, function in COMMANDS.items():
         text = " ".join(CliRunner().invoke(_app(function), ["--help"], env={"COLUMNS": "400"}).output.split())
         for place in places:
             assert place in text, f"{name} --help does not name {place}"
@@ -213,7 +212,7 @@ def test_the_gateway_command_takes_its_api_key_from_the_config_file(tmp_path):
     with BrokerThread() as broker:
         config = tmp_path / "qmesh.toml"
         config.write_text(f'[gateway]\nbroker = "{broker.endpoint}"\nport = {port}\napi_key = "sk-file"\n')
-        command = [sys.executable, "-m", "qmesh.gateway", "--config", str(config)]
+        command = qmesh_command("qmesh-gateway", "--config", str(config))
         gateway = Child("qmesh-gateway", command, tmp_path / "gateway.log", {"QMESH_HOME": str(tmp_path)})
         try:
             wait_for(lambda: _answers(f"{url}/health"), 20, "the gateway to serve")
@@ -241,14 +240,13 @@ def test_gateway_help_names_the_config_key_of_api_key():
 
 def test_the_example_config_in_deploy_is_valid_for_every_command():
     example = ROOT / "deploy" / "qmesh.toml"
-    for name, (_, function) in COMMANDS.items():
+    for name, function in COMMANDS.items():
         assert section_defaults(example, name.removeprefix("qmesh-"), function), f"no [{name}] table"
 
 
 @pytest.mark.parametrize("command", sorted([*COMMANDS, "qmesh-keys"]))
 def test_version_on_every_command(command):
-    module = COMMANDS[command][0] if command in COMMANDS else "qmesh.common.keys_cli"
-    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(qmesh_command(command, "--version"), capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"qmesh {version('qmesh')}\n"
 
@@ -258,7 +256,7 @@ def test_version_on_every_command(command):
 
 def run_broker(*args: str, quiet: bool = False) -> list[str]:
     """Start a broker, let it log that it listens (or run 1 s if ``quiet``), stop it; its stderr lines."""
-    command = [sys.executable, "-m", "qmesh.broker.cli", "--bind", free_endpoint(), *args]
+    command = qmesh_command("qmesh-broker", "--bind", free_endpoint(), *args)
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines = []
     if quiet:

@@ -17,7 +17,7 @@ from qmesh.broker.cli import run as broker_run
 from qmesh.client.cli import run as client_run
 from qmesh.client.status import run as status_run
 from qmesh.gateway.cli import run as gateway_run
-from qmesh.testing import ROOT
+from qmesh.testing import ROOT, qmesh_command
 from qmesh.worker.binary import LlamaServerBinary, find_rpc_server
 from qmesh.worker.cli import run as worker_run
 from qmesh.worker.selfcheck import missing_cpu_flags
@@ -166,14 +166,14 @@ def test_setup_says_why_it_does_not_use_the_bundled_build_and_uses_the_one_built
 
 def test_keys_show_names_a_missing_file(tmp_path):
     missing = tmp_path / "nope.key"
-    command = [sys.executable, "-m", "qmesh.common.keys_cli", "show", str(missing)]
+    command = qmesh_command("qmesh-keys", "show", str(missing))
     done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"qmesh-keys: {missing}: no such key file\n"
 
 
 def test_keys_generate_puts_a_bare_name_where_its_help_says(tmp_path):
-    command = [sys.executable, "-m", "qmesh.common.keys_cli", "generate"]
+    command = qmesh_command("qmesh-keys", "generate")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "COLUMNS": "400"}
     usage = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env, timeout=30)
     help_text = " ".join(usage.stdout.replace("│", " ").split())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import random
 import subprocess
-import sys
 import time
 
 import psutil
@@ -14,7 +13,7 @@ import zmq
 from meshkit import MODEL, worker_threads
 from qmesh.client.sdk import QMeshClient
 from qmesh.common import protocol as p
-from qmesh.testing import ROOT, free_endpoint, wait_for
+from qmesh.testing import ROOT, free_endpoint, qmesh_command, wait_for
 
 MESSAGES = 30_000
 PEERS = 20  # many, so some of the flood comes from "workers" that registered
@@ -72,7 +71,7 @@ def _hostile_messages(rng: random.Random, peers: int):
 
 def test_hostile_flood_leaves_the_broker_serving_with_bounded_memory():
     endpoint = free_endpoint()
-    command = [sys.executable, "-m", "qmesh.broker.cli", "--bind", endpoint, "--heartbeat-ms", "200"]
+    command = qmesh_command("qmesh-broker", "--bind", endpoint, "--heartbeat-ms", "200")
     command += ["--queue-timeout", "2", "--log-level", "error"]
     broker = subprocess.Popen(command, cwd=ROOT)
     context = zmq.Context.instance()

@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from qmesh.common.errors import MeshError
 from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.gateway.bridge import Bridge, BridgedRequest, Delta
 from qmesh.gateway.cli import split_keys
-from qmesh.testing import ROOT, free_endpoint, wait_for
+from qmesh.testing import ROOT, free_endpoint, qmesh_command, wait_for
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -232,7 +231,7 @@ def test_the_command_serves_with_keys_from_the_environment(mesh, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "qmesh.gateway", "--port", str(port), "--broker", mesh[0].endpoint]
+    command = qmesh_command("qmesh-gateway", "--port", str(port), "--broker", mesh[0].endpoint)
     env = {**os.environ, "QMESH_API_KEYS": "sk-a,sk-b", "QMESH_HOME": str(tmp_path)}
     process = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:

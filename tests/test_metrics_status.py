@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -20,7 +19,7 @@ from qmesh.broker.core import BrokerCore, FinishedRequest
 from qmesh.broker.loop import Broker
 from qmesh.broker.metrics import BrokerMetrics
 from qmesh.client.sdk import QMeshClient
-from qmesh.testing import ROOT, free_endpoint, wait_for
+from qmesh.testing import ROOT, free_endpoint, qmesh_command, wait_for
 
 
 def free_port() -> int:
@@ -33,7 +32,7 @@ def free_port() -> int:
 def mesh() -> Iterator[tuple[str, str]]:
     """``qmesh-broker --metrics-port`` as a real process, one in-process worker; yields (endpoint, metrics URL)."""
     endpoint, port = free_endpoint(), free_port()
-    command = [sys.executable, "-m", "qmesh.broker.cli", "--bind", endpoint, "--heartbeat-ms", "200"]
+    command = qmesh_command("qmesh-broker", "--bind", endpoint, "--heartbeat-ms", "200")
     broker = subprocess.Popen([*command, "--metrics-port", str(port)], cwd=ROOT, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
@@ -63,7 +62,7 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def status(endpoint: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "qmesh.client.status", "--broker", endpoint, *args]
+    command = qmesh_command("qmesh-status", "--broker", endpoint, *args)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -213,7 +212,7 @@ def test_heartbeats_report_tokens_per_second_while_generating(mesh):
 
 def test_status_watch_refreshes_until_ctrl_c(mesh):
     endpoint, _ = mesh
-    command = [sys.executable, "-m", "qmesh.client.status", "--broker", endpoint, "--json", "--watch", "0.2"]
+    command = qmesh_command("qmesh-status", "--broker", endpoint, "--json", "--watch", "0.2")
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -238,6 +237,6 @@ def test_metrics_port_in_use_is_a_clear_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "qmesh.broker.cli", "--bind", free_endpoint(), "--metrics-port", str(port)]
+        command = qmesh_command("qmesh-broker", "--bind", free_endpoint(), "--metrics-port", str(port))
         done = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=ROOT, env=dict(os.environ))
     assert done.returncode == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr

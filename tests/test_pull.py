@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -31,10 +30,10 @@ from qmesh.common.errors import TransferFailed
 from qmesh.common.keys import CurveClientKeys, generate_keys
 from qmesh.common.modelfiles import DigestCache, partial_path
 from qmesh.common.pull import TransferLink, pull_model, push_model
-from qmesh.testing import ROOT, wait_for
+from qmesh.testing import ROOT, qmesh_command, wait_for
 from qmesh.worker.models import DEFAULT_MODEL, resolve_model
 
-MODELS_CLI = [sys.executable, "-m", "qmesh.client.models_cli"]
+MODELS_CLI = qmesh_command("qmesh-models")
 
 
 def synthetic(folder: Path, name: str, size: int = 3_000_000, seed: int = 7) -> tuple[Path, p.ModelInfo]:

@@ -6,7 +6,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 from meshkit import MODEL, WorkerProcess, run_cli
@@ -20,7 +19,7 @@ from qmesh.testing import ROOT, Child, free_endpoint, qmesh_command, wait_for
 def _keys(tmp_path, *names: str) -> None:
     for name in names:
         done = subprocess.run(
-            [sys.executable, "-m", "qmesh.common.keys_cli", "generate", str(tmp_path / name)],
+            qmesh_command("qmesh-keys", "generate", str(tmp_path / name)),
             capture_output=True, text=True, cwd=ROOT,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def test_a_shard_host_offers_its_memory_and_status_lists_it(broker: BrokerThread
         assert (row["name"], row["device"], row["memory"], row["used"], row["free"]) == ("lab/one", "CPU", 100, 0, 100)
         assert row["worker"] is None and row["bridged"] is False
         status = subprocess.run(
-            [sys.executable, "-m", "qmesh.client.status", "--broker", broker.endpoint], capture_output=True, text=True
+            qmesh_command("qmesh-status", "--broker", broker.endpoint), capture_output=True, text=True
         )
         assert status.returncode == 0, status.stderr
         assert "SHARD HOST" in status.stdout and "lab/one" in status.stdout
