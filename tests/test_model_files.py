@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_worker_core import registered_core
 
 from qmesh.broker.models_store import ModelStore
 from qmesh.common import protocol as p
 from qmesh.common.errors import TransferFailed
 from qmesh.common.modelfiles import DigestCache, IncomingFile, ModelReader, partial_path, space_problem
 from qmesh.common.transfer import Download, Progress
-from qmesh.worker.core import ServeRead
 
 
 def model_file(folder: Path, name: str = "tiny", size: int = 100_000, seed: int = 1) -> tuple[Path, p.ModelInfo]:
@@ -142,12 +140,6 @@ def test_the_progress_line_says_bytes_rate_and_eta() -> None:
     assert progress.line(12.0) == "pulling tiny: 60.0 of 100.0 MB (60%), 20.0 MB/s, ETA 2 s"
     progress.done = progress.total
     assert progress.line(14.0).endswith("(100%), 20.0 MB/s, done")
-
-
-def test_the_worker_core_serves_reads_while_registered() -> None:
-    core = registered_core()
-    read = p.HolderRead("ab" * 32, 0, 8)
-    assert core.on_broker_message(p.holder_read(b"r1", read.sha256, 0, 8), 1.0) == [ServeRead(b"r1", read)]
 
 
 # ------------------------------------------------------------------------------------------------ the store

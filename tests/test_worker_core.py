@@ -26,6 +26,7 @@ from qmesh.worker.core import (
     Rebind,
     Send,
     SendHeartbeat,
+    ServeRead,
     StartJob,
     WorkerConfig,
     WorkerCore,
@@ -239,6 +240,12 @@ def test_malformed_broker_messages_are_dropped_but_count_as_signs_of_life() -> N
     core = registered_core()
     assert core.on_broker_message([p.WORKER, b"\x99"], 2.9) == []
     assert not of_type(core.tick(2.9 + TTL - 0.1), Close)
+
+
+def test_the_worker_core_serves_reads_while_registered() -> None:
+    core = registered_core()
+    read = p.HolderRead("ab" * 32, 0, 8)
+    assert core.on_broker_message(p.holder_read(b"r1", read.sha256, 0, 8), 1.0) == [ServeRead(b"r1", read)]
 
 
 # ------------------------------------------------------------------------------------------------ llama-server
