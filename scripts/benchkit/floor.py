@@ -19,7 +19,6 @@ machine whose cores llama-server fills). Two such relays, alternated: the plaine
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -114,11 +113,10 @@ def _relay_main(kind: str, front: str, back: str, results: Any) -> None:
     outbound.bind(back)
     results.put("ready")
     if kind == C_RELAY:
-        with contextlib.suppress(zmq.ContextTerminated):
-            zmq.proxy(inbound, outbound)
-        return
-    while True:
-        outbound.send_multipart(inbound.recv_multipart())
+        zmq.proxy(inbound, outbound)
+    else:
+        while True:
+            outbound.send_multipart(inbound.recv_multipart())
 
 
 def relay_cpu(
