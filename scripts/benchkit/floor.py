@@ -30,13 +30,12 @@ from qmesh.client.sdk import QMeshClient
 from qmesh.testing import free_endpoint, wait_for_workers
 from qmesh.testing.fakeworker import FakePlan
 
-from . import procs
+from . import procs, proxybase
 from .stats import percentile
 
 SERVICE = "latency-floor"
 SPACING_S = 0.001
 PYTHON_RELAY, C_RELAY = "pyzmq loop (recv_multipart, send_multipart)", "libzmq's C loop (zmq.proxy)"
-RELAY_FRAMES = [b"MDPW02", b"\x04", b"route-key", b"x" * 96]  # a PARTIAL of one token, give or take
 
 
 def mesh_round_trip(ps: procs.Processes, endpoint: str, requests: int = 300) -> list[float]:
@@ -154,9 +153,10 @@ def _relay_round(ps: procs.Processes, kind: str, rate: float, burst: int, second
         socket.setsockopt(zmq.LINGER, 0)
     sender.connect(front)
     receiver.connect(back)
+    frames = proxybase.chunk_frames()  # a worker's PARTIAL of one token
     try:
         for _ in range(20):  # connections up and warm before the count starts
-            sender.send_multipart(RELAY_FRAMES)
+            sender.send_multipart(frames)
             _receive(receiver)
         assert process.pid is not None
         bursts = max(1, round(rate * seconds / burst))
@@ -166,7 +166,7 @@ def _relay_round(ps: procs.Processes, kind: str, rate: float, burst: int, second
             if wait > 0:
                 time.sleep(wait)
             for _ in range(burst):
-                sender.send_multipart(RELAY_FRAMES)
+                sender.send_multipart(frames)
             for _ in range(burst):  # passed on before the next burst comes: the relay wakes for each, as for tokens
                 _receive(receiver)
         return (procs.cpu_seconds(process.pid) - before) * 1000 / (bursts * burst)
