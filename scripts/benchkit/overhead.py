@@ -402,11 +402,15 @@ def gateway_goals(all_series: list[Series], slots: int) -> tuple[Table, list[str
     return table, lines, data
 
 
-def _relay_floor(ps: procs.Processes, all_series: list[Series], args: argparse.Namespace) -> dict[str, list[float]]:
+def _relay_floor(
+    ps: procs.Processes, all_series: list[Series], args: argparse.Namespace
+) -> dict[str, list[float]] | None:
     """The relays' CPU per message (floor.relay_cpu) at the direct path's saturated token rate, while the direct
-    path's saturating load runs."""
+    path's saturating load runs; None when the direct path made no tokens at saturation (no rate to pass them at)."""
     saturated = next(s for s in all_series if s.concurrency == args.slots)
     rate = saturated.pooled(DIRECT).result.tokens_per_s()
+    if not rate > 0:  # 0 or NaN: relay_cpu would fail on it, and the run's figures with it
+        return None
     load = saturated.paths[DIRECT].load(args.slots)
     batches = iter(range(1_000_000, 2_000_000, 2 * args.slots))
     try:
@@ -560,6 +564,8 @@ def run(args: argparse.Namespace, command: str) -> Section:
             "CPU floor of the tokens/s ratio: a process that only passes messages on (see benchkit/floor.py)", table
         )
         lines += relay_lines
+    elif args.gateway:
+        lines.append("no CPU floor of the tokens/s ratio: the direct path made no tokens at saturation to pass on")
     section.notes += lines
     section.notes.append(
         "every llama-server runs with the same command line but the port: "
