@@ -116,9 +116,9 @@ class ChatHttpLoad:
         }
         record = StreamRecord(0.0)
         for attempt in range(2):  # a connection the server closed after its last answer is opened again
-            _reopen_if_closed(connection)
-            record.sent = time.monotonic()
             try:
+                _reopen_if_closed(connection)  # a refused connection is this request's error, like any other
+                record.sent = time.monotonic()
                 connection.request("POST", "/v1/chat/completions", json.dumps(body), JSON_HEADERS)
                 self._read(connection.getresponse(), record)
             except (http.client.RemoteDisconnected, ConnectionError) as exc:
