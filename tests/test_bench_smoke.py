@@ -91,3 +91,6 @@ def test_overhead_benchmark_runs_the_three_chat_paths_and_measures_the_relay_flo
     for kind in ("pyzmq loop (recv_multipart, send_multipart)", "libzmq's C loop (zmq.proxy)"):
         assert len(floor[kind]) == 1 and floor[kind][0] > 0, kind
     assert "CPU floor of the tokens/s ratio" in section
+    readers = data["stream_read_ms_per_event"]
+    for reader in ("the worker's (requests, sseclient-py)", "http.client, a line at a time"):
+        assert len(readers[reader]) == 1 and readers[reader][0] > 0, reader

@@ -15,12 +15,17 @@ take a ZeroMQ message in and send it on, at the token rate of the run's saturate
 llama-server on every core (as the gateway, the broker and the worker each take a token in and send it on, on a
 machine whose cores llama-server fills). Two such relays, alternated: the plainest pyzmq loop (``recv_multipart``,
 ``send_multipart``) and libzmq's own C loop (``zmq.proxy``), whose cost is the I/O threads' and the wake-ups' alone.
+And the CPU per event of reading llama-server's token stream in Python (``stream_read_cpu``), which the worker
+does for every token: its own reader (requests and sseclient-py) and the leanest one (http.client, a line at a time).
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -29,13 +34,16 @@ import zmq
 from qmesh.client.sdk import QMeshClient
 from qmesh.testing import free_endpoint, wait_for_workers
 from qmesh.testing.fakeworker import FakePlan
+from qmesh.worker.http_client import LlamaHttpClient
 
 from . import procs, proxybase
 from .stats import percentile
+from .streamload import prompts
 
 SERVICE = "latency-floor"
 SPACING_S = 0.001
 PYTHON_RELAY, C_RELAY = "pyzmq loop (recv_multipart, send_multipart)", "libzmq's C loop (zmq.proxy)"
+WORKER_READER, BARE_READER = "the worker's (requests, sseclient-py)", "http.client, a line at a time"
 
 
 def mesh_round_trip(ps: procs.Processes, endpoint: str, requests: int = 300) -> list[float]:
@@ -182,3 +190,49 @@ def _receive(receiver: zmq.Socket) -> None:
     if not receiver.poll(5000):
         raise RuntimeError("the relay passed nothing on within 5 s")
     receiver.recv_multipart()
+
+
+def stream_read_cpu(base_url: str, max_tokens: int, rounds: int = 3, streams: int = 3) -> dict[str, list[float]]:
+    """ms of this thread's CPU per event of llama-server's ``/completion`` stream, for each reader (WORKER_READER,
+    BARE_READER), ``rounds`` of ``streams`` streams each, alternated; one stream at a time, so llama-server computes
+    the next token on both cores while the reader wakes for the last one, as the worker's slot threads do."""
+    worker_reader = LlamaHttpClient(base_url)
+    address = urllib.parse.urlsplit(base_url)
+    readers = {
+        WORKER_READER: lambda prompt: _worker_read(worker_reader, prompt, max_tokens),
+        BARE_READER: lambda prompt: _bare_read(address.hostname or "127.0.0.1", address.port or 80, prompt, max_tokens),
+    }
+    out: dict[str, list[float]] = {name: [] for name in readers}
+    try:
+        for index in range(rounds * len(readers)):
+            name = list(readers)[index % len(readers)]
+            start, events = time.thread_time(), 0
+            for prompt in prompts(streams, offset=3_000_000 + index * streams):  # answers of max_tokens
+                events += readers[name](prompt)
+            out[name].append((time.thread_time() - start) * 1000 / max(1, events))
+    finally:
+        worker_reader.close()
+    return out
+
+
+def _worker_read(client: LlamaHttpClient, prompt: str, max_tokens: int) -> int:
+    with client.generate_stream(prompt, max_tokens=max_tokens, temperature=0.0) as stream:
+        return sum(1 for _ in stream)
+
+
+def _bare_read(host: str, port: int, prompt: str, max_tokens: int) -> int:
+    """The stream read with nothing but the standard library: the request the worker sends, one line per event."""
+    body = {"prompt": prompt, "stream": True, "cache_prompt": True, "return_tokens": True}
+    body |= {"n_predict": max_tokens, "temperature": 0.0}
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+        events = 0
+        for line in connection.getresponse():
+            if line.startswith(b"data: "):
+                events += 1
+                if json.loads(line[6:]).get("stop"):
+                    break
+        return events
+    finally:
+        connection.close()

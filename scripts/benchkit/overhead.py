@@ -530,6 +530,9 @@ def run(args: argparse.Namespace, command: str) -> Section:
         warnings = sum(procs.warnings_in(child)[0] for child in r.children())
         mesh_floor, zmq_floor = floor.mesh_round_trip(ps, r.mesh.endpoint), floor.zmq_round_trip(ps)
         relays = _relay_floor(ps, all_series, args) if args.gateway else None
+        readers = (
+            floor.stream_read_cpu(r.base_url, args.max_tokens, rounds=min(3, args.rounds)) if args.gateway else None
+        )
     for series in all_series:
         c = series.concurrency
         label = "concurrency 1" if c == 1 else f"saturation: concurrency {c} = slots"
@@ -566,6 +569,14 @@ def run(args: argparse.Namespace, command: str) -> Section:
         lines += relay_lines
     elif args.gateway:
         lines.append("no CPU floor of the tokens/s ratio: the direct path made no tokens at saturation to pass on")
+    if readers is not None:
+        table = Table(["reader", "ms CPU per event, median (range)"])
+        for name, values in readers.items():
+            table.add(name, _spread(values))
+        section.table(
+            "reading llama-server's /completion stream in Python, one stream at a time (benchkit/floor.py)", table
+        )
+        section.data["stream_read_ms_per_event"] = readers
     section.notes += lines
     section.notes.append(
         "every llama-server runs with the same command line but the port: "
