@@ -667,12 +667,18 @@ class BrokerCore:
     def _on_attach(self, worker: WorkerState, stream: bytes, now: float, out: list[Outgoing]) -> None:
         """A worker offers a generation it kept running while it had no broker. Its client, which lost the same
         broker, sends the request again naming the stream: whichever comes first waits for the other."""
+        if stream in worker.attached:  # offered twice: nothing changes
+            return
         key = self.streams.get(stream)
         request = self.requests.get(key) if key is not None else None
-        if request is not None and request.worker is None and request.service == worker.service:
+        # Kept only in a slot the broker can count as taken, and by one worker: a second copy (two workers that
+        # each kept it through a broker's death) is dropped, and the worker that resumes it checks that it goes
+        # on from the very tokens its client has.
+        usable = worker.extended and worker.free_slots > 0 and self._keeper_of(stream, worker.service) is None
+        if usable and request is not None and request.worker is None and request.service == worker.service:
             self.services[request.service].queue.remove(request.key)
             self._assign(request, worker, out)  # the client asked first: the generation goes on where it is
-        elif request is not None or not worker.extended or worker.free_slots <= 0:
+        elif not usable or request is not None:
             out.append((worker.identity, p.worker_cancel(stream)))  # it runs elsewhere already: drop this copy
         else:
             worker.attached[stream] = now + self.config.queue_timeout

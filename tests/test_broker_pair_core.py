@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
+
 from qmesh.broker.core import BrokerConfig, BrokerCore, Outgoing
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest
@@ -150,6 +154,32 @@ def test_a_stream_already_running_elsewhere_is_dropped_by_the_worker_that_kept_i
     assert core.workers[W2].attached == {}
 
 
+def test_a_stream_kept_by_two_workers_is_kept_by_the_first_only() -> None:
+    # Both kept generating it through a broker's death (one had taken it over from the other): the second copy is
+    # dropped, so the stream is never joined to two workers.
+    core = make_core()
+    ready(core, W1)
+    ready(core, W2)
+    assert step(core, W1, p.attach(STREAM)) == []
+    (cancel,) = map(p.parse_for_worker, to(step(core, W2, p.attach(STREAM)), W2))
+    assert cancel == p.BrokerToWorker(p.W_CANCEL, STREAM) and core.workers[W2].attached == {}
+    assert step(core, W1, p.attach(STREAM)) == [], "said again, it changes nothing"
+    (request,) = requests_to(ask(core, C1, attach=True), W1)
+    assert GenerationRequest.from_body(request.body).stream == STREAM
+
+
+def test_a_worker_without_a_free_slot_drops_the_stream_its_client_asked_for_first() -> None:
+    # READY came before the ATTACH, and a queued request took the slot in between: the broker cannot count the
+    # kept generation in a slot, so the worker drops it and the client's request runs anew from its tokens.
+    core = make_core()
+    ready(core, W1)
+    ask(core, C2, stream=None)  # takes W1's one slot
+    ask(core, C1, attach=True)  # waits for the worker that kept it
+    (cancel,) = map(p.parse_for_worker, to(step(core, W1, p.attach(STREAM)), W1))
+    assert cancel == p.BrokerToWorker(p.W_CANCEL, STREAM)
+    assert len(core.workers[W1].active) == 1 and core.workers[W1].attached == {}
+
+
 def test_a_kept_stream_nobody_asks_for_is_dropped_after_the_queue_timeout() -> None:
     core = make_core()
     ready(core, W1)
@@ -167,3 +197,118 @@ def test_a_kept_stream_vanishes_with_its_worker() -> None:
     step(core, W2, p.disconnect())
     (request,) = requests_to(ask(core, C1, attach=True), W1) or requests_to(core.tick(GRACE), W1)
     assert request.route_key in core.workers[W1].active
+
+
+# ------------------------------------------------------------------------------------------------ properties
+
+WORKERS = [W1, W2, b"w3"]
+CLIENTS = [C1, C2, b"c3"]
+STREAMS = [b"stream-a", b"stream-b", b"stream-c"]
+
+
+class KeptStreams(RuleBasedStateMachine):
+    """Random workers that offer kept streams (ATTACH), come and go, answer and finish; random clients that send
+    requests naming those streams, as new ones or again after losing their broker; the clock. After every step:
+    the core's own invariants; an offer the core kept goes to the first request that names its stream while its
+    keeper is there and the offer has not run out (the join); no request is answered after its FINAL, and at the
+    end every request has had exactly one FINAL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = BrokerCore(BrokerConfig(heartbeat_interval=1000.0, queue_timeout=30.0, attach_grace=GRACE))
+        self.now = 0.0
+        self.kept: dict[bytes, tuple[bytes, float]] = {}  # stream -> (its keeper, until when the core keeps it)
+        self.open: set[tuple[bytes, bytes]] = set()  # (client, request id) without a FINAL yet
+        self.finished: set[tuple[bytes, bytes]] = set()
+
+    def _step(self, out: list[Outgoing]) -> list[Outgoing]:
+        self.core.check_invariants()
+        for who, frames in out:
+            if who in WORKERS:
+                message = p.parse_for_worker(frames)
+                held = self.kept.get(message.route_key)
+                if message.command == p.W_CANCEL and held is not None and held[0] == who:
+                    del self.kept[message.route_key]  # the core dropped the offer: it ran out
+            elif who in CLIENTS:
+                reply = p.parse_for_client(frames)
+                key = (who, reply.request_id or b"")
+                assert key not in self.finished, f"{key} answered after its FINAL"
+                if reply.command == p.C_FINAL:
+                    assert key in self.open, f"a FINAL for {key}, which was never asked"
+                    self.open.discard(key)
+                    self.finished.add(key)
+        return out
+
+    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 2))
+    def worker_ready(self, worker: bytes, slots: int) -> None:
+        if worker not in self.core.workers:
+            self._step(self.core.on_message(worker, p.ready(MODEL, {"slots": slots}), self.now))
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def worker_leaves(self, worker: bytes) -> None:
+        self._step(self.core.on_message(worker, p.disconnect(), self.now))
+        self.kept = {stream: held for stream, held in self.kept.items() if held[0] != worker}
+
+    @rule(worker=st.sampled_from(WORKERS), stream=st.sampled_from(STREAMS))
+    def worker_offers(self, worker: bytes, stream: bytes) -> None:
+        registered = worker in self.core.workers
+        out = self._step(self.core.on_message(worker, p.attach(stream), self.now))
+        messages = [p.parse_for_worker(frames) for who, frames in out if who == worker]
+        dropped = any(m.command == p.W_CANCEL and m.route_key == stream for m in messages)
+        joined = [m for m in messages if m.command == p.W_REQUEST]
+        if registered and not dropped and not joined and self.kept.get(stream, (worker,))[0] == worker:
+            self.kept.setdefault(stream, (worker, self.now + self.core.config.queue_timeout))  # kept for its client
+        elif registered and not dropped and not joined:
+            raise AssertionError(f"{stream!r} kept by two workers")
+        if joined:  # its client had asked first
+            assert GenerationRequest.from_body(joined[0].body).stream == stream
+
+    @rule(client=st.sampled_from(CLIENTS), stream=st.sampled_from(STREAMS), attach=st.booleans())
+    def client_asks(self, client: bytes, stream: bytes, attach: bool) -> None:
+        request_id = b"r-" + stream
+        if (client, request_id) in self.finished:
+            return  # a request id is not used again after its answer
+        keeper = self.kept.get(stream)
+        new = (client, request_id) not in self.open  # else the same request, asked again: nothing new
+        joins = new and keeper is not None and keeper[1] > self.now and stream not in self.core.streams
+        body = GenerationRequest(prompt="hi", stream=stream).to_body()
+        hint = p.RoutingHint(stream=stream, attach=attach)
+        self.open.add((client, request_id))
+        out = self._step(self.core.on_message(client, p.client_request(MODEL, [body], request_id, hint), self.now))
+        if joins:
+            assert keeper is not None
+            sent = [p.parse_for_worker(frames) for who, frames in out if who == keeper[0]]
+            assert [m.command for m in sent] == [p.W_REQUEST], "a kept stream goes back to its keeper"
+            del self.kept[stream]
+
+    @rule(client=st.sampled_from(CLIENTS), stream=st.sampled_from(STREAMS))
+    def client_cancels(self, client: bytes, stream: bytes) -> None:
+        self._step(self.core.on_message(client, p.client_cancel(b"r-" + stream), self.now))
+
+    @rule(worker=st.sampled_from(WORKERS), final=st.booleans())
+    def worker_answers(self, worker: bytes, final: bool) -> None:
+        state = self.core.workers.get(worker)
+        if state is None or not state.active:
+            return
+        route_key = sorted(state.active)[0]
+        self._step(self.core.on_message(worker, p.worker_reply(final, route_key, [p.pack({"tokens": 1})]), self.now))
+
+    @rule(seconds=st.sampled_from([0.5, 1.0, GRACE, 29.0, 31.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+        self._step(self.core.tick(self.now))
+        late = [stream for stream, (_, until) in self.kept.items() if until <= self.now]
+        assert not late, f"offers kept past the queue timeout, never dropped: {late}"
+
+    def teardown(self) -> None:
+        for worker in WORKERS:
+            self._step(self.core.on_message(worker, p.disconnect(), self.now))
+        for _ in range(3):  # queued requests, resends waiting for their keeper: every deadline passes
+            self.now += 100.0
+            self._step(self.core.tick(self.now))
+        assert not self.open, f"requests never answered: {sorted(self.open)}"
+        assert not (self.core.requests or self.core.streams or self.core.workers)
+
+
+TestKeptStreams = KeptStreams.TestCase
+TestKeptStreams.settings = settings(max_examples=200, stateful_step_count=40)
