@@ -408,17 +408,27 @@ class WorkerCoreMachine(RuleBasedStateMachine):
         self.apply(self.core.on_broker_message(frames, self.now))
 
     @precondition(lambda self: self.kept and self.open is not None)
-    @rule(data=st.data())
-    def client_asks_for_a_kept_stream(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), its_own=st.booleans())
+    def client_asks_for_a_kept_stream(self, data: st.DataObject, its_own: bool) -> None:
+        """The client has the kept generation's tokens, or its last one came from another worker (the stream ran
+        elsewhere)."""
         stream = data.draw(st.sampled_from(sorted(self.kept)))
         self.keys[self.open] = self.keys.get(self.open, 0) + 1
         key = self.keys[self.open].to_bytes(4, "big")
-        body = GenerationRequest(prompt="hi", stream=stream, resume_tokens=[1, 2], failovers=1).to_body()
         job = self.kept[stream]
+        if not job.sent:
+            generated(job, 1, 2)
+        assert isinstance(job.request, GenerationRequest)
+        tokens = [*job.request.resume_tokens, *job.sent_tokens()]
+        if not its_own:
+            tokens[-1] = 99
+        body = GenerationRequest(prompt="hi", stream=stream, resume_tokens=tokens, failovers=1).to_body()
         out = self.core.on_broker_message(p.worker_request(key, [body]), self.now)
         self.apply(out)
-        if self.core.registered:
+        if self.core.registered and its_own:
             assert any(isinstance(e, Rebind) and e.job is job for e in out), "a kept stream was not handed back"
+        elif self.core.registered:
+            assert CancelJob(job) in out and of_type(out, StartJob), "another worker's tokens: a new generation"
 
     @precondition(lambda self: self.kept)
     @rule(data=st.data())
@@ -532,6 +542,13 @@ def streamed(key: bytes, stream: bytes, **fields: Any) -> list[bytes]:
     return p.worker_request(key, [GenerationRequest(prompt="hi", stream=stream, **fields).to_body()])
 
 
+def generated(job: Job, *tokens: int) -> Job:
+    """``job``'s slot thread sent a PARTIAL of ``tokens`` (as BrokerLink keeps them for a stream that may outlive
+    its broker)."""
+    job.sent.append((p.pack({"text": "x" * len(tokens), "tokens": list(tokens)}), len(tokens)))
+    return job
+
+
 def test_a_passive_broker_sends_the_worker_to_the_other_at_once_and_a_round_of_refusals_backs_off() -> None:
     core = pair_core()
     out = core.on_broker_message(p.disconnect((p.NOT_ACTIVE, "passive")), 0.1)
@@ -594,7 +611,7 @@ def test_a_broker_of_an_older_epoch_is_followed_once_a_round_finds_no_broker_of_
 def test_generations_with_a_stream_outlive_their_broker_and_go_on_for_their_clients() -> None:
     core = pair_core()
     core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
-    kept = started(core.on_broker_message(streamed(b"k1", b"s1", window=8), 0.1))
+    kept = generated(started(core.on_broker_message(streamed(b"k1", b"s1", window=8), 0.1)), 5, 6, 7, 8)
     plain = started(core.on_broker_message(request_frames(b"k2"), 0.1))
     out = core.on_broker_gone(1.0)  # its process died
     assert CancelJob(plain) in out and CancelJob(kept) not in out, "only a named stream can be found again"
@@ -614,7 +631,7 @@ def test_a_kept_generation_that_resumed_a_stream_counts_only_its_own_tokens_as_d
     core = pair_core()
     core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
     resumed = GenerationRequest(prompt="hi", stream=b"s1", window=8, resume_tokens=[5, 6], failovers=1)
-    kept = started(core.on_broker_message(p.worker_request(b"k1", [resumed.to_body()]), 0.1))
+    kept = generated(started(core.on_broker_message(p.worker_request(b"k1", [resumed.to_body()]), 0.1)), 7, 8, 9)
     core.on_broker_gone(1.0)
     core.on_broker_message(p.heartbeat({"epoch": 2}), 1.1)
     resent = GenerationRequest(prompt="hi", stream=b"s1", window=8, resume_tokens=[5, 6, 7, 8, 9], failovers=2)
@@ -635,6 +652,27 @@ def test_a_client_behind_where_a_kept_generation_started_gets_a_new_one() -> Non
     out = core.on_broker_message(p.worker_request(b"n1", [resent.to_body()]), 1.2)
     assert CancelJob(kept) in out and not of_type(out, Rebind)
     assert started(out).request.resume_tokens == [5] and core.held == {}
+
+
+def test_a_client_with_tokens_of_another_worker_gets_a_new_generation() -> None:
+    """The broker moved the stream to another worker while this one kept generating it unseen, then died: the
+    client has the other worker's tokens, and going on here would splice two different answers."""
+    core = pair_core()
+    core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
+    kept = generated(started(core.on_broker_message(streamed(b"k1", b"s1"), 0.1)), 5, 6, 7)
+    core.on_broker_gone(1.0)
+    core.on_broker_message(p.heartbeat({"epoch": 2}), 1.1)
+    resent = GenerationRequest(prompt="hi", stream=b"s1", resume_tokens=[5, 9, 9, 9], failovers=1)
+    out = core.on_broker_message(p.worker_request(b"n1", [resent.to_body()]), 1.2)
+    assert CancelJob(kept) in out and not of_type(out, Rebind)
+    assert started(out).request.resume_tokens == [5, 9, 9, 9] and core.held == {}
+    more = pair_core()  # more tokens than this generation made: they came from elsewhere too
+    more.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
+    kept = generated(started(more.on_broker_message(streamed(b"k1", b"s1"), 0.1)), 5)
+    more.on_broker_gone(1.0)
+    more.on_broker_message(p.heartbeat({"epoch": 2}), 1.1)
+    resent = GenerationRequest(prompt="hi", stream=b"s1", resume_tokens=[5, 6], failovers=1)
+    assert CancelJob(kept) in more.on_broker_message(p.worker_request(b"n1", [resent.to_body()]), 1.2)
 
 
 def test_a_kept_generation_that_ended_meanwhile_sends_its_final_when_claimed() -> None:

@@ -425,19 +425,29 @@ class WorkerCore:
 
     def _resume_kept(self, kept: Kept, route_key: bytes, request: GenerationRequest, out: list[Effect]) -> bool:
         """The client of a kept generation asked for it again: it goes on where the client is. False if it cannot:
-        the client has fewer tokens than the generation started after (a broker resumed the stream here after
-        tokens that died with it before they reached the client)."""
+        the client's tokens are not this generation's. It has fewer than the generation started after (a broker
+        resumed the stream here after tokens that died with it before they reached the client), or others (a broker
+        moved the stream to another worker before it died, and the client has that worker's tokens: going on here
+        would splice two different answers)."""
         job = kept.job
         # A generation that itself resumed a stream (a failover) sent only the tokens after its request's resume
         # tokens: of its own, the client has those beyond them.
         assert isinstance(job.request, GenerationRequest)
-        delivered = len(request.resume_tokens) - len(job.request.resume_tokens)
+        started_after, has = list(job.request.resume_tokens), list(request.resume_tokens)
+        delivered = len(has) - len(started_after)
         if delivered < 0:
             log.warning(
                 "%s: a client asked for a kept stream after %d token(s), before the %d it resumed after: starting anew",
                 self._name,
-                len(request.resume_tokens),
-                len(job.request.resume_tokens),
+                len(has),
+                len(started_after),
+            )
+            return False
+        if has[: len(started_after)] != started_after or has[len(started_after) :] != job.sent_tokens()[:delivered]:
+            log.warning(
+                "%s: a client asked for a kept stream with tokens this generation did not make (the stream ran "
+                "elsewhere meanwhile): starting anew from the client's",
+                self._name,
             )
             return False
         out.append(Rebind(job, route_key, self.connection, delivered, request.window or 0))

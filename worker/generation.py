@@ -81,6 +81,11 @@ class Job:
         """The generation's name, when its client gave one: it may then outlive a broker (docs/PROTOCOL.md)."""
         return self.request.stream if isinstance(self.request, GenerationRequest) else None
 
+    def sent_tokens(self) -> list[int]:
+        """The token ids of the PARTIALs sent so far, in order. A snapshot: slot threads append to ``sent`` (under
+        BrokerLink's lock), and a list is copied whole under the GIL."""
+        return [token for body, _ in list(self.sent) for token in p.unpack_map(body).get("tokens", [])]
+
     def reset_credit(self, credit: int) -> None:
         """The client's credit starts again (a new broker, a new request for the same stream)."""
         with self._credit_changed:
