@@ -180,6 +180,16 @@ def test_a_worker_without_a_free_slot_drops_the_stream_its_client_asked_for_firs
     assert len(core.workers[W1].active) == 1 and core.workers[W1].attached == {}
 
 
+def test_a_plain_mdp_worker_cannot_take_a_stream_back() -> None:
+    # Without QMesh's extension it can be told neither its client's credit nor to stop: even a client that asked
+    # first is not joined to it.
+    core = make_core()
+    step(core, W1, p.ready(MODEL))
+    ask(core, C1, attach=True)
+    (cancel,) = map(p.parse_for_worker, to(step(core, W1, p.attach(STREAM)), W1))
+    assert cancel == p.BrokerToWorker(p.W_CANCEL, STREAM) and core.workers[W1].active == set()
+
+
 def test_a_kept_stream_nobody_asks_for_is_dropped_after_the_queue_timeout() -> None:
     core = make_core()
     ready(core, W1)
@@ -227,6 +237,10 @@ class KeptStreams(RuleBasedStateMachine):
             if who in WORKERS:
                 message = p.parse_for_worker(frames)
                 held = self.kept.get(message.route_key)
+                if message.command == p.W_CANCEL and who in self.core.workers:
+                    # The worker drops what it is told to: a core that still counted the stream there would hold
+                    # its slot, and join its client, to a generation that no longer runs.
+                    assert message.route_key not in self.core.workers[who].attached, "dropped, yet still kept"
                 if message.command == p.W_CANCEL and held is not None and held[0] == who:
                     del self.kept[message.route_key]  # the core dropped the offer: it ran out
             elif who in CLIENTS:

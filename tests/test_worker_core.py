@@ -394,15 +394,16 @@ class WorkerCoreMachine(RuleBasedStateMachine):
     def broker_heartbeat(self) -> None:
         self.apply(self.core.on_broker_message(p.heartbeat(), self.now))
 
-    @rule(valid=st.booleans(), stream=st.booleans())
-    def broker_request(self, valid: bool, stream: bool) -> None:
+    @rule(valid=st.booleans(), stream=st.booleans(), resumed=st.booleans())
+    def broker_request(self, valid: bool, stream: bool, resumed: bool) -> None:
         self.keys[self.open] = self.keys.get(self.open, 0) + 1
         key = self.keys[self.open].to_bytes(4, "big")
         self.streams += 1
         if not valid:
             frames = p.worker_request(key, [p.pack({"nothing": 1})])
-        elif stream:  # its client names the stream: it may outlive the broker
-            frames = p.worker_request(key, [GenerationRequest(prompt="hi", stream=b"s%d" % self.streams).to_body()])
+        elif stream:  # its client names the stream: it may outlive the broker; a failover starts after tokens
+            request = GenerationRequest(prompt="hi", stream=b"s%d" % self.streams)
+            frames = p.worker_request(key, [(request.resumed_after([5, 6]) if resumed else request).to_body()])
         else:
             frames = request_frames(key)
         self.apply(self.core.on_broker_message(frames, self.now))
@@ -410,18 +411,21 @@ class WorkerCoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.kept and self.open is not None)
     @rule(data=st.data(), its_own=st.booleans())
     def client_asks_for_a_kept_stream(self, data: st.DataObject, its_own: bool) -> None:
-        """The client has the kept generation's tokens, or its last one came from another worker (the stream ran
-        elsewhere)."""
+        """The client has the kept generation's tokens (those it started after, then some of those it sent: the
+        last ones may have died with the broker), or one of them came from elsewhere (the stream ran on another
+        worker, or the broker that resumed it here had other tokens)."""
         stream = data.draw(st.sampled_from(sorted(self.kept)))
         self.keys[self.open] = self.keys.get(self.open, 0) + 1
         key = self.keys[self.open].to_bytes(4, "big")
         job = self.kept[stream]
         if not job.sent:
-            generated(job, 1, 2)
+            generated(generated(job, 1, 2), 3)
         assert isinstance(job.request, GenerationRequest)
-        tokens = [*job.request.resume_tokens, *job.sent_tokens()]
+        resumed = job.request.resume_tokens
+        chunks = data.draw(st.integers(0 if its_own or resumed else 1, len(job.sent)))  # the rest died in the broker
+        tokens = [*resumed, *job.sent_tokens()[: sum(count for _, count in job.sent[:chunks])]]
         if not its_own:
-            tokens[-1] = 99
+            tokens[data.draw(st.integers(0, len(tokens) - 1))] += 1000
         body = GenerationRequest(prompt="hi", stream=stream, resume_tokens=tokens, failovers=1).to_body()
         out = self.core.on_broker_message(p.worker_request(key, [body]), self.now)
         self.apply(out)
@@ -673,6 +677,14 @@ def test_a_client_with_tokens_of_another_worker_gets_a_new_generation() -> None:
     more.on_broker_message(p.heartbeat({"epoch": 2}), 1.1)
     resent = GenerationRequest(prompt="hi", stream=b"s1", resume_tokens=[5, 6], failovers=1)
     assert CancelJob(kept) in more.on_broker_message(p.worker_request(b"n1", [resent.to_body()]), 1.2)
+    before = pair_core()  # its own tokens, but after others than those this generation started after
+    before.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
+    resumed = GenerationRequest(prompt="hi", stream=b"s1", resume_tokens=[5, 6], failovers=1)
+    kept = generated(started(before.on_broker_message(p.worker_request(b"k1", [resumed.to_body()]), 0.1)), 7)
+    before.on_broker_gone(1.0)
+    before.on_broker_message(p.heartbeat({"epoch": 2}), 1.1)
+    resent = GenerationRequest(prompt="hi", stream=b"s1", resume_tokens=[5, 9, 7], failovers=2)
+    assert CancelJob(kept) in before.on_broker_message(p.worker_request(b"n1", [resent.to_body()]), 1.2)
 
 
 def test_a_kept_generation_that_ended_meanwhile_sends_its_final_when_claimed() -> None:
