@@ -401,9 +401,11 @@ class BrokerCore:
             text = _capability_refusal(service_name, capability, served)
             self._reject(client, service_name, request_id, p.BAD_REQUEST, text, out, framing, param="model")
             return
-        can_start_now = service is not None and any(
-            self.workers[w].free_slots > 0 and capability in self.workers[w].capabilities for w in service.workers
-        )
+        stream = message.hint.stream if message.hint is not None else None
+        can_start_now = service is not None and (
+            any(self.workers[w].free_slots > 0 and capability in self.workers[w].capabilities for w in service.workers)
+            or (stream is not None and stream not in self.streams and self._keeper_of(stream, service_name) is not None)
+        )  # a worker keeps its stream: it goes on there at once
         if not can_start_now and len(service.queue if service else ()) >= self.config.max_queue:
             text = f"the queue for model '{service_name}' is full ({self.config.max_queue} waiting)"
             self._reject(client, service_name, request_id, p.QUEUE_FULL, text, out, framing)

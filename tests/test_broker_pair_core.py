@@ -190,6 +190,15 @@ def test_a_plain_mdp_worker_cannot_take_a_stream_back() -> None:
     assert cancel == p.BrokerToWorker(p.W_CANCEL, STREAM) and core.workers[W1].active == set()
 
 
+def test_a_kept_stream_goes_back_to_its_keeper_when_the_queue_is_full() -> None:
+    core = BrokerCore(BrokerConfig(heartbeat_interval=1000.0, queue_timeout=30.0, max_queue=0))
+    ready(core, W1)
+    step(core, W1, p.attach(STREAM))  # W1's one slot runs the generation it kept: the model has no free slot
+    assert finals_to(ask(core, C2, stream=b"another"), C2)[0]["error"]["code"] == p.QUEUE_FULL
+    (request,) = requests_to(ask(core, C1, attach=True), W1)  # not a 503: it waits for nothing
+    assert GenerationRequest.from_body(request.body).stream == STREAM
+
+
 def test_a_kept_stream_nobody_asks_for_is_dropped_after_the_queue_timeout() -> None:
     core = make_core()
     ready(core, W1)
