@@ -74,10 +74,16 @@ class WorkerState:
     framing: p.Framing = p.MDP02  # how it frames its commands, and so how the broker frames what it sends it
     attached: dict[bytes, float] = field(default_factory=dict)  # streams it kept running, offered (ATTACH): until
     # their clients ask for them again (or the time given here passes) they hold a slot each
+    reserved: int = 0  # slots its READY said run streams it kept, held for the ATTACHes that follow
+
+    @property
+    def taken(self) -> int:
+        """Slots its requests, the streams it keeps and those its READY announced hold."""
+        return len(self.active) + len(self.attached) + self.reserved
 
     @property
     def free_slots(self) -> int:
-        return 0 if self.draining else self.slots - len(self.active) - len(self.attached)
+        return 0 if self.draining else self.slots - self.taken
 
 
 @dataclass(slots=True, frozen=True)
@@ -532,6 +538,9 @@ class BrokerCore:
         slots = info.get("slots", 1)
         if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOTS_PER_WORKER:
             refusal = f"slots must be an integer from 1 to {MAX_SLOTS_PER_WORKER}, got {slots!r}"
+        kept = info.get("kept", 0)
+        if refusal is None and (not isinstance(kept, int) or isinstance(kept, bool) or not 0 <= kept <= slots):
+            refusal = f"kept must be an integer from 0 to slots, got {kept!r}"
         capabilities = info.get("capabilities", [p.CHAT])
         if not isinstance(capabilities, list) or not capabilities or not all(map(p.is_capability, capabilities)):
             refusal = f"capabilities must be a non-empty list of names of 1-{p.MAX_CAPABILITY_LEN} printable characters"
@@ -559,6 +568,7 @@ class BrokerCore:
             prefixes=PrefixIndex(capacity // TOKENS_PER_BLOCK),
             capabilities=frozenset(capabilities),
             framing=message.framing,
+            reserved=kept if message.extended else 0,  # no queued request takes those before the ATTACHes come
         )
         self.workers[identity] = worker
         self.services.setdefault(message.service, ServiceState()).workers[identity] = None
@@ -583,11 +593,16 @@ class BrokerCore:
             self._remove_worker(identity, now, "disconnected", out)
             return
         worker.expires_at = now + self._worker_ttl
+        if isinstance(message, p.WorkerAttach):
+            worker.reserved = max(0, worker.reserved - 1)  # the slot its READY held for it
+            self._on_attach(worker, message.stream, now, out)
+            self._dispatch(worker.service, out)  # a slot the offer did not take after all
+            return
+        if worker.reserved:  # its ATTACHes come before anything else it sends: the ones READY counted ended meanwhile
+            worker.reserved = 0
+            self._dispatch(worker.service, out)
         if isinstance(message, p.WorkerHeartbeat):
             self._apply_load(worker, message.load, out)
-            return
-        if isinstance(message, p.WorkerAttach):
-            self._on_attach(worker, message.stream, now, out)
             return
         assert isinstance(message, (p.WorkerPartial, p.WorkerFinal))
         request = self.requests.get(message.route_key)
@@ -807,7 +822,7 @@ class BrokerCore:
             Candidate(
                 w.identity,
                 w.slots,
-                len(w.active) + len(w.attached),  # a kept stream runs there too, and holds its slot
+                w.taken,  # a kept stream runs there too, and holds its slot
                 waiting.get(w.identity, 0),
                 w.health,
                 w.prefixes.match(request.prefix) if request.prefix else 0,
@@ -1004,7 +1019,7 @@ class BrokerCore:
         active: set[bytes] = set()
         for identity, worker in self.workers.items():
             assert identity in self.services[worker.service].workers
-            assert 0 <= len(worker.active) + len(worker.attached) <= worker.slots, "credit out of range"
+            assert 0 <= worker.taken <= worker.slots, "credit out of range"
             for key in worker.active:
                 assert self.requests[key].worker == identity
                 assert self.requests[key].capability in worker.capabilities, "a worker holds a kind it cannot serve"

@@ -199,6 +199,32 @@ def test_a_kept_stream_goes_back_to_its_keeper_when_the_queue_is_full() -> None:
     assert GenerationRequest.from_body(request.body).stream == STREAM
 
 
+def test_a_worker_that_kept_streams_gets_no_queued_request_in_their_slots() -> None:
+    # Its READY says one of its slots runs a stream it kept; the ATTACH follows: a queued request must not take
+    # that slot in between, or the broker would have to drop the stream.
+    core = make_core()
+    ask(core, C2, stream=None)  # queued: no worker yet
+    out = step(core, W1, p.ready(MODEL, {"slots": 1, "kept": 1}))
+    assert requests_to(out, W1) == [] and core.workers[W1].free_slots == 0
+    assert step(core, W1, p.attach(STREAM)) == [], "kept, in the slot held for it"
+    (request,) = requests_to(ask(core, C1, attach=True), W1)
+    assert GenerationRequest.from_body(request.body).stream == STREAM
+
+
+def test_slots_held_for_kept_streams_are_freed_once_the_worker_says_anything_else() -> None:
+    # The stream ended and expired between READY and registration: no ATTACH comes, and the slot serves the queue.
+    core = make_core()
+    ask(core, C2, stream=None)
+    step(core, W1, p.ready(MODEL, {"slots": 1, "kept": 1}))
+    assert len(requests_to(step(core, W1, p.heartbeat()), W1)) == 1
+
+
+def test_a_ready_that_keeps_more_streams_than_it_has_slots_is_refused() -> None:
+    (refusal,) = map(p.parse_for_worker, to(step(core := make_core(), W1, p.ready(MODEL, {"slots": 1, "kept": 2})), W1))
+    assert refusal.command == p.W_DISCONNECT and refusal.refusal is not None and refusal.refusal[0] == p.BAD_REQUEST
+    assert core.workers == {}
+
+
 def test_a_kept_stream_nobody_asks_for_is_dropped_after_the_queue_timeout() -> None:
     core = make_core()
     ready(core, W1)
@@ -262,10 +288,20 @@ class KeptStreams(RuleBasedStateMachine):
                     self.finished.add(key)
         return out
 
-    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 2))
-    def worker_ready(self, worker: bytes, slots: int) -> None:
+    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 2), kept=st.integers(0, 2))
+    def worker_ready(self, worker: bytes, slots: int, kept: int) -> None:
+        """``kept``: how many of its slots READY says run streams it kept (their ATTACHes may follow, or not)."""
         if worker not in self.core.workers:
-            self._step(self.core.on_message(worker, p.ready(MODEL, {"slots": slots}), self.now))
+            info = {"slots": slots, "kept": min(kept, slots)}
+            out = self._step(self.core.on_message(worker, p.ready(MODEL, info), self.now))
+            dispatched = [
+                m for who, f in out if who == worker for m in [p.parse_for_worker(f)] if m.command == p.W_REQUEST
+            ]
+            assert len(dispatched) <= slots - info["kept"], "a queued request took a slot held for a kept stream"
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def worker_heartbeat(self, worker: bytes) -> None:
+        self._step(self.core.on_message(worker, p.heartbeat(), self.now))
 
     @rule(worker=st.sampled_from(WORKERS))
     def worker_leaves(self, worker: bytes) -> None:
@@ -275,16 +311,18 @@ class KeptStreams(RuleBasedStateMachine):
     @rule(worker=st.sampled_from(WORKERS), stream=st.sampled_from(STREAMS))
     def worker_offers(self, worker: bytes, stream: bytes) -> None:
         registered = worker in self.core.workers
+        asked = self.core.streams.get(stream)  # the request that names the stream, if its client asked first
         out = self._step(self.core.on_message(worker, p.attach(stream), self.now))
         messages = [p.parse_for_worker(frames) for who, frames in out if who == worker]
         dropped = any(m.command == p.W_CANCEL and m.route_key == stream for m in messages)
-        joined = [m for m in messages if m.command == p.W_REQUEST]
+        # (other requests than the one asked: queued ones, sent to the slot its READY held when the offer did not
+        # take it)
+        joined = any(m.command == p.W_REQUEST and m.route_key == asked for m in messages)
+        assert not (joined and dropped), "a stream both handed to its keeper and dropped"
         if registered and not dropped and not joined and self.kept.get(stream, (worker,))[0] == worker:
             self.kept.setdefault(stream, (worker, self.now + self.core.config.queue_timeout))  # kept for its client
         elif registered and not dropped and not joined:
             raise AssertionError(f"{stream!r} kept by two workers")
-        if joined:  # its client had asked first
-            assert GenerationRequest.from_body(joined[0].body).stream == stream
 
     @rule(client=st.sampled_from(CLIENTS), stream=st.sampled_from(STREAMS), attach=st.booleans())
     def client_asks(self, client: bytes, stream: bytes, attach: bool) -> None:

@@ -621,6 +621,8 @@ def test_generations_with_a_stream_outlive_their_broker_and_go_on_for_their_clie
     assert CancelJob(plain) in out and CancelJob(kept) not in out, "only a named stream can be found again"
     assert core.held.keys() == {b"s1"} and core.jobs == {}
     assert of_type(out, Connect) == [Connect(2, PAIR[1])]
+    (ready,) = sent(out)
+    assert isinstance(ready, p.WorkerReady) and ready.info["kept"] == 1, "READY says a slot runs a kept stream"
     (attach,) = sent(core.on_broker_message(p.heartbeat({"epoch": 2}), 1.1))
     assert attach == p.WorkerAttach(b"s1")
     resent = GenerationRequest(prompt="hi", stream=b"s1", window=8, resume_tokens=[5, 6, 7], failovers=1)

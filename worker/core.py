@@ -384,7 +384,9 @@ class WorkerCore:
         self.broker_expires = self.now + self.config.broker_ttl
         self.next_heartbeat = self.now + self.config.heartbeat_interval
         out.append(Connect(self.connection, self._endpoint))
-        out.append(Send(p.ready(self.config.service, self.config.info)))
+        # How many of its slots run generations it kept: the broker holds them for the ATTACHes that follow.
+        info = {**self.config.info, "kept": len(self.held)} if self.held else self.config.info
+        out.append(Send(p.ready(self.config.service, info)))
         log.info("%s: connecting to the broker at %s", self._name, self._endpoint)
 
     def _register(self, epoch: int | None, out: list[Effect]) -> None:
