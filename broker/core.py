@@ -555,6 +555,9 @@ class BrokerCore:
             out.append((identity, refused))
             return
         name = info.get("name")
+        earlier = self._earlier_connection(message.service, info)
+        if earlier is not None:  # it thought this broker silent and connected again: the old connection is dead
+            self._remove_worker(earlier.identity, now, "connected again", out, streams_kept=True)
         context = _positive(info.get("context")) or DEFAULT_CONTEXT
         capacity = _positive(info.get("prefix_capacity")) or slots * context  # tokens its llama-server can hold
         worker = WorkerState(
@@ -581,6 +584,17 @@ class BrokerCore:
         epoch = {"epoch": self.epoch} if self.epoch and worker.extended and worker.framing == p.MDP02 else None
         out.append((identity, p.heartbeat(epoch, framing=worker.framing)))
         self._dispatch(message.service, out)
+
+    def _earlier_connection(self, service: str, info: dict[str, Any]) -> WorkerState | None:
+        """The same worker (its machine's ``worker_id`` and its name, host/pid/thread), registered on a connection
+        it has since given up: a worker has one connection at a time."""
+        worker_id, name = info.get("worker_id"), info.get("name")
+        if not (isinstance(worker_id, str) and worker_id and isinstance(name, str) and name):
+            return None
+        for worker in self.workers.values():
+            if worker.service == service and worker.name == name and worker.info.get("worker_id") == worker_id:
+                return worker
+        return None
 
     def _on_worker_message(self, identity: bytes, message: p.InboundMessage, now: float, out: list[Outgoing]) -> None:
         worker = self.workers.get(identity)
@@ -639,8 +653,12 @@ class BrokerCore:
         if was_draining and not worker.draining:
             self._dispatch(worker.service, out)
 
-    def _remove_worker(self, identity: bytes, now: float, reason: str, out: list[Outgoing]) -> None:
-        """Delete a worker everywhere; requests it held go back to the queue head, or end in 502 if mid-stream."""
+    def _remove_worker(
+        self, identity: bytes, now: float, reason: str, out: list[Outgoing], streams_kept: bool = False
+    ) -> None:
+        """Delete a worker everywhere; requests it held go back to the queue head, or end in 502 if mid-stream.
+        ``streams_kept``: the worker goes on with their generations on a new connection (it connected again), so its
+        named streams wait for their ATTACH there, as a client's resent stream does, instead of starting elsewhere."""
         worker = self.workers.pop(identity, None)
         if worker is None:
             return
@@ -670,6 +688,9 @@ class BrokerCore:
         for request in sorted(requeue, key=lambda r: r.key, reverse=True):
             request.deadline = now + self.config.queue_timeout
             service.queue.appendleft(request.key)
+            if streams_kept and request.stream is not None:
+                request.attach_until = now + self.config.attach_grace
+                self._next_stream_check = min(self._next_stream_check, request.attach_until)
         self._dispatch(worker.service, out)
         for request in requeue:
             if request.worker is None:

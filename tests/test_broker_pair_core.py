@@ -225,6 +225,27 @@ def test_a_ready_that_keeps_more_streams_than_it_has_slots_is_refused() -> None:
     assert core.workers == {}
 
 
+def test_a_worker_that_connects_again_takes_its_streams_back_on_the_new_connection() -> None:
+    # It thought this broker silent and connected again (a new socket, a new identity), keeping its generations:
+    # the old connection is dropped and its streams wait for the new one's ATTACH, not for another worker.
+    core = make_core()
+    info = {"slots": 1, "name": "host/1/0", "worker_id": "a" * 64}
+    step(core, W1, p.ready(MODEL, info))
+    (first,) = requests_to(ask(core, C1), W1)
+    step(core, W1, p.worker_reply(False, first.route_key, [p.pack({"text": "a", "tokens": [7]})]))
+    ready(core, W2)  # idle, and another worker: the stream must not go there
+    again = b"w1-again"
+    out = step(core, again, p.ready(MODEL, {**info, "kept": 1}))
+    assert W1 not in core.workers and requests_to(out, W2) == [], "it waits for the worker that still runs it"
+    (request,) = requests_to(step(core, again, p.attach(STREAM)), again)
+    resumed = GenerationRequest.from_body(request.body)
+    assert resumed.stream == STREAM and resumed.resume_tokens == [7], "it goes on after the client's tokens"
+    other = make_core()  # another worker of the same machine (another name) is another worker
+    step(other, W1, p.ready(MODEL, info))
+    step(other, W2, p.ready(MODEL, {**info, "name": "host/1/1"}))
+    assert set(other.workers) == {W1, W2}
+
+
 def test_a_kept_stream_nobody_asks_for_is_dropped_after_the_queue_timeout() -> None:
     core = make_core()
     ready(core, W1)
