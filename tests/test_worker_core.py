@@ -631,6 +631,22 @@ def test_generations_with_a_stream_outlive_their_broker_and_go_on_for_their_clie
     assert not of_type(out, StartJob), "the same generation, not a new one"
 
 
+def test_a_worker_whose_broker_answers_slowly_sends_its_attaches_before_any_heartbeat() -> None:
+    """READY says a slot runs a kept stream and the broker holds it until the worker says anything but ATTACH: a
+    HEARTBEAT due while the broker's answer was on its way would reach it first and free that slot for a queued
+    request, and the ATTACH that follows would find no slot (its stream dropped)."""
+    core = pair_core()
+    core.on_broker_message(p.heartbeat({"epoch": 1}), 0.0)
+    started(core.on_broker_message(streamed(b"k1", b"s1"), 0.1))
+    core.on_broker_gone(1.0)
+    assert core.held.keys() == {b"s1"} and core.phase is Phase.CONNECTING
+    assert core.next_wakeup() == 1.0 + TTL, "nothing to send before the broker answers"
+    assert core.tick(1.0 + INTERVAL * 2) == [], "no HEARTBEAT before the ATTACHes"
+    (attach,) = sent(core.on_broker_message(p.heartbeat({"epoch": 2}), 1.0 + INTERVAL * 2.5))
+    assert attach == p.WorkerAttach(b"s1")
+    assert core.next_wakeup() <= core.now and of_type(core.tick(core.now), SendHeartbeat), "then at once"
+
+
 def test_a_kept_generation_that_resumed_a_stream_counts_only_its_own_tokens_as_delivered() -> None:
     """It took the stream over after 2 tokens (a failover) and sent the tokens after those: a client that has 5 in
     all has 3 of its chunks (counting all 5 skipped 2 more, which the client never got: found by scripts/chaos)."""

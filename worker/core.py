@@ -341,7 +341,9 @@ class WorkerCore:
             self._flee()
             self._drop_connection(out, keep_streams=True)
             return out
-        if now >= self.next_heartbeat:
+        # Only once registered: a HEARTBEAT the broker reads between READY and the ATTACHes (its answer was slow)
+        # would free the slots READY held for the kept streams (``kept``) before they are offered.
+        if self.phase is Phase.REGISTERED and now >= self.next_heartbeat:
             out.append(SendHeartbeat(busy=len(self.jobs), draining=self.drain_deadline is not None))
             self.next_heartbeat = now + self.config.heartbeat_interval
         return out
@@ -353,7 +355,8 @@ class WorkerCore:
             return min(self.reconnect_at, kept)
         if not self._connected:
             return kept
-        wakeup = min(self.next_heartbeat, self.broker_expires, kept)
+        heartbeat = self.next_heartbeat if self.phase is Phase.REGISTERED else float("inf")
+        wakeup = min(heartbeat, self.broker_expires, kept)
         return wakeup if self.drain_deadline is None else min(wakeup, self.drain_deadline)
 
     @property
