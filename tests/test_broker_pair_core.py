@@ -243,7 +243,45 @@ def test_a_worker_that_connects_again_takes_its_streams_back_on_the_new_connecti
     other = make_core()  # another worker of the same machine (another name) is another worker
     step(other, W1, p.ready(MODEL, info))
     step(other, W2, p.ready(MODEL, {**info, "name": "host/1/1"}))
-    assert set(other.workers) == {W1, W2}
+    step(other, b"w3", p.ready(MODEL, {**info, "worker_id": "b" * 64}))  # so is one of another machine
+    step(other, b"w4", p.ready("other-model", info))  # and one of another model
+    assert set(other.workers) == {W1, W2, b"w3", b"w4"}
+
+
+def test_a_worker_that_connects_again_keeping_nothing_has_its_streams_placed_at_once() -> None:
+    # It dropped its generations with the old connection (READY says it keeps none): no ATTACH will come, so its
+    # stream is placed like any failover at once, not after attach_grace.
+    core = make_core()
+    info = {"slots": 1, "name": "host/1/0", "worker_id": "a" * 64}
+    step(core, W1, p.ready(MODEL, info))
+    (first,) = requests_to(ask(core, C1), W1)
+    step(core, W1, p.worker_reply(False, first.route_key, [p.pack({"text": "a", "tokens": [7]})]))
+    ready(core, W2)
+    out = step(core, b"w1-again", p.ready(MODEL, info))
+    assert W1 not in core.workers
+    (request,) = requests_to(out, W2)
+    assert GenerationRequest.from_body(request.body).resume_tokens == [7]
+
+
+def test_a_slot_held_for_an_attach_that_does_not_take_it_serves_the_queue_at_once() -> None:
+    # The stream it offers runs elsewhere already: the offer is dropped, and the slot READY held for it is free.
+    core = make_core()
+    ready(core, W2)
+    assert len(requests_to(ask(core, C1), W2)) == 1  # the stream runs on W2
+    ask(core, C2, stream=None)  # queued: W2 is busy
+    step(core, W1, p.ready(MODEL, {"slots": 1, "kept": 1}))
+    out = step(core, W1, p.attach(STREAM))
+    assert [m.command for m in map(p.parse_for_worker, to(out, W1))] == [p.W_CANCEL, p.W_REQUEST]
+
+
+def test_slots_held_for_kept_streams_are_freed_by_a_final_too() -> None:
+    # Its other slot served a queued request; the kept stream expired before the ATTACH: its FINAL frees the slot.
+    core = make_core()
+    for client in (C1, C2, b"c3"):
+        ask(core, client, stream=None)
+    (first,) = requests_to(step(core, W1, p.ready(MODEL, {"slots": 2, "kept": 1})), W1)
+    out = step(core, W1, p.worker_reply(True, first.route_key, [p.pack({"tokens": 1})]))
+    assert len(requests_to(out, W1)) == 2, "both slots serve the queue"
 
 
 def test_a_kept_stream_nobody_asks_for_is_dropped_after_the_queue_timeout() -> None:
