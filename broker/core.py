@@ -75,6 +75,7 @@ class WorkerState:
     attached: dict[bytes, float] = field(default_factory=dict)  # streams it kept running, offered (ATTACH): until
     # their clients ask for them again (or the time given here passes) they hold a slot each
     reserved: int = 0  # slots its READY said run streams it kept, held for the ATTACHes that follow
+    key: str | None = None  # the CURVE key it registered with (None without authentication)
 
     @property
     def taken(self) -> int:
@@ -267,7 +268,7 @@ class BrokerCore:
         elif isinstance(message, p.ClientCredit):
             self._on_client_credit(identity, message, out)
         elif isinstance(message, p.WorkerReady):
-            self._on_ready(identity, message, now, out)
+            self._on_ready(identity, message, now, out, peer)
         else:
             self._on_worker_message(identity, message, now, out)
         return out
@@ -525,7 +526,9 @@ class BrokerCore:
 
     # ------------------------------------------------------------------------------------------ workers
 
-    def _on_ready(self, identity: bytes, message: p.WorkerReady, now: float, out: list[Outgoing]) -> None:
+    def _on_ready(
+        self, identity: bytes, message: p.WorkerReady, now: float, out: list[Outgoing], peer: Peer | None = None
+    ) -> None:
         if identity in self.workers:
             log.warning("worker %s sent READY twice: disconnecting it", identity.hex())
             self._remove_worker(identity, now, "protocol violation (second READY)", out)
@@ -555,7 +558,7 @@ class BrokerCore:
             out.append((identity, refused))
             return
         name = info.get("name")
-        earlier = self._earlier_connection(message.service, info)
+        earlier = self._earlier_connection(message.service, info, peer.key if peer is not None else None)
         if earlier is not None:  # it thought this broker silent and connected again: the old connection is dead
             # Its streams wait for an ATTACH only if it kept some: one that kept none (it dropped them with the
             # connection, or it is a new process under the same name) will offer none.
@@ -573,7 +576,9 @@ class BrokerCore:
             prefixes=PrefixIndex(capacity // TOKENS_PER_BLOCK),
             capabilities=frozenset(capabilities),
             framing=message.framing,
-            reserved=kept if message.extended else 0,  # no queued request takes those before the ATTACHes come
+            # no queued request takes those before the ATTACHes come (only 18/MDP's own framing has ATTACH)
+            reserved=kept if message.extended and message.framing == p.MDP02 else 0,
+            key=peer.key if peer is not None else None,
         )
         self.workers[identity] = worker
         self.services.setdefault(message.service, ServiceState()).workers[identity] = None
@@ -587,14 +592,14 @@ class BrokerCore:
         out.append((identity, p.heartbeat(epoch, framing=worker.framing)))
         self._dispatch(message.service, out)
 
-    def _earlier_connection(self, service: str, info: dict[str, Any]) -> WorkerState | None:
-        """The same worker (its machine's ``worker_id`` and its name, host/pid/thread), registered on a connection
-        it has since given up: a worker has one connection at a time."""
-        worker_id, name = info.get("worker_id"), info.get("name")
-        if not (isinstance(worker_id, str) and worker_id and isinstance(name, str) and name):
+    def _earlier_connection(self, service: str, info: dict[str, Any], key: str | None) -> WorkerState | None:
+        """The same worker (its ``instance``, random for each worker's life, and with CURVE the same key), registered
+        on a connection it has since given up: a worker has one connection at a time."""
+        instance = info.get("instance")
+        if not (isinstance(instance, str) and instance):
             return None
         for worker in self.workers.values():
-            if worker.service == service and worker.name == name and worker.info.get("worker_id") == worker_id:
+            if worker.service == service and worker.info.get("instance") == instance and worker.key == key:
                 return worker
         return None
 

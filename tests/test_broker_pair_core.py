@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
-from qmesh.broker.core import BrokerConfig, BrokerCore, Outgoing
+from qmesh.broker.core import BrokerConfig, BrokerCore, Outgoing, Peer
 from qmesh.common import protocol as p
 from qmesh.common.bodies import GenerationRequest
 
@@ -229,7 +229,7 @@ def test_a_worker_that_connects_again_takes_its_streams_back_on_the_new_connecti
     # It thought this broker silent and connected again (a new socket, a new identity), keeping its generations:
     # the old connection is dropped and its streams wait for the new one's ATTACH, not for another worker.
     core = make_core()
-    info = {"slots": 1, "name": "host/1/0", "worker_id": "a" * 64}
+    info = {"slots": 1, "name": "host/1/0", "instance": "a" * 32}
     step(core, W1, p.ready(MODEL, info))
     (first,) = requests_to(ask(core, C1), W1)
     step(core, W1, p.worker_reply(False, first.route_key, [p.pack({"text": "a", "tokens": [7]})]))
@@ -240,19 +240,22 @@ def test_a_worker_that_connects_again_takes_its_streams_back_on_the_new_connecti
     (request,) = requests_to(step(core, again, p.attach(STREAM)), again)
     resumed = GenerationRequest.from_body(request.body)
     assert resumed.stream == STREAM and resumed.resume_tokens == [7], "it goes on after the client's tokens"
-    other = make_core()  # another worker of the same machine (another name) is another worker
+    other = make_core()  # another instance (even under the same name) is another worker
     step(other, W1, p.ready(MODEL, info))
-    step(other, W2, p.ready(MODEL, {**info, "name": "host/1/1"}))
-    step(other, b"w3", p.ready(MODEL, {**info, "worker_id": "b" * 64}))  # so is one of another machine
-    step(other, b"w4", p.ready("other-model", info))  # and one of another model
-    assert set(other.workers) == {W1, W2, b"w3", b"w4"}
+    step(other, W2, p.ready(MODEL, {**info, "instance": "b" * 32}))
+    step(other, b"w4", p.ready("other-model", info))  # and so is one of another model
+    assert set(other.workers) == {W1, W2, b"w4"}
+    keyed = make_core()  # with CURVE, only the key it registered with may replace its connection
+    keyed.on_message(W1, p.ready(MODEL, info), 0.0, Peer("a", worker=True, client=False, models=None, key="A"))
+    keyed.on_message(W2, p.ready(MODEL, info), 0.0, Peer("b", worker=True, client=False, models=None, key="B"))
+    assert set(keyed.workers) == {W1, W2}
 
 
 def test_a_worker_that_connects_again_keeping_nothing_has_its_streams_placed_at_once() -> None:
     # It dropped its generations with the old connection (READY says it keeps none): no ATTACH will come, so its
     # stream is placed like any failover at once, not after attach_grace.
     core = make_core()
-    info = {"slots": 1, "name": "host/1/0", "worker_id": "a" * 64}
+    info = {"slots": 1, "name": "host/1/0", "instance": "a" * 32}
     step(core, W1, p.ready(MODEL, info))
     (first,) = requests_to(ask(core, C1), W1)
     step(core, W1, p.worker_reply(False, first.route_key, [p.pack({"text": "a", "tokens": [7]})]))

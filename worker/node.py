@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -144,6 +145,7 @@ class WorkerNode(threading.Thread):
             "slots": settings.slots,
             "name": self.worker_name,
             "worker_id": settings.worker_id,
+            "instance": secrets.token_hex(16),  # this worker's, for its life: the broker knows it when it reconnects
             "model_file": settings.model.path.name,
             **_content(settings.model),
             "version": 1,
