@@ -862,6 +862,7 @@ class BrokerCore:
 
     def _assign(self, request: RequestState, worker: WorkerState, out: list[Outgoing]) -> None:
         request.worker = worker.identity
+        request.attach_until = 0.0  # placed: should it come back to the queue, it waits for no keeper
         if request.dispatched_at is None:
             request.dispatched_at = self._now
         worker.active.add(request.key)

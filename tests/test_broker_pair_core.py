@@ -219,6 +219,23 @@ def test_slots_held_for_kept_streams_are_freed_once_the_worker_says_anything_els
     assert len(requests_to(step(core, W1, p.heartbeat()), W1)) == 1
 
 
+def test_only_a_worker_that_can_send_attach_has_slots_held_for_kept_streams() -> None:
+    # A worker with a leading empty frame (majortomo's framing) has no ATTACH: nothing would free a held slot.
+    core = make_core()
+    step(core, W1, p.ready(MODEL, {"slots": 1, "kept": 1}, p.Framing(delimited=True)))
+    assert core.workers[W1].free_slots == 1
+
+
+def test_a_request_placed_after_waiting_for_its_keeper_waits_no_more_if_it_comes_back() -> None:
+    core = make_core()
+    ask(core, C1, attach=True)  # waits for the worker that kept it
+    ready(core, W1)
+    step(core, W1, p.attach(STREAM))  # joined
+    assert core.requests[next(iter(core.workers[W1].active))].attach_until == 0.0
+    step(core, W1, p.disconnect())
+    assert len(requests_to(ready(core, W2), W2)) == 1, "placed at once, not after another grace"
+
+
 def test_a_ready_that_keeps_more_streams_than_it_has_slots_is_refused() -> None:
     (refusal,) = map(p.parse_for_worker, to(step(core := make_core(), W1, p.ready(MODEL, {"slots": 1, "kept": 2})), W1))
     assert refusal.command == p.W_DISCONNECT and refusal.refusal is not None and refusal.refusal[0] == p.BAD_REQUEST
