@@ -85,9 +85,7 @@ def cache_aware(candidates: Sequence[Candidate], blocks: int, config: RoutingCon
     if best.free > 0:
         return Placement(best.identity, wait=False)
     least = min(c.load for c in candidates if c.free > 0)
-    imbalanced = (
-        best.load - least > config.balance_abs_threshold and best.load > config.balance_rel_threshold * least
-    )
+    imbalanced = best.load - least > config.balance_abs_threshold and best.load > config.balance_rel_threshold * least
     return fallback if imbalanced else Placement(best.identity, wait=True)
 
 
