@@ -561,7 +561,7 @@ class BrokerCore:
         earlier = self._earlier_connection(message.service, info, peer.key if peer is not None else None)
         if earlier is not None:  # it thought this broker silent and connected again: the old connection is dead
             # Its streams wait for an ATTACH only if it kept some: one that kept none (it dropped them with the
-            # connection, or it is a new process under the same name) will offer none.
+            # connection) will offer none.
             self._remove_worker(earlier.identity, now, "connected again", out, streams_kept=kept > 0)
         context = _positive(info.get("context")) or DEFAULT_CONTEXT
         capacity = _positive(info.get("prefix_capacity")) or slots * context  # tokens its llama-server can hold
