@@ -242,29 +242,36 @@ def test_a_ready_that_keeps_more_streams_than_it_has_slots_is_refused() -> None:
     assert core.workers == {}
 
 
-def test_a_worker_that_connects_again_takes_its_streams_back_on_the_new_connection() -> None:
-    # It thought this broker silent and connected again (a new socket, a new identity), keeping its generations:
-    # the old connection is dropped and its streams wait for the new one's ATTACH, not for another worker.
-    core = make_core()
-    info = {"slots": 1, "name": "host/1/0", "instance": "a" * 32}
-    step(core, W1, p.ready(MODEL, info))
+INSTANCE = {"slots": 1, "name": "host/1/0", "instance": "a" * 32}  # READY's info of a worker that connects again
+
+
+def streaming_one_token(core: BrokerCore) -> None:
+    """W1 (INSTANCE) streams C1's request and has sent it token 7; W2 registers, idle: another worker."""
+    step(core, W1, p.ready(MODEL, INSTANCE))
     (first,) = requests_to(ask(core, C1), W1)
     step(core, W1, p.worker_reply(False, first.route_key, [p.pack({"text": "a", "tokens": [7]})]))
-    ready(core, W2)  # idle, and another worker: the stream must not go there
+    ready(core, W2)
+
+
+def test_a_worker_that_connects_again_takes_its_streams_back_on_the_new_connection() -> None:
+    # It thought this broker silent and connected again (a new socket, a new identity), keeping its generations:
+    # the old connection is dropped and its streams wait for the new one's ATTACH, not for W2.
+    core = make_core()
+    streaming_one_token(core)
     again = b"w1-again"
-    out = step(core, again, p.ready(MODEL, {**info, "kept": 1}))
+    out = step(core, again, p.ready(MODEL, {**INSTANCE, "kept": 1}))
     assert W1 not in core.workers and requests_to(out, W2) == [], "it waits for the worker that still runs it"
     (request,) = requests_to(step(core, again, p.attach(STREAM)), again)
     resumed = GenerationRequest.from_body(request.body)
     assert resumed.stream == STREAM and resumed.resume_tokens == [7], "it goes on after the client's tokens"
     other = make_core()  # another instance (even under the same name) is another worker
-    step(other, W1, p.ready(MODEL, info))
-    step(other, W2, p.ready(MODEL, {**info, "instance": "b" * 32}))
-    step(other, b"w4", p.ready("other-model", info))  # and so is one of another model
+    step(other, W1, p.ready(MODEL, INSTANCE))
+    step(other, W2, p.ready(MODEL, {**INSTANCE, "instance": "b" * 32}))
+    step(other, b"w4", p.ready("other-model", INSTANCE))  # and so is one of another model
     assert set(other.workers) == {W1, W2, b"w4"}
     keyed = make_core()  # with CURVE, only the key it registered with may replace its connection
-    keyed.on_message(W1, p.ready(MODEL, info), 0.0, Peer("a", worker=True, client=False, models=None, key="A"))
-    keyed.on_message(W2, p.ready(MODEL, info), 0.0, Peer("b", worker=True, client=False, models=None, key="B"))
+    keyed.on_message(W1, p.ready(MODEL, INSTANCE), 0.0, Peer("a", worker=True, client=False, models=None, key="A"))
+    keyed.on_message(W2, p.ready(MODEL, INSTANCE), 0.0, Peer("b", worker=True, client=False, models=None, key="B"))
     assert set(keyed.workers) == {W1, W2}
 
 
@@ -272,12 +279,8 @@ def test_a_worker_that_connects_again_keeping_nothing_has_its_streams_placed_at_
     # It dropped its generations with the old connection (READY says it keeps none): no ATTACH will come, so its
     # stream is placed like any failover at once, not after attach_grace.
     core = make_core()
-    info = {"slots": 1, "name": "host/1/0", "instance": "a" * 32}
-    step(core, W1, p.ready(MODEL, info))
-    (first,) = requests_to(ask(core, C1), W1)
-    step(core, W1, p.worker_reply(False, first.route_key, [p.pack({"text": "a", "tokens": [7]})]))
-    ready(core, W2)
-    out = step(core, b"w1-again", p.ready(MODEL, info))
+    streaming_one_token(core)
+    out = step(core, b"w1-again", p.ready(MODEL, INSTANCE))
     assert W1 not in core.workers
     (request,) = requests_to(out, W2)
     assert GenerationRequest.from_body(request.body).resume_tokens == [7]
