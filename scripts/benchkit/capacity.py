@@ -194,12 +194,9 @@ def plain_round(
 def summarise_plain(section: Section, rounds: dict[str, list[PlainRound]], ref: str | None) -> None:
     """Broker CPU per plain MDP request, each broker against majortomo's, with the ZeroMQ I/O thread's share."""
     labels = {name: name for name in rounds} | {REF: f"qmesh-broker @ {ref}"}
-    per_request = {
-        name: 1e6 * ratio(sum(r.cpu for r in rs), sum(r.requests for r in rs)) for name, rs in rounds.items()
-    }
-    io_per_request = {
-        name: 1e6 * ratio(sum(r.io_cpu for r in rs), sum(r.requests for r in rs)) for name, rs in rounds.items()
-    }
+    requests = {name: sum(r.requests for r in rs) for name, rs in rounds.items()}
+    per_request = {name: 1e6 * ratio(sum(r.cpu for r in rs), requests[name]) for name, rs in rounds.items()}
+    io_per_request = {name: 1e6 * ratio(sum(r.io_cpu for r in rs), requests[name]) for name, rs in rounds.items()}
     columns = ["broker", "CPU us per request", "of which ZeroMQ's I/O thread", "Broker / this", "command / this"]
     table = Table([*columns, "requests/s (wall)", "failed answers"])
     for name, rs in rounds.items():
@@ -209,7 +206,7 @@ def summarise_plain(section: Section, rounds: dict[str, list[PlainRound]], ref: 
             fmt(io_per_request[name], 1),
             f"{fmt(ratio(per_request[MAJORTOMO], per_request[name]))}x",
             f"{fmt(ratio(per_request[MAJORTOMO_COMMAND], per_request[name]))}x",
-            fmt(ratio(sum(r.requests for r in rs), sum(r.wall for r in rs)), 0),
+            fmt(ratio(requests[name], sum(r.wall for r in rs)), 0),
             sum(r.bad for r in rs),
         )
     section.table("plain MDP requests: broker CPU per request against majortomo's broker (Broker, command)", table)
@@ -243,7 +240,7 @@ def summarise_plain(section: Section, rounds: dict[str, list[PlainRound]], ref: 
     section.data["plain_mdp_io_us_per_request"] = {labels[name]: value for name, value in io_per_request.items()}
     section.data["plain_mdp_majortomo_ratio"] = quiet
     section.data["plain_mdp_majortomo_command_ratio"] = command
-    section.data["plain_mdp_requests"] = {labels[name]: sum(r.requests for r in rs) for name, rs in rounds.items()}
+    section.data["plain_mdp_requests"] = {labels[name]: count for name, count in requests.items()}
     section.data["plain_mdp_failed"] = sum(r.bad for rs in rounds.values() for r in rs)
 
 
