@@ -582,7 +582,7 @@ class Transfers:
         store_done: bool = False,
     ) -> None:
         """Forget a transfer; tell its client about ``error`` if there is one, and the store that a push it has not
-        ended itself (``store_done``) stops (it keeps the bytes, for a push that resumes them)."""
+        ended itself (``store_done``) stops (it drops the bytes: a push starts over)."""
         if transfer.push and not store_done:
             out.append((STORE, p.transfer_end(transfer.key, p.OUTCOME_CANCELLED)))
         self._release(transfer)
