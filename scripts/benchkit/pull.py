@@ -167,8 +167,8 @@ def _itl_rounds(ps: procs.Processes, endpoint: str, args: argparse.Namespace) ->
             texts = prompts(args.streams, offset)
             offset += len(texts)
             condition = during if with_pulls else alone
-            stop = procs.SPAWN.Event()
             if with_pulls:
+                stop = procs.SPAWN.Event()
                 _, results = ps.function(_pull_loop, endpoint, str(ps.log_dir / "pulls"), stop)
                 results.get(timeout=60)  # the puller is connected and pulling
             other = procs.OtherLoad()
