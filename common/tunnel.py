@@ -68,12 +68,9 @@ class _End(threading.Thread, Generic[StreamId]):
         self._streams: dict[StreamId, socket.socket] = {}
         self._ids: dict[int, StreamId] = {}  # TCP descriptor -> its stream
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     def _stop_streams(self) -> None:
         """Stop the thread (if it runs) and close the streams' TCP sockets."""
-        self.stop()
+        self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
         for sock in self._streams.values():
