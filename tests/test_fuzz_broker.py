@@ -61,10 +61,10 @@ def _hostile_messages(rng: random.Random, peers: int):
             yield p.attach(stream)
         elif kind == 13:  # a client back after losing its broker, for a stream offered lately (or not)
             stream, service = rng.choice(offered)
-            if rng.random() < 0.2:
+            if rng.random() < 0.2 or not stream:  # (an empty stream id was offered: a request id cannot be empty)
                 stream = rng.randbytes(8)
-            hint = p.RoutingHint(stream=stream or b"x", attach=True)
-            yield p.client_request(service, [rng.randbytes(30)], stream or b"x", hint)
+            hint = p.RoutingHint(stream=stream, attach=True)
+            yield p.client_request(service, [rng.randbytes(30)], stream, hint)
         else:
             yield [rng.randbytes(rng.randrange(1, 10))]
 

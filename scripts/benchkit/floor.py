@@ -34,7 +34,7 @@ import zmq
 from qmesh.client.sdk import QMeshClient
 from qmesh.testing import free_endpoint, wait_for_workers
 from qmesh.testing.fakeworker import FakePlan
-from qmesh.worker.http_client import LlamaHttpClient
+from qmesh.worker.http_client import LlamaHttpClient, _completion_body
 
 from . import procs, proxybase
 from .stats import percentile
@@ -222,8 +222,7 @@ def _worker_read(client: LlamaHttpClient, prompt: str, max_tokens: int) -> int:
 
 def _bare_read(host: str, port: int, prompt: str, max_tokens: int) -> int:
     """The stream read with nothing but the standard library: the request the worker sends, one line per event."""
-    body = {"prompt": prompt, "stream": True, "cache_prompt": True, "return_tokens": True}
-    body |= {"n_predict": max_tokens, "temperature": 0.0}
+    body = _completion_body(prompt, stream=True, max_tokens=max_tokens, temperature=0.0)  # the worker's request
     connection = http.client.HTTPConnection(host, port, timeout=60)
     try:
         connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})

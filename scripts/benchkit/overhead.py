@@ -278,6 +278,11 @@ def _measure(load: Load, path: LoadPath, meter: procs.CpuMeter, batch: list[str]
     return Leg(result, cpu, cores)
 
 
+def at(all_series: list[Series], concurrency: int) -> Series:
+    """The series measured at ``concurrency``."""
+    return next(series for series in all_series if series.concurrency == concurrency)
+
+
 # figures' keys on tokens/s at saturation against direct, that the gateway's goals report too
 SATURATION_KEYS = (
     "tokens_ratio_saturation",
@@ -289,8 +294,7 @@ SATURATION_KEYS = (
 
 def figures(all_series: list[Series], path: int, slots: int) -> dict[str, Any]:
     """One path's figures against direct: added TTFT at concurrency 1, tokens/s at saturation, CPU per token."""
-    single = next(s for s in all_series if s.concurrency == 1)
-    saturated = next(s for s in all_series if s.concurrency == slots)
+    single, saturated = at(all_series, 1), at(all_series, slots)
     net = single.paired_ms(path, lambda r: r.ttft_beyond_prompt)
     raw = single.paired_ms(path, lambda r: r.ttft)
     ttft_p50 = [percentile(single.pooled(i).result.ttfts_ms(), 50) for i in (DIRECT, path)]
@@ -343,8 +347,7 @@ def goals(all_series: list[Series], slots: int) -> tuple[list[str], dict[str, An
 def gateway_goals(all_series: list[Series], slots: int) -> tuple[Table, list[str], dict[str, Any]]:
     """The gateway path and the SDK path against direct chat: added TTFT (the median of per-prompt differences; the
     gateway sends no prompt time to net out), tokens/s at saturation, each process's CPU per output token."""
-    single = next(s for s in all_series if s.concurrency == 1)
-    saturated = next(s for s in all_series if s.concurrency == slots)
+    single, saturated = at(all_series, 1), at(all_series, slots)
     table = Table(["measure", "sdk", "gateway", "goal (gateway)"])
     data: dict[str, Any] = {}
     by_path = {path: figures(all_series, path, slots) for path in (MESH, GATEWAY)}
@@ -407,7 +410,7 @@ def _relay_floor(
 ) -> dict[str, list[float]] | None:
     """The relays' CPU per message (floor.relay_cpu) at the direct path's saturated token rate, while the direct
     path's saturating load runs; None when the direct path made no tokens at saturation (no rate to pass them at)."""
-    saturated = next(s for s in all_series if s.concurrency == args.slots)
+    saturated = at(all_series, args.slots)
     rate = saturated.pooled(DIRECT).result.tokens_per_s()
     if not rate > 0:  # 0 or NaN: relay_cpu would fail on it, and the run's figures with it
         return None

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, command: str) -> Section:
         all_series = overhead.interleave(r, args)
         worker_rss, sidecar_rss = procs.tree_rss(r.mesh.worker.pid)
         broker_rss, _ = procs.tree_rss(r.mesh.broker.pid)
-    single = next(s for s in all_series if s.concurrency == 1)
+    single = overhead.at(all_series, 1)
     direct, mesh = single.pooled(overhead.DIRECT).result, single.pooled(overhead.MESH).result
     lines, data = overhead.goals(all_series, args.slots)
     table = Table(["metric", "seed project (TinyLlama 1.1B, laptop CPU)", "QMesh here (SmolLM2-135M Q4_1)"])
