@@ -181,7 +181,10 @@ def _itl_rounds(ps: procs.Processes, endpoint: str, args: argparse.Namespace) ->
                 runs = results.get(timeout=120)  # after the pull under way ends: the next round is alone
                 condition.moved += sum(run["received"] for run in runs)
                 condition.pulling += sum(run["seconds"] for run in runs)
-            print(f"pull: round {'with pulls' if with_pulls else 'alone'}: ITL p99 {condition.round_p99s[-1]:.1f} ms")
+            print(
+                f"pull: round {'with pulls' if with_pulls else 'alone'}: ITL p99 {condition.round_p99s[-1]:.1f} ms",
+                flush=True,
+            )
     finally:
         load.close()
     return alone, during
