@@ -138,7 +138,10 @@ class Bridge:
         for bridged in self._batches:
             assert bridged.batch is not None
             bridged.batch.cancel()
-        self._listings = [(_failed_listing(_shutting_down()), listing) for _, listing in self._listings]
+        for _, listing in self._listings:
+            if not listing.done():  # else the HTTP client went away
+                listing.set_exception(_shutting_down())
+        self._listings = []
         self._pump()
         client.close()
 
@@ -285,11 +288,6 @@ class Bridge:
 
 def _shutting_down() -> MeshError:
     return MeshError(p.QUEUE_FULL, "the gateway is shutting down")
-
-
-def _failed_listing(error: MeshError) -> MMICall:
-    """A model listing that ends without asking the broker."""
-    return MMICall("mmi.services", 0.0, done=True, error=error)
 
 
 def _settle_all(settled: list[tuple[MMICall, asyncio.Future[ModelTable]]]) -> None:
