@@ -160,7 +160,7 @@ class ShardLink:
         if self.curve is not None:
             self.curve.apply(dealer, index)
         self._monitor = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
-        self._handshakes = HandshakeWatch(self.endpoint)
+        self._handshakes = HandshakeWatch(self.endpoint, self.curve is not None)
         dealer.connect(self.endpoint)
         self._dealer, self.answered, self.lost = dealer, False, None
         now = time.monotonic()
@@ -202,7 +202,8 @@ class ShardLink:
         messages = []
         if self._monitor in ready:
             while self._monitor.poll(0):
-                failure = self._handshakes.refusal(recv_monitor_message(self._monitor)["event"])
+                event = recv_monitor_message(self._monitor)
+                failure = self._handshakes.refusal(event["event"], event["value"])  # the value tells a mismatch
                 if failure is not None:
                     self.fatal = self.lost = failure
         while True:
