@@ -226,5 +226,9 @@ def client_keys_from_options(
         raise ConfigError("--curve-secret and --broker-key go together: give both to use CURVE, or neither")
     keys = CurveClientKeys.load(curve_secret, broker_key)
     if broker is not None:
-        keys.check_brokers(len(broker_endpoints(broker)))
+        try:
+            endpoints = broker_endpoints(broker)
+        except ValueError as exc:  # the message the SDK gives without CURVE
+            raise ConfigError(f"bad broker address {broker!r}: {exc}") from exc
+        keys.check_brokers(len(endpoints))
     return keys
